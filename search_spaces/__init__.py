@@ -1,0 +1,1 @@
+"""search_spaces: declarative YAML search spaces, their schema, and suggest_arch (trial -> ArchSpec)."""

@@ -1,0 +1,81 @@
+"""SearchConfig: everything one search is (space, data, budgets, objective, sampler), as data."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+
+STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ObjectiveConfig(_Config):
+    """What a trial is scored on.
+
+    pareto: two objectives, maximise validation accuracy and minimise median latency (ms).
+    score: one objective, MnasNet's acc * (lat / target) ** w, maximised; soft: w = weight
+    everywhere; hard: w = 0 under the target and -1 above it. Pruners apply to `score` only.
+    latency_budget_ms (both kinds): a candidate slower than this is rejected before training.
+    """
+
+    kind: Literal["pareto", "score"] = "pareto"
+    latency_target_ms: float | None = Field(None, gt=0)
+    weight: float = Field(-0.07, ge=-2, le=0)
+    hard: bool = False
+    latency_budget_ms: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _score_needs_target(self) -> ObjectiveConfig:
+        if self.kind == "score" and self.latency_target_ms is None:
+            raise ValueError("objective.latency_target_ms is required when objective.kind is "
+                             "'score'")
+        return self
+
+
+class Resources(_Config):
+    """Ray resources of one trial (fractional GPUs allowed)."""
+
+    num_cpus: float = Field(1.0, ge=0, le=1024)
+    num_gpus: float = Field(0.0, ge=0, le=64)
+
+
+class SearchConfig(_Config):
+    """One search: the space, the data, the budgets, the objective and how to explore."""
+
+    study_name: str = "spsa-nas"
+    space: str | dict[str, Any] = "quick"  # a built-in name, a YAML path, or an inline space
+    dataset: DataConfig = DataConfig()
+    trials: int = Field(8, ge=1, le=100_000)  # finished trials (complete or pruned) to reach
+    timeout_s: float | None = Field(None, gt=0)  # wall-clock budget of the whole search
+    objective: ObjectiveConfig = ObjectiveConfig()
+    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
+    pruner: Literal["none", "median", "hyperband"] = "none"
+    train: TrainConfig = TrainConfig()
+    latency: LatencyConfig = LatencyConfig()
+    device: str = "auto"  # "auto": cuda when the worker has a GPU, else cpu
+    seed: int = 0
+    parallelism: int = Field(1, ge=1, le=1024)  # trials in flight at once
+    resources: Resources = Resources()
+    max_retries: int = Field(2, ge=0, le=100)  # re-runs of a trial whose worker died
+
+    @field_validator("study_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not STUDY_NAME_RE.match(value):
+            raise ValueError("study_name: 1-128 characters of letters, digits and _ . : -, "
+                             "starting with a letter or digit")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError("device: one of auto, cpu, cuda, cuda:N, mps")
+        return value

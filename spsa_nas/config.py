@@ -1,0 +1,71 @@
+"""Torch-free configuration of one trial: the data, the training budget and the latency protocol."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Config):
+    """Which data a trial trains and evaluates on, and how it is split."""
+
+    name: DatasetName = "digits"
+    # imagefolder: a directory relative to `data_root` with train/ (and optionally val/, test/)
+    # or one folder per class; cifar10/cifar100: where the torchvision files are, relative to
+    # `data_root` (default: the data root itself).
+    path: str | None = None
+    # Where datasets live. Set by the process (CLI flag or service setting), not by a client.
+    data_root: str | None = None
+    download: bool = False  # cifar only: fetch the files if absent (needs internet)
+    train_subset: float | None = Field(
+        None, gt=0, description="fraction (<=1) or number (>1) of training samples to use"
+    )
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)  # carved out of the training split
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)  # digits/synthetic: the held-out split
+    seed: int = 0  # the split's seed (the same for every trial of a search)
+    # synthetic only: a generated, learnable classification problem
+    synthetic_samples: int = Field(512, ge=16, le=1_000_000)
+    synthetic_classes: int = Field(4, ge=2, le=1000)
+    synthetic_size: int = Field(16, ge=4, le=512)
+
+
+class TrainConfig(_Config):
+    """The training budget and recipe of a trial (the paper's: SGD, cosine, label smoothing)."""
+
+    epochs: int = Field(3, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    warmup_epochs: int = Field(0, ge=0)
+    image_size: int | None = Field(None, ge=8, le=4096, description="None: the spec's input_size")
+    amp: Literal["auto", "on", "off"] = "auto"  # auto: bf16/fp16 autocast on CUDA only
+    channels_last: bool = False
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    num_workers: int = Field(0, ge=0, le=64)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ValueError("warmup_epochs must be smaller than epochs")
+        return self
+
+
+class LatencyConfig(_Config):
+    """How latency is measured: eval + inference mode, fixed batch, warm-up, median over repeats."""
+
+    batch_size: int = Field(1, ge=1, le=1024)
+    warmup: int = Field(5, ge=0, le=10_000)
+    repeats: int = Field(30, ge=3, le=100_000)
+    min_time_s: float = Field(0.0, ge=0, le=600, description="keep repeating until this long")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads; None: default")
+    channels_last: bool = False

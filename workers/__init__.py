@@ -1,0 +1,1 @@
+"""workers: a search's trials run as Ray tasks against the shared Optuna storage."""
