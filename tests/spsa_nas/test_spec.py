@@ -1,0 +1,107 @@
+"""Tests of the architecture spec: validation with field paths, JSON round-trip, the stage table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from spsa_nas.spec import (
+    CHANNEL_ATTENTIONS,
+    ArchSpec,
+    StageSpec,
+    feature_sizes,
+    make_divisible,
+    stage_table,
+)
+
+BACKBONES = ArchSpec.model_fields["backbone"].annotation.__args__  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_json_round_trip_every_backbone(backbone: str) -> None:
+    spec = ArchSpec.uniform(
+        backbone,
+        StageSpec(spsa=True, spsa_heads=2, spsa_alpha=0.5, channel_attn="eca",
+                  attn_order="spsa_first"),
+        num_classes=10, stem="cifar", input_size=32,
+    )
+    text = spec.model_dump_json()
+    again = ArchSpec.model_validate_json(text)
+    assert again == spec
+    assert json.loads(text)["schema_version"] == 1
+
+
+def test_spec_is_frozen_and_forbids_extra_fields() -> None:
+    spec = ArchSpec.plain("resnet18")
+    with pytest.raises(ValidationError):
+        spec.backbone = "resnet34"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="extra"):
+        ArchSpec.model_validate({**spec.model_dump(), "depth": 3})
+    with pytest.raises(ValidationError, match=r"stages\.0\.spsa_head"):
+        ArchSpec.model_validate({**spec.model_dump(), "stages": [{"spsa_head": 2}] * 4})
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"stages": [{"spsa": True, "spsa_heads": 3}] * 4}, "stages.0.spsa_heads: 3 does not divide"),
+        ({"stages": [{}, {}, {"channel_attn": "gsop"}, {}]}, "unknown channel attention 'gsop'"),
+        ({"stages": [{}] * 3}, "resnet18 has 4 stages"),
+        ({"stages": [{}, {"spsa_alpha": 0}, {}, {}]}, "stages.1.spsa_alpha"),
+        ({"stages": [{}, {"spsa_alpha": 1e6}, {}, {}]}, "stages.1.spsa_alpha"),
+        ({"stages": [{}, {"spsa_alpha": float("nan")}, {}, {}]}, "stages.1.spsa_alpha"),
+        ({"backbone": "vgg16"}, "backbone"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"schema_version": 2}, "schema_version"),
+    ],
+)
+def test_bad_specs_name_the_field(change: dict, needle: str) -> None:
+    body = {"backbone": "resnet18", "stages": [{}] * 4, **change}
+    with pytest.raises(ValidationError) as info:
+        ArchSpec.model_validate(body)
+    assert needle in str(info.value)
+
+
+def test_heads_checked_only_where_spsa_is_on_and_at_the_specs_width() -> None:
+    # 3 heads do not divide 64 channels, but SPSA is off there: nothing to check.
+    ArchSpec.model_validate({"backbone": "resnet18",
+                             "stages": [{"spsa": False, "spsa_heads": 3}] + [{}] * 3})
+    # width 0.25: layer1 has 16 channels, so 32 heads leave no channel pairs
+    with pytest.raises(ValidationError, match=r"stages\.0\.spsa_heads"):
+        ArchSpec.model_validate({"backbone": "resnet18", "width": 0.25,
+                                 "stages": [{"spsa": True, "spsa_heads": 32}] + [{}] * 3})
+
+
+def test_stage_table_channels() -> None:
+    assert [s.channels for s in stage_table("resnet50")] == [256, 512, 1024, 2048]
+    assert [s.channels for s in stage_table("resnet18", 0.25)] == [16, 32, 64, 128]
+    assert [s.channels for s in stage_table("mobilenet_v2")] == [16, 24, 32, 64, 96, 160, 320]
+    assert [s.channels for s in stage_table("shufflenet_v2_x1_0")] == [58, 116, 232]
+    assert sum(s.blocks for s in stage_table("resnet152")) == 50
+    assert sum(s.blocks for s in stage_table("mobilenet_v2")) == 17
+    assert make_divisible(24 * 0.5, 8) == 16  # never more than 10 % below the request
+
+
+def test_feature_sizes() -> None:
+    assert feature_sizes("resnet50", "imagenet", 224) == (56, 28, 14, 7)
+    assert feature_sizes("resnet18", "imagenet", 32) == (8, 4, 2, 1)  # layer4 is 1x1
+    assert feature_sizes("resnet18", "cifar", 32) == (32, 16, 8, 4)
+    assert feature_sizes("mobilenet_v2", "imagenet", 224) == (112, 56, 28, 14, 14, 7, 7)
+    assert feature_sizes("shufflenet_v2_x1_0", "imagenet", 224) == (28, 14, 7)
+
+
+def test_channel_attention_names_are_the_registry() -> None:
+    from spsa_nas.attention import ATTENTIONS
+
+    assert tuple(ATTENTIONS) == CHANNEL_ATTENTIONS
+
+
+def test_spec_and_config_import_no_torch() -> None:
+    code = ("import sys, spsa_nas.spec, spsa_nas.config, search_spaces.config;"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

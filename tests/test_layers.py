@@ -1,0 +1,50 @@
+"""The direction of imports between the packages (DESIGN.md): a layer never imports one above it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# package -> top-level modules it must never import
+FORBIDDEN = {
+    "spsa_nas": {"optuna", "optuna_dashboard", "ray", "sqlalchemy", "fastapi", "uvicorn",
+                 "alembic", "search_spaces", "workers", "service"},
+    "search_spaces": {"ray", "sqlalchemy", "fastapi", "uvicorn", "workers", "service"},
+    "workers": {"fastapi", "uvicorn", "service"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_flow_one_way(package: str) -> None:
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = _imports(path) & FORBIDDEN[package]
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_source_file_says_what_it_holds() -> None:
+    missing = []
+    for package in ("spsa_nas", "search_spaces", "workers", "service", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "migrations/versions" in str(path) and path.read_text().startswith('"""'):
+                continue
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+            if not doc:
+                missing.append(str(path.relative_to(ROOT)))
+    assert not missing, f"files without a first-line docstring: {missing}"
