@@ -1,0 +1,322 @@
+"""Optuna studies of a search: storage, creation with the config, objectives, Pareto front, selection."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
+
+from search_spaces.config import ObjectiveConfig, SearchConfig
+from search_spaces.space import SearchSpace, load_space
+
+CONFIG_ATTR = "spsa_nas:config"
+SPACE_ATTR = "spsa_nas:space"
+SQLITE_BUSY_TIMEOUT_S = 60.0
+
+# Fields of SearchConfig that a resumed run may change: budgets and where the process runs.
+# Everything else (space, data, training, objective, sampler, seed, device) defines the study.
+_RUN_FIELDS = ("trials", "timeout_s", "parallelism", "resources", "max_retries", "space")
+_RUN_DATA_FIELDS = ("data_root", "download")
+
+
+def storage_for(url: str) -> RDBStorage:
+    """An Optuna RDB storage for `url`; SQLite files get WAL mode and a busy timeout.
+
+    WAL is a property of the database file (set once, before Optuna opens it), and the busy
+    timeout is the driver's connect argument, so both survive pickling the storage into another
+    process (RDBStorage re-creates its engine from the URL and engine_kwargs).
+    """
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError for malformed URLs
+        raise ValueError(f"storage URL {url!r} is not a database URL (e.g. sqlite:///runs/spsa-nas.db, "
+                         f"postgresql+psycopg://user@host/db): {exc}") from None
+    engine_kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            path = Path(database)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    return RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def _as_storage(storage: str | BaseStorage) -> BaseStorage:
+    return storage_for(storage) if isinstance(storage, str) else storage
+
+
+def directions(cfg: SearchConfig) -> list[str]:
+    """Optuna directions of the objective kind: pareto (acc max, latency min) or score (max)."""
+    return ["maximize", "minimize"] if cfg.objective.kind == "pareto" else ["maximize"]
+
+
+def make_sampler(cfg: SearchConfig, *, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler of `cfg`, seeded by cfg.seed (+ `seed_offset` when a study resumes).
+
+    "auto" is TPE, multivariate with grouped (conditional) parameters and few random start-up
+    trials, which the search-quality benchmark (benchmarks/bench_search_quality.py) found
+    better than NSGA-II at the small budgets a NAS runs (NSGA-II's first generation is random).
+    """
+    seed = cfg.seed + 1_000_003 * seed_offset
+    startup = min(10, max(3, cfg.trials // 4))
+    if cfg.sampler == "auto":
+        return optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, group=True,
+                                          seed=seed, constant_liar=True)
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed, constant_liar=True)
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, cfg.trials // 3)),
+                                             seed=seed)
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"unknown sampler {cfg.sampler!r}; valid: auto, tpe, nsga2, random")
+
+
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    """The pruner of `cfg`; pruners apply to the score objective only."""
+    if cfg.pruner != "none" and cfg.objective.kind != "score":
+        raise ValueError(f"pruner {cfg.pruner!r} needs objective kind 'score': the pareto objective "
+                         "has two values and Optuna's pruners compare one; use --pruner none or "
+                         "--objective score with --latency-target")
+    if cfg.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.train.epochs)
+    raise ValueError(f"unknown pruner {cfg.pruner!r}; valid: none, median, hyperband")
+
+
+def _identity(cfg: SearchConfig, space: SearchSpace) -> dict[str, Any]:
+    data = cfg.model_dump(mode="json")
+    for field in _RUN_FIELDS:
+        data.pop(field, None)
+    for field in _RUN_DATA_FIELDS:
+        data["dataset"].pop(field, None)
+    data["space"] = space.model_dump(mode="json", exclude_unset=True)
+    return data
+
+
+def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _diff(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    return [] if old == new else [f"{path}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: SearchSpace | None = None
+                 ) -> optuna.Study:
+    """Create the study `cfg.study_name`, or load it when it exists with the same configuration.
+
+    The configuration is stored as the study's user attrs `spsa_nas:config` (SearchConfig JSON)
+    and `spsa_nas:space` (the resolved space). A study created with another configuration (space,
+    data, training, objective, sampler, seed, device) is refused, never mixed; the budgets
+    (trials, timeout, parallelism, resources, retries) may change between runs.
+    """
+    storage = _as_storage(storage)
+    space = space or load_space(cfg.space)
+    pruner = make_pruner(cfg)
+    study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=directions(cfg),
+                                sampler=make_sampler(cfg), pruner=pruner, load_if_exists=True)
+    identity = _identity(cfg, space)
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is not None:
+        old_cfg = SearchConfig.model_validate_json(stored) if isinstance(stored, str) else \
+            SearchConfig.model_validate(stored)
+        old_space = load_space(study.user_attrs.get(SPACE_ATTR) or old_cfg.space)
+        differences = _diff(_identity(old_cfg, old_space), identity)
+        if differences:
+            shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more"
+                                                  if len(differences) > 5 else "")
+            raise ValueError(f"study {cfg.study_name!r} already exists with a different configuration "
+                             f"({shown}); use another study name, or the same settings to resume it")
+        existing = len(study.get_trials(deepcopy=False))
+        if existing:  # a resumed run must not replay the same random sequence
+            study.sampler = make_sampler(cfg, seed_offset=existing)
+    study.set_user_attr(CONFIG_ATTR, cfg.model_dump_json())
+    study.set_user_attr(SPACE_ATTR, space.model_dump(mode="json", exclude_unset=True))
+    return study
+
+
+def load_study(name: str, storage: str | BaseStorage) -> optuna.Study:
+    """An existing study (KeyError naming the studies there when it does not exist)."""
+    storage = _as_storage(storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        raise KeyError(f"no study {name!r} in this storage; studies there: "
+                       f"{', '.join(names) if names else 'none'}")
+    study = optuna.load_study(study_name=name, storage=storage)
+    if CONFIG_ATTR in study.user_attrs:
+        cfg = study_config(study)
+        study.pruner = make_pruner(cfg)
+        study.sampler = make_sampler(cfg, seed_offset=len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def study_config(study: optuna.Study) -> SearchConfig:
+    """The SearchConfig the study was created with."""
+    stored = study.user_attrs.get(CONFIG_ATTR)
+    if stored is None:
+        raise KeyError(f"study {study.study_name!r} was not created by spsa-nas (no {CONFIG_ATTR})")
+    if isinstance(stored, str):
+        return SearchConfig.model_validate_json(stored)
+    return SearchConfig.model_validate(stored)
+
+
+def study_space(study: optuna.Study) -> SearchSpace:
+    """The resolved search space stored with the study (independent of files on this machine)."""
+    stored = study.user_attrs.get(SPACE_ATTR)
+    if stored is None:
+        return load_space(study_config(study).space)
+    return load_space(stored, source=f"study {study.study_name!r}")
+
+
+def mnas_score(acc: float, latency_ms: float, objective: ObjectiveConfig) -> float:
+    """MnasNet's acc * (lat / target) ** w; hard: w = 0 under the target, -1 above it."""
+    target = objective.latency_target_ms
+    if target is None:
+        raise ValueError("the score objective needs objective.latency_target_ms")
+    weight = (0.0 if latency_ms <= target else -1.0) if objective.hard else objective.weight
+    return acc * (latency_ms / target) ** weight
+
+
+def _latency_ms(metrics: dict[str, Any]) -> float:
+    if metrics.get("latency_ms") is not None:
+        return float(metrics["latency_ms"])
+    latency = metrics.get("latency")
+    if isinstance(latency, dict) and latency.get("median_ms") is not None:
+        return float(latency["median_ms"])
+    raise ValueError("trial metrics have no latency (latency_ms or latency.median_ms)")
+
+
+def objective_values(result_metrics: dict[str, Any], cfg: SearchConfig) -> list[float]:
+    """Objective values to tell: pareto -> [val_acc, latency_ms]; score -> [score]."""
+    acc = result_metrics.get("val_acc")
+    if acc is None or not math.isfinite(float(acc)):
+        raise ValueError(f"trial metrics have no finite validation accuracy (val_acc={acc!r})")
+    latency = _latency_ms(result_metrics)
+    if cfg.objective.kind == "pareto":
+        return [float(acc), latency]
+    return [mnas_score(float(acc), latency, cfg.objective)]
+
+
+def _complete(study: optuna.Study) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("val_acc") is not None and t.user_attrs.get("latency_ms") is not None]
+
+
+def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete trials not dominated in (validation accuracy up, median latency down), by latency."""
+    trials = _complete(study)
+    front = []
+    for t in trials:
+        acc, lat = t.user_attrs["val_acc"], t.user_attrs["latency_ms"]
+        dominated = any(
+            (o.user_attrs["val_acc"] >= acc and o.user_attrs["latency_ms"] <= lat)
+            and (o.user_attrs["val_acc"] > acc or o.user_attrs["latency_ms"] < lat)
+            for o in trials
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.user_attrs["latency_ms"], -t.user_attrs["val_acc"], t.number))
+
+
+def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
+                trial_number: int | None = None) -> FrozenTrial:
+    """The one architecture to hand out: the rule the CLI and the service share.
+
+    `trial_number`: that trial (it must be complete). Otherwise among the complete trials whose
+    median latency is within `latency_budget_ms` (default: the study's objective budget, if any):
+    pareto studies -> the highest validation accuracy, ties to the lower latency, then the lower
+    trial number; score studies -> the highest score, ties likewise. LookupError when none qualifies.
+    """
+    if trial_number is not None:
+        matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
+        if not matches:
+            raise LookupError(f"study {study.study_name!r} has no trial {trial_number}")
+        trial = matches[0]
+        if trial.state != TrialState.COMPLETE:
+            raise LookupError(f"trial {trial_number} is {trial.state.name}, not COMPLETE: it has no "
+                              "trained weights")
+        return trial
+    budget = latency_budget_ms
+    kind = "pareto"
+    if CONFIG_ATTR in study.user_attrs:
+        objective = study_config(study).objective
+        kind = objective.kind
+        if budget is None:
+            budget = objective.latency_budget_ms
+    trials = _complete(study)
+    if budget is not None:
+        trials = [t for t in trials if t.user_attrs["latency_ms"] <= budget]
+    if not trials:
+        within = f" within {budget:g} ms" if budget is not None else ""
+        counts = trial_counts(study)
+        raise LookupError(f"study {study.study_name!r} has no complete trial{within} "
+                          f"({counts['complete']} complete, {counts['pruned']} pruned, "
+                          f"{counts['fail']} failed)")
+
+    def key(t: FrozenTrial) -> tuple[float, float, int]:
+        primary = t.values[0] if kind == "score" and t.values else t.user_attrs["val_acc"]
+        return (-primary, t.user_attrs["latency_ms"], t.number)
+
+    return min(trials, key=key)
+
+
+def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """Number of trials by state: complete, pruned, fail, running, waiting."""
+    counts = dict.fromkeys(("complete", "pruned", "fail", "running", "waiting"), 0)
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name.lower()] += 1
+    return counts
+
+
+def describe_spec(spec: dict[str, Any]) -> str:
+    """A short summary of a spec dict: backbone, width and per stage SPSA/attention."""
+    parts = []
+    for i, stage in enumerate(spec.get("stages", []), start=1):
+        bits = []
+        if stage.get("spsa"):
+            bits.append(f"spsa{stage.get('spsa_heads', 1)}h/a{stage.get('spsa_alpha', 1.0):g}")
+        if stage.get("channel_attn", "none") != "none":
+            bits.append(stage["channel_attn"])
+        if len(bits) == 2 and stage.get("attn_order") == "spsa_first":
+            bits.reverse()
+        parts.append(f"s{i}:" + ("+".join(bits) if bits else "-"))
+    return f"{spec.get('backbone')} w{spec.get('width', 1.0):g} " + " ".join(parts)
+
+
+def finished(counts: dict[str, int]) -> int:
+    """Trials that count toward the budget: complete + pruned."""
+    return counts["complete"] + counts["pruned"]
+
+
+__all__ = [
+    "create_study",
+    "describe_spec",
+    "directions",
+    "load_study",
+    "make_pruner",
+    "make_sampler",
+    "mnas_score",
+    "objective_values",
+    "pareto_front",
+    "select_best",
+    "storage_for",
+    "study_config",
+    "study_space",
+    "trial_counts",
+]

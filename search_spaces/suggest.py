@@ -1,0 +1,70 @@
+"""suggest_arch: the one bridge from an Optuna trial to an ArchSpec (the only caller of suggest_*)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+import optuna
+
+from search_spaces.space import AlphaRange, SearchSpace
+from spsa_nas.spec import ArchSpec, StageSpec
+
+T = TypeVar("T", bool, int, float, str)
+
+
+def _choose(trial: optuna.trial.BaseTrial, name: str, choices: Sequence[T]) -> T:
+    """A categorical choice; a single-valued choice is fixed and not suggested at all."""
+    if len(choices) == 1:
+        return choices[0]
+    return trial.suggest_categorical(name, list(choices))  # type: ignore[return-value]
+
+
+def resolve_io(space: SearchSpace, *, num_classes: int | None, in_channels: int | None
+               ) -> tuple[int, int]:
+    """(num_classes, in_channels): the space's own values, else the dataset's; they must agree."""
+    resolved = []
+    for field, fixed, from_data in (("num_classes", space.num_classes, num_classes),
+                                    ("in_channels", space.in_channels, in_channels)):
+        if fixed is not None and from_data is not None and fixed != from_data:
+            raise ValueError(f"space {space.name!r} fixes {field}={fixed} but the dataset has "
+                             f"{from_data}; remove {field} from the space or use matching data")
+        value = fixed if fixed is not None else from_data
+        if value is None:
+            raise ValueError(f"space {space.name!r} leaves {field} to the dataset: pass {field}=")
+        resolved.append(value)
+    return resolved[0], resolved[1]
+
+
+def suggest_arch(trial: optuna.trial.BaseTrial, space: SearchSpace, *, num_classes: int | None = None,
+                 in_channels: int | None = None) -> ArchSpec:
+    """Suggest one architecture of `space`.
+
+    Parameter names: `backbone`, `width` (only when there is a choice), then per stage n (1-based)
+    `sN.spsa`, `sN.channel_attn`, and only when SPSA is on `sN.heads`, `sN.alpha`, and
+    `sN.attn_order` only when a channel attention is also present. `num_classes`/`in_channels`
+    are the dataset's, used where the space leaves them open.
+    """
+    classes, channels = resolve_io(space, num_classes=num_classes, in_channels=in_channels)
+    backbone = _choose(trial, "backbone", space.backbones)
+    width = _choose(trial, "width", space.widths)
+    stages = []
+    for number, stage in enumerate(space.stage_choices(backbone), start=1):
+        choices = stage.choices
+        prefix = f"s{number}."
+        spsa = _choose(trial, prefix + "spsa", choices.spsa)
+        attn = _choose(trial, prefix + "channel_attn", choices.channel_attn)
+        heads, alpha, order = 1, 1.0, "channel_first"
+        if spsa:
+            heads = _choose(trial, prefix + "heads", choices.heads)
+            if isinstance(choices.alpha, AlphaRange):
+                r = choices.alpha
+                alpha = trial.suggest_float(prefix + "alpha", r.low, r.high, log=r.log, step=r.step)
+            else:
+                alpha = float(_choose(trial, prefix + "alpha", [float(a) for a in choices.alpha]))
+            if attn != "none":
+                order = _choose(trial, prefix + "attn_order", choices.attn_order)
+        stages.append(StageSpec(spsa=spsa, spsa_heads=heads, spsa_alpha=alpha, channel_attn=attn,
+                                attn_order=order))  # type: ignore[arg-type]
+    return ArchSpec(backbone=backbone, num_classes=classes, in_channels=channels,  # type: ignore[arg-type]
+                    stem=space.stem, input_size=space.input_size, width=width, stages=stages)
