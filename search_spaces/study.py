@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,10 @@ def make_sampler(cfg: SearchConfig, *, seed_offset: int = 0) -> optuna.samplers.
     seed = cfg.seed + 1_000_003 * seed_offset
     startup = min(10, max(3, cfg.trials // 4))
     if cfg.sampler == "auto":
-        return optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, group=True,
-                                          seed=seed, constant_liar=True)
+        with warnings.catch_warnings():  # `group` is marked experimental; we rely on it knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(n_startup_trials=startup, multivariate=True, group=True,
+                                              seed=seed, constant_liar=True)
     if cfg.sampler == "tpe":
         return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed, constant_liar=True)
     if cfg.sampler == "nsga2":

@@ -1,0 +1,120 @@
+"""run_local: the in-process search loop (no Ray), resumable across interrupted runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.config import SearchConfig
+from search_spaces.study import create_study, finished, storage_for, study_space, trial_counts
+from spsa_nas.evaluate import EvalHooks
+from workers.trial import run_trial
+
+RUNNER_ATTR = "runner"
+MAX_CONSECUTIVE_FAILURES = 3  # then stop: the same error would repeat for every trial
+
+
+class StopEvent(Protocol):
+    """Anything with `is_set()` (threading.Event, multiprocessing.Event)."""
+
+    def is_set(self) -> bool: ...
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_local_trials(study: optuna.Study) -> list[int]:
+    """Tell FAIL to RUNNING trials left by a local loop on this host whose process is gone.
+
+    Only trials marked by this loop (user attr `runner.kind == "local"`) on this host are
+    touched; trials of a Ray runner, or of a live local process, are left alone.
+    """
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        runner = trial.user_attrs.get(RUNNER_ATTR)
+        if not isinstance(runner, dict) or runner.get("kind") != "local" or runner.get("host") != host:
+            continue
+        pid = int(runner.get("pid", -1))
+        if pid == os.getpid() or not _pid_alive(pid):
+            study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (the local run "
+                                               "that ran it stopped; failed on resume)")
+            study.tell(trial.number, state=TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
+
+
+def run_local(cfg: SearchConfig, storage_url: str, *, artifact_dir: str | Path,
+              stop_event: StopEvent | None = None,
+              progress: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+              device: str | None = None) -> dict[str, Any]:
+    """Run `cfg`'s search in this process until cfg.trials trials are finished (complete or pruned).
+
+    Creates the study or resumes it (same configuration required: see
+    search_spaces.study.create_study); trials left RUNNING by an earlier local run that died are
+    told FAIL first. Stops early on `cfg.timeout_s` (of this run), on `stop_event` (the running
+    trial is told FAIL "cancelled"), or after 3 failures in a row. `progress(study, trial)` is
+    called after each trial. KeyboardInterrupt: the running trial is told FAIL and the exception
+    propagates; running again continues the study.
+    """
+    storage = storage_for(storage_url)
+    study = create_study(cfg, storage)
+    space = study_space(study)
+    Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+    store = FileSystemArtifactStore(str(artifact_dir))
+    recovered = fail_stale_local_trials(study)
+    extra = EvalHooks(should_stop=stop_event.is_set if stop_event is not None else None)
+    marker = {"kind": "local", "host": socket.gethostname(), "pid": os.getpid()}
+    start = time.monotonic()
+    ran, failures_in_row, last_error, stopped = 0, 0, None, "done"
+    while True:
+        if finished(trial_counts(study)) >= cfg.trials:
+            stopped = "done"
+            break
+        if cfg.timeout_s is not None and time.monotonic() - start >= cfg.timeout_s:
+            stopped = "timeout"
+            break
+        if stop_event is not None and stop_event.is_set():
+            stopped = "stopped"
+            break
+        trial = study.ask()
+        trial.set_user_attr(RUNNER_ATTR, marker)
+        frozen = run_trial(study, trial, cfg, space, artifact_store=store, device=device,
+                           extra_hooks=extra)
+        ran += 1
+        if progress is not None:
+            progress(study, frozen)
+        if frozen.state == TrialState.FAIL:
+            failures_in_row += 1
+            last_error = frozen.user_attrs.get("error")
+            if failures_in_row >= MAX_CONSECUTIVE_FAILURES:
+                stopped = "failing"
+                break
+        else:
+            failures_in_row = 0
+    counts = trial_counts(study)
+    return {
+        "study_name": study.study_name,
+        "ran": ran,
+        "finished": finished(counts),
+        "trials": cfg.trials,
+        "counts": counts,
+        "recovered": recovered,
+        "elapsed_s": round(time.monotonic() - start, 3),
+        "stopped": stopped,
+        "last_error": last_error,
+    }

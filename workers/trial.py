@@ -1,0 +1,153 @@
+"""run_trial: one ask'd Optuna trial from suggest_arch through evaluate_spec to tell (in-process)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.config import SearchConfig
+from search_spaces.space import SearchSpace
+from search_spaces.study import mnas_score, objective_values
+from search_spaces.suggest import suggest_arch
+from spsa_nas.data import dataset_in_channels, dataset_num_classes
+from spsa_nas.evaluate import Cancelled, EvalHooks, Measurement, evaluate_spec
+
+LATENCY_KEY_ATTR = "latency_key"
+
+
+class StudyLatencyCache:
+    """Latency cache backed by the study's storage: earlier trials' `latency` user attrs by key.
+
+    `get` also records the key on the current trial (user attr `latency_key`), so every trial
+    says which measurement it has; `put` needs to store nothing more, because the measured
+    latency lands in the trial's `latency` attr through `on_measured`.
+    """
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        self._study = study
+        self._trial = trial
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        self._trial.set_user_attr(LATENCY_KEY_ATTR, key)
+        for other in self._study.get_trials(deepcopy=False):
+            attrs = other.user_attrs
+            if (other.number != self._trial.number and attrs.get(LATENCY_KEY_ATTR) == key
+                    and isinstance(attrs.get("latency"), dict)):
+                return dict(attrs["latency"])
+        return None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self._trial.set_user_attr(LATENCY_KEY_ATTR, key)
+
+
+def _chain(*hooks: Callable[..., None] | None) -> Callable[..., None] | None:
+    present = [h for h in hooks if h is not None]
+    if not present:
+        return None
+
+    def call(*args: Any) -> None:
+        for hook in present:
+            hook(*args)
+
+    return call
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, error: str, tb: str) -> FrozenTrial:
+    trial.set_user_attr("error", error)
+    trial.set_user_attr("traceback", tb)
+    return study.tell(trial, state=TrialState.FAIL)
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
+              artifact_store: Any, device: str | None = None,
+              extra_hooks: EvalHooks | None = None) -> FrozenTrial:
+    """Suggest, evaluate and tell one trial; never raises for a failed trial (it is told FAIL).
+
+    `artifact_store`: an Optuna artifact store (e.g. FileSystemArtifactStore) for the weights.
+
+    Outcomes: COMPLETE with the objective values and every user attr of docs/CONTRACTS.md (the
+    weights uploaded as an Optuna artifact, `weights_artifact`); PRUNED when infeasible (latency
+    over the budget: `feasible=False`, `reason`) or stopped by the pruner (score objective);
+    FAIL with `error` and `traceback` on an exception, or `error="cancelled"` when
+    `extra_hooks.should_stop` stopped it. KeyboardInterrupt tells FAIL ("interrupted") and is
+    re-raised. `extra_hooks`: its latency_lock/should_stop/latency_cache are used, its
+    on_measured/on_epoch are called after this runner's own.
+    """
+    extra = extra_hooks or EvalHooks()
+    state: dict[str, float] = {}
+
+    def on_measured(m: Measurement) -> None:
+        state["latency_ms"] = m.latency.median_ms
+        trial.set_user_attr("params", m.params)
+        trial.set_user_attr("flops", m.flops)
+        trial.set_user_attr("latency", m.latency.to_dict())
+        trial.set_user_attr("latency_ms", m.latency.median_ms)
+        trial.set_user_attr("latency_cached", m.cached)
+
+    curve: list[float] = []
+
+    def on_epoch(epoch: int, val_acc: float) -> None:
+        curve.append(val_acc)
+        trial.set_user_attr("val_curve", list(curve))
+        if cfg.objective.kind != "score":
+            return  # Optuna's pruners compare one value; the pareto objective has two
+        trial.report(mnas_score(val_acc, state["latency_ms"], cfg.objective), epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned by the {cfg.pruner} pruner after epoch {epoch}")
+
+    hooks = EvalHooks(
+        on_measured=_chain(on_measured, extra.on_measured),
+        on_epoch=_chain(on_epoch, extra.on_epoch),
+        latency_lock=extra.latency_lock,
+        latency_cache=extra.latency_cache or StudyLatencyCache(study, trial),
+        should_stop=extra.should_stop,
+    )
+    try:
+        num_classes = dataset_num_classes(cfg.dataset) if space.num_classes is None else None
+        in_channels = dataset_in_channels(cfg.dataset) if space.in_channels is None else None
+        spec = suggest_arch(trial, space, num_classes=num_classes, in_channels=in_channels)
+        trial.set_user_attr("spec", spec.model_dump(mode="json"))
+        result = evaluate_spec(spec, data=cfg.dataset, train=cfg.train, latency=cfg.latency,
+                               device=device or cfg.device,
+                               latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks)
+        metrics = result.metrics()
+        if not result.feasible:
+            for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):
+                trial.set_user_attr(key, metrics[key])
+            trial.set_user_attr("reason", f"median latency {result.latency.median_ms:.3f} ms is over "
+                                          f"the budget of {cfg.objective.latency_budget_ms:g} ms")
+            return study.tell(trial, state=TrialState.PRUNED)
+        values = objective_values(metrics, cfg)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"objective values are not finite: {values}")
+        if result.model is None:
+            raise RuntimeError("evaluate_spec returned a feasible result without a model")
+        from spsa_nas.export import save_safetensors  # torch-heavy; only when there is a model
+
+        with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
+            path = Path(tmp) / f"trial-{trial.number}.safetensors"
+            save_safetensors(result.model, path)
+            artifact_id = upload_artifact(artifact_store=artifact_store, file_path=str(path),
+                                          study_or_trial=trial, mimetype="application/octet-stream")
+        for key, value in metrics.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("weights_artifact", artifact_id)
+        return study.tell(trial, values)
+    except optuna.TrialPruned as exc:
+        trial.set_user_attr("reason", str(exc) or "pruned")
+        return study.tell(trial, state=TrialState.PRUNED)
+    except Cancelled:
+        return _fail(study, trial, "cancelled", traceback.format_exc())
+    except KeyboardInterrupt:
+        _fail(study, trial, "interrupted", traceback.format_exc())
+        raise
+    except Exception as exc:
+        return _fail(study, trial, f"{type(exc).__name__}: {exc}", traceback.format_exc())
