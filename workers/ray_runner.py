@@ -1,0 +1,469 @@
+"""The Ray coordinator of a search: trials as Ray tasks over the shared Optuna storage, with leases,
+retries, cancellation and resumption."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.config import SearchConfig
+from workers.latency_gate import NodeGate
+from workers.lease import (
+    ATTEMPT_ATTR,
+    CANCEL_STUDY_ATTR,
+    CANCELLED_ATTR,
+    REASON_ATTR,
+    RETRY_OF_ATTR,
+    TASK_ATTR,
+    WORKER_LOST_ATTR,
+    Heartbeat,
+    LeaseTracker,
+    RetryingStorage,
+    RetryPolicy,
+)
+
+logger = logging.getLogger(__name__)
+
+RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: cancels one run of the coordinator only
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TrialStoppedError(Exception):
+    """Raised by a trial function when `should_stop()` said so (cancelled or lease lost)."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What a trial function gets besides the study and the trial."""
+
+    cfg: SearchConfig
+    artifact_dir: str
+    device: str  # "cuda" when Ray gave the task a GPU (cfg.device "auto"), else cfg.device or "cpu"
+    should_stop: Callable[[], bool]  # poll between steps; also where training pauses for latency
+    latency_lock: Callable[[], AbstractContextManager[None]]  # hold the host for one measurement
+    node_id: str
+    hostname: str
+
+
+TrialFn = Callable[[optuna.Study, optuna.Trial, TrialContext], None]
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Knobs of the coordinator; the defaults suit real trials (minutes each)."""
+
+    heartbeat_s: float = 5.0  # how often a task refreshes its trial's heartbeat
+    lease_s: float = 60.0  # a RUNNING trial whose heartbeat stood still this long is lost
+    poll_s: float = 1.0  # how often the coordinator looks at the storage
+    cancel_grace_s: float = 30.0  # after a cancel, how long tasks may take to stop by themselves
+    lock_dir: str | None = None  # the host's latency lock files; None: <tmp>/spsa_nas_locks
+    pause_training_during_latency: bool = True  # trainers on the host pause while one measures
+    resources: dict[str, float] = field(default_factory=dict)  # extra Ray custom resources per trial
+    max_consecutive_failures: int | None = None  # stop after this many crashed trials in a row;
+    # None: max(10, 2 * parallelism)
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_s <= 0 or self.poll_s <= 0 or self.cancel_grace_s < 0:
+            raise ValueError("RunnerOptions: heartbeat_s and poll_s must be > 0, cancel_grace_s >= 0")
+        if self.lease_s <= 2 * self.heartbeat_s:
+            raise ValueError(
+                f"RunnerOptions: lease_s ({self.lease_s}) must exceed twice heartbeat_s "
+                f"({self.heartbeat_s}), or live trials would be declared lost"
+            )
+
+
+def _open_storage(storage_url: str) -> RetryingStorage:
+    from search_spaces.study import storage_for
+
+    return RetryingStorage(storage_for(storage_url), RetryPolicy())
+
+
+def _default_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> None:
+    """The real trial: suggest an architecture, evaluate it, tell (workers.trial.run_trial)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from search_spaces.study import study_space
+    from spsa_nas.evaluate import EvalHooks
+    from workers.trial import run_trial
+
+    Path(ctx.artifact_dir).mkdir(parents=True, exist_ok=True)
+    run_trial(
+        study,
+        trial,
+        ctx.cfg,
+        study_space(study),  # the space stored with the study: no file needed on the worker
+        artifact_store=FileSystemArtifactStore(ctx.artifact_dir),
+        device=ctx.device,
+        extra_hooks=EvalHooks(latency_lock=ctx.latency_lock, should_stop=ctx.should_stop),
+    )
+
+
+def _set_attr_quietly(storage: optuna.storages.BaseStorage, trial_id: int, key: str, value: Any) -> bool:
+    try:
+        storage.set_trial_user_attr(trial_id, key, value)
+        return True
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+
+
+def _trial_task(
+    storage_url: str,
+    study_name: str,
+    cfg_json: str,
+    artifact_dir: str,
+    token: str,
+    run_id: str,
+    trial_fn: TrialFn | None,
+    options: RunnerOptions,
+) -> dict[str, Any]:
+    """One Ray task: ask (or take an enqueued retry), run the trial, make sure it is told."""
+    import ray
+
+    task_start = time.perf_counter()
+    cfg = SearchConfig.model_validate_json(cfg_json)
+    storage = _open_storage(storage_url)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trial = study.ask()
+    trial_id = trial._trial_id
+    node_id = ray.get_runtime_context().get_node_id()
+    hostname = socket.gethostname()
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    for key, value in {
+        TASK_ATTR: token,
+        "worker_pid": os.getpid(),
+        "node_id": node_id,
+        "hostname": hostname,
+        "device": device,
+    }.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+
+    heartbeat = Heartbeat(storage, study._study_id, trial_id, options.heartbeat_s,
+                          extra_cancel_keys=(RUN_CANCEL_PREFIX + run_id,)).start()
+    gate = NodeGate(options.lock_dir, pause_training=options.pause_training_during_latency)
+    marked: list[str] = []
+
+    def should_stop() -> bool:
+        reason = heartbeat.stop_reason
+        if reason is None:
+            gate.checkpoint()
+            return False
+        if not marked:
+            marked.append(reason)
+            if reason == "cancelled":
+                _set_attr_quietly(storage, trial_id, CANCELLED_ATTR, True)
+                _set_attr_quietly(storage, trial_id, REASON_ATTR, "cancelled")
+        return True
+
+    ctx = TrialContext(cfg=cfg, artifact_dir=artifact_dir, device=device, should_stop=should_stop,
+                       latency_lock=gate.latency_lock, node_id=node_id, hostname=hostname)
+    trial_start = time.perf_counter()
+    error: BaseException | None = None
+    try:
+        (trial_fn or _default_trial_fn)(study, trial, ctx)
+    except Exception as exc:  # the trial failed: record it, the search goes on
+        error = exc
+        tb = traceback.format_exc()
+    finally:
+        trial_s = time.perf_counter() - trial_start
+        heartbeat.close()
+        gate.close()
+
+    state = storage.get_trial(trial_id).state
+    if state == TrialState.RUNNING:
+        stopped = heartbeat.stop_reason == "cancelled"
+        if error is None:
+            error, tb = RuntimeError("the trial function returned without telling a result"), ""
+        attrs: dict[str, Any] = {"error": f"{type(error).__name__}: {error}", "traceback": tb}
+        if stopped:
+            attrs.update({CANCELLED_ATTR: True, REASON_ATTR: "cancelled"})
+        for key, value in attrs.items():
+            _set_attr_quietly(storage, trial_id, key, value)
+        with suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study.tell(trial, state=TrialState.FAIL)
+        state = storage.get_trial(trial_id).state
+    return {
+        "token": token,
+        "trial_number": trial.number,
+        "state": state.name,
+        "node_id": node_id,
+        "trial_s": trial_s,
+        "task_s": time.perf_counter() - task_start,
+        "db_retries": storage.policy.retries,
+        "stop_reason": heartbeat.stop_reason,
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+    }
+
+
+def _connect_ray(ray_address: str | None) -> bool:
+    """Initialise Ray unless the caller already did; return whether we started (and must stop) it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    try:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+    except Exception as error:
+        text = str(error)
+        hint = ""
+        if "auth" in text.lower() or "token" in text.lower():
+            hint = (
+                " The cluster and this process must agree on Ray's token authentication: either "
+                "both run with RAY_AUTH_MODE=token and the same token (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), or both with RAY_AUTH_MODE=disabled. "
+                "See docs/workers.md."
+            )
+        raise RuntimeError(f"could not connect to Ray at {address!r}: {text}{hint}") from error
+    return True
+
+
+@dataclass
+class _Run:
+    """The coordinator's bookkeeping for one run_search call."""
+
+    study: optuna.Study
+    storage: RetryingStorage
+    cfg: SearchConfig
+    options: RunnerOptions
+    run_id: str
+    in_flight: dict[Any, str] = field(default_factory=dict)  # ObjectRef -> task token
+    claimed: dict[int, str] = field(default_factory=dict)  # trial number -> token (duplicates)
+    duplicates: int = 0
+    worker_lost: int = 0
+    retries_enqueued: int = 0
+    crashed: int = 0
+    crash_streak: int = 0
+    last_error: str | None = None
+    trial_s: float = 0.0
+    task_s: float = 0.0
+    worker_db_retries: int = 0
+    dispatched: int = 0
+    tokens: set[str] = field(default_factory=set)  # every task token of this run
+
+    def trials(self, *states: TrialState) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states or None)
+
+    def fail_lost(self, trial: FrozenTrial, why: str) -> None:
+        """Fail a trial whose worker vanished and re-enqueue its parameters (bounded)."""
+        trial_id = trial._trial_id
+        if not _set_attr_quietly(self.storage, trial_id, WORKER_LOST_ATTR, True):
+            return
+        _set_attr_quietly(self.storage, trial_id, REASON_ATTR, f"worker lost: {why}")
+        _set_attr_quietly(self.storage, trial_id, "error", f"worker lost: {why}")
+        try:
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # it finished after all
+        self.worker_lost += 1
+        logger.warning("trial %d: %s; marked FAIL", trial.number, why)
+        self.enqueue_retry(self.storage.get_trial(trial_id))
+
+    def fail_cancelled(self, trial: FrozenTrial) -> None:
+        trial_id = trial._trial_id
+        _set_attr_quietly(self.storage, trial_id, CANCELLED_ATTR, True)
+        _set_attr_quietly(self.storage, trial_id, REASON_ATTR, "cancelled")
+        _set_attr_quietly(self.storage, trial_id, "error", "cancelled")
+        with suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+    def enqueue_retry(self, trial: FrozenTrial) -> None:
+        attempt = int(trial.user_attrs.get(ATTEMPT_ATTR, 0)) + 1
+        if attempt > self.cfg.max_retries:
+            logger.warning("trial %d lost its worker %d times; not retried (max_retries=%d)",
+                           trial.number, attempt, self.cfg.max_retries)
+            return
+        attrs = {RETRY_OF_ATTR: trial.number, ATTEMPT_ATTR: attempt}
+        self.study.enqueue_trial(trial.params, user_attrs=attrs)
+        self.retries_enqueued += 1
+
+    def reconcile_retries(self) -> None:
+        """Re-enqueue lost trials whose retry is missing (a coordinator died in between)."""
+        trials = self.trials()
+        retried = {t.user_attrs.get(RETRY_OF_ATTR) for t in trials}
+        for trial in trials:
+            if (trial.state == TrialState.FAIL and trial.user_attrs.get(WORKER_LOST_ATTR)
+                    and trial.number not in retried):
+                self.enqueue_retry(trial)
+
+    def owned_by(self, token: str) -> list[FrozenTrial]:
+        return [t for t in self.trials(TrialState.RUNNING) if t.user_attrs.get(TASK_ATTR) == token]
+
+    def cancel_requested(self, should_cancel: Callable[[], bool] | None) -> bool:
+        if should_cancel is not None and should_cancel():
+            return True
+        return self.storage.get_study_user_attrs(self.study._study_id).get(CANCEL_STUDY_ATTR) is True
+
+
+def run_search(
+    cfg: SearchConfig,
+    storage_url: str,
+    *,
+    artifact_dir: str | Path,
+    ray_address: str | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    trial_fn: TrialFn | None = None,
+    options: RunnerOptions | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a search on Ray until `cfg.trials` trials finished (COMPLETE or PRUNED), the
+    time budget `cfg.timeout_s` ran out, it was cancelled, or trials kept crashing.
+
+    ray_address: an existing cluster ("host:port"); None: RAY_ADDRESS, else a local Ray started in
+    this process (and shut down at the end). A Ray already initialised by the caller is used as is.
+    trial_fn(study, trial, ctx): runs one ask'd trial and tells it; default: workers.trial.run_trial.
+    Returns a summary: status ("completed", "timeout", "cancelled", "failed"), trial counts, timings.
+    """
+    import ray
+
+    from search_spaces.study import create_study
+
+    options = options or RunnerOptions()
+    artifact_dir = str(Path(artifact_dir).resolve())
+    start = time.monotonic()
+    storage = _open_storage(storage_url)
+    study = create_study(cfg, storage)  # once, before any worker starts
+    run = _Run(study=study, storage=storage, cfg=cfg, options=options, run_id=uuid.uuid4().hex[:12])
+    started_ray = _connect_ray(ray_address)
+    cfg_json = cfg.model_dump_json()
+    resources = cfg.resources
+    task = ray.remote(_trial_task).options(
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        resources=dict(options.resources) or None,
+        max_retries=0,  # a re-run would ask a new trial; lost trials are retried by the lease instead
+        retry_exceptions=False,
+        name=f"spsa-nas-trial:{cfg.study_name}",
+    )
+    max_streak = options.max_consecutive_failures or max(10, 2 * cfg.parallelism)
+    tracker = LeaseTracker(options.lease_s)
+    cancel_since: float | None = None
+    forced = False
+    status = "completed"
+    try:
+        run.reconcile_retries()
+        while True:
+            now = time.monotonic()
+            if cancel_since is None and run.cancel_requested(should_cancel):
+                cancel_since = now
+                storage.set_study_user_attr(study._study_id, RUN_CANCEL_PREFIX + run.run_id, True)
+                logger.warning("search %s: cancelling %d running trials", cfg.study_name, len(run.in_flight))
+            if cancel_since is not None and not forced and now - cancel_since >= options.cancel_grace_s:
+                forced = True
+                for ref in run.in_flight:
+                    ray.cancel(ref, force=True)
+            running = run.trials(TrialState.RUNNING)
+            ours = set(run.in_flight.values())
+            for trial in tracker.stale(running, now):
+                tracker.forget(trial._trial_id)
+                token = trial.user_attrs.get(TASK_ATTR)
+                if cancel_since is not None:
+                    run.fail_cancelled(trial)
+                else:
+                    run.fail_lost(trial, f"no heartbeat for {options.lease_s:g} s")
+                for ref, ref_token in run.in_flight.items():
+                    if ref_token == token:
+                        ray.cancel(ref, force=True)
+            running = run.trials(TrialState.RUNNING)
+            foreign = [t for t in running if t.user_attrs.get(TASK_ATTR) not in ours]
+            finished = len(run.trials(*FINISHED))
+            timed_out = cfg.timeout_s is not None and now - start >= cfg.timeout_s
+            failing = run.crash_streak >= max_streak
+            if cancel_since is None and not timed_out and not failing:
+                need = cfg.trials - finished - len(run.in_flight) - len(foreign)
+                for _ in range(max(0, min(need, cfg.parallelism - len(run.in_flight)))):
+                    token = uuid.uuid4().hex
+                    ref = task.remote(storage_url, cfg.study_name, cfg_json, artifact_dir, token, run.run_id,
+                                      trial_fn, options)
+                    run.in_flight[ref] = token
+                    run.tokens.add(token)
+                    run.dispatched += 1
+            stopping = cancel_since is not None or timed_out or failing or finished >= cfg.trials
+            if not run.in_flight:
+                if stopping and (cancel_since is not None or not foreign):
+                    status = ("cancelled" if cancel_since is not None else "failed" if failing
+                              else "completed" if finished >= cfg.trials else "timeout")
+                    break
+                time.sleep(options.poll_s)  # foreign trials (an earlier coordinator's) still running
+                continue
+            done, _ = ray.wait(list(run.in_flight), num_returns=len(run.in_flight), timeout=options.poll_s)
+            for ref in done:
+                _collect(run, ref, ray, cancelled=cancel_since is not None)
+        if cancel_since is not None:
+            for trial in run.trials(TrialState.RUNNING):
+                if trial.user_attrs.get(TASK_ATTR) in run.tokens:
+                    run.fail_cancelled(trial)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    return _summary(run, status, time.monotonic() - start, started_ray)
+
+
+def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
+    """Take one finished task's outcome; a task that died leaves its trial to be failed here."""
+    token = run.in_flight.pop(ref)
+    try:
+        result = ray.get(ref)
+    except Exception as error:  # the worker died, or the task was cancelled by force
+        why = f"{type(error).__name__}"
+        for trial in run.owned_by(token):
+            if cancelled:
+                run.fail_cancelled(trial)
+            else:
+                run.fail_lost(trial, f"Ray task ended with {why}")
+        if not cancelled:
+            logger.warning("trial task %s ended with %s", token[:8], why)
+        return
+    number = result["trial_number"]
+    if number in run.claimed:
+        run.duplicates += 1
+        logger.error("trial %d was run by two tasks", number)
+    run.claimed[number] = token
+    run.trial_s += result["trial_s"]
+    run.task_s += result["task_s"]
+    run.worker_db_retries += result["db_retries"]
+    if result["state"] == "FAIL" and result["stop_reason"] is None:
+        run.crashed += 1
+        run.crash_streak += 1
+        run.last_error = result["error"]
+    elif result["state"] in ("COMPLETE", "PRUNED"):
+        run.crash_streak = 0
+
+
+def _summary(run: _Run, status: str, wall_s: float, started_ray: bool) -> dict[str, Any]:
+    trials = run.trials()
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    return {
+        "study_name": run.cfg.study_name,
+        "status": status,
+        "finished": counts["complete"] + counts["pruned"],
+        "trials_asked": run.cfg.trials,
+        "counts": counts,
+        "cancelled_trials": sum(bool(t.user_attrs.get(CANCELLED_ATTR)) for t in trials),
+        "worker_lost": run.worker_lost,
+        "retries_enqueued": run.retries_enqueued,
+        "crashed": run.crashed,
+        "last_error": run.last_error,
+        "duplicate_claims": run.duplicates,
+        "dispatched": run.dispatched,
+        "wall_s": wall_s,
+        "trial_s": run.trial_s,
+        "task_s": run.task_s,
+        "db_retries": run.storage.policy.retries + run.worker_db_retries,
+        "local_ray": started_ray,
+    }

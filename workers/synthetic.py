@@ -1,0 +1,54 @@
+"""Synthetic trials (no model): for measuring the Ray runner's overhead and for testing its failure paths."""
+
+from __future__ import annotations
+
+import time
+
+import optuna
+
+from workers.ray_runner import TrialContext, TrialStoppedError
+
+
+def synthetic_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    ctx: TrialContext,
+    *,
+    train_s: float = 0.0,
+    steps: int = 1,
+    measure_s: float = 0.0,
+    fail_numbers: tuple[int, ...] = (),
+    ignore_stop: bool = False,
+    record_windows: bool = False,
+) -> None:
+    """Suggest x in [-1, 1], 'measure' for `measure_s` under the latency lock, 'train' for `train_s`
+    in `steps` steps (polling `ctx.should_stop` before each), then tell.
+
+    fail_numbers: trial numbers that raise RuntimeError (a trial that crashes).
+    ignore_stop: never poll should_stop (a trial that must be stopped by force).
+    record_windows: store the measurement window and the training-step windows (unix seconds) as
+    user attrs `measure_window` and `step_windows`, to check the latency protocol.
+    """
+    x = trial.suggest_float("x", -1.0, 1.0)
+    if measure_s > 0:
+        with ctx.latency_lock():
+            start = time.time()
+            time.sleep(measure_s)
+            end = time.time()
+        if record_windows:
+            trial.set_user_attr("measure_window", [start, end])
+    windows: list[list[float]] = []
+    for _ in range(max(1, steps)):
+        if not ignore_stop and ctx.should_stop():
+            raise TrialStoppedError(f"trial {trial.number} stopped")
+        start = time.time()
+        time.sleep(train_s / max(1, steps))
+        windows.append([start, time.time()])
+    if not ignore_stop:
+        ctx.should_stop()  # the last step ends at a checkpoint too
+    if record_windows:
+        trial.set_user_attr("step_windows", windows)
+    if trial.number in fail_numbers:
+        raise RuntimeError(f"synthetic failure of trial {trial.number}")
+    values = [1.0 - x * x, x * x][: len(study.directions)]
+    study.tell(trial, values)
