@@ -65,6 +65,13 @@ class SearchConfig(_Config):
     resources: Resources = Resources()
     max_retries: int = Field(2, ge=0, le=100)  # re-runs of a trial whose worker died
 
+    @model_validator(mode="after")
+    def _pruner_needs_score(self) -> SearchConfig:
+        if self.pruner != "none" and self.objective.kind != "score":
+            raise ValueError(f"pruner: {self.pruner!r} needs objective.kind 'score' (Optuna's pruners "
+                             "compare one value; the pareto objective has two); use pruner 'none'")
+        return self
+
     @field_validator("study_name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
