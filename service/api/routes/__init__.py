@@ -1,0 +1,1 @@
+"""One router per resource: searches, spaces, health, login (the dashboard's cookie)."""

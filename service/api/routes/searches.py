@@ -1,0 +1,347 @@
+"""/api/v1/searches: submit, list, watch, cancel a search; its trials, Pareto front and best model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import optuna
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.config import SearchConfig
+from search_spaces.study import create_study, pareto_front
+from service import crud, results
+from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
+from service.api.errors import NOT_FOUND, FieldError, QuotaError
+from service.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search
+from service.runtime import Runtime
+from service.schemas import (
+    BestPublic,
+    Links,
+    Message,
+    SearchCreate,
+    SearchesPublic,
+    SearchPublic,
+    SearchStatus,
+    SearchSummary,
+    TrialsPublic,
+    TrialStateName,
+)
+from service.submit import build_config
+
+log = logging.getLogger("spsa_nas.service")
+router = APIRouter(prefix="/searches", tags=["searches"])
+CANCEL_ATTR = "spsa_nas:cancel"  # the study user attr the runners poll
+NOT_FOUND_RESPONSE = {404: {"model": Message, "description": "no such search, or not yours"}}
+SearchId = Annotated[str, "a search id"]
+
+
+def _links(request: Request, search: Search, runtime: Runtime) -> Links:
+    base = str(request.url_for("read_search", search_id=search.id).path)
+    study_id = results.study_id(runtime.storage, search.study_name) if runtime.settings.dashboard else None
+    return Links(
+        self=base,
+        trials=f"{base}/trials",
+        dashboard=f"/dashboard/studies/{study_id}" if study_id is not None else None,
+    )
+
+
+def _found(session: SessionDep, search_id: str, user: CurrentUser) -> Search:
+    search = crud.get_search(session, search_id=search_id, user=user)
+    if search is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=NOT_FOUND)
+    return search
+
+
+def _public(request: Request, search: Search, runtime: Runtime, *, with_progress: bool) -> SearchPublic:
+    config = json.loads(search.config)
+    progress = None
+    if with_progress:
+        study = results.load_study(runtime.storage, search.study_name)
+        progress = results.progress(search, study, int(config.get("trials", 0)))
+    return SearchPublic(
+        id=search.id,
+        name=search.name,
+        owner=search.owner.name,
+        status=search.status,  # type: ignore[arg-type]
+        study_name=search.study_name,
+        created_at=search.created_at,
+        started_at=search.started_at,
+        finished_at=search.finished_at,
+        error=search.error,
+        config=config,
+        progress=progress,
+        links=_links(request, search, runtime),
+    )
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=SearchPublic,
+    responses={
+        422: {"description": "a field is wrong or over a quota"},
+        429: {"model": Message, "description": "too many active searches"},
+    },
+)
+def create_search(
+    request: Request,
+    body: SearchCreate,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+) -> SearchPublic:
+    """Queue a search; the dispatcher starts it. Answers with its id, status and links."""
+    search_id = str(uuid.uuid4())
+    config = build_config(body, settings=settings, study_name=f"spsa-nas-{search_id}")
+    active = crud.count_active_searches(session, owner_id=user.id)
+    if active >= settings.max_active_searches_per_user:
+        raise QuotaError(
+            f"you have {active} searches queued or running; this server allows "
+            f"{settings.max_active_searches_per_user} per user: wait or cancel one"
+        )
+    try:
+        create_study(config, runtime.storage)
+    except ValueError as exc:  # e.g. a space/dataset combination the search engine refuses
+        raise FieldError([(("body",), str(exc))]) from None
+    search = crud.create_search(
+        session,
+        search_id=search_id,
+        owner=user,
+        name=body.name,
+        study_name=config.study_name,
+        config_json=config.model_dump_json(),
+    )
+    session.commit()
+    log.info("search %s queued by %s", search.id, user.name)
+    return _public(request, search, runtime, with_progress=False)
+
+
+@router.get("", response_model=SearchesPublic)
+def list_searches(
+    request: Request,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+    skip: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    status_: Annotated[SearchStatus | None, Query(alias="status")] = None,
+) -> SearchesPublic:
+    """Your searches (all searches for an admin), newest first."""
+    rows, count = crud.list_searches(session, user=user, skip=skip, limit=limit, status=status_)
+    data = [
+        SearchSummary(
+            id=s.id,
+            name=s.name,
+            owner=s.owner.name,
+            status=s.status,  # type: ignore[arg-type]
+            created_at=s.created_at,
+            finished_at=s.finished_at,
+            links=_links(request, s, runtime),
+        )
+        for s in rows
+    ]
+    return SearchesPublic(data=data, count=count)
+
+
+@router.get("/{search_id}", response_model=SearchPublic, responses=NOT_FOUND_RESPONSE)
+def read_search(
+    request: Request, search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
+) -> SearchPublic:
+    """Status and progress: trial counts, best so far, timings."""
+    return _public(request, _found(session, search_id, user), runtime, with_progress=True)
+
+
+def _study(runtime: Runtime, search: Search) -> optuna.Study:
+    study = results.load_study(runtime.storage, search.study_name)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="the search's study is gone from the storage")
+    return study
+
+
+@router.get("/{search_id}/trials", response_model=TrialsPublic, responses=NOT_FOUND_RESPONSE)
+def read_trials(
+    search_id: SearchId,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+    skip: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    state: Annotated[list[TrialStateName] | None, Query(description="filter by trial state")] = None,
+) -> TrialsPublic:
+    """The search's trials in order of their number."""
+    study = _study(runtime, _found(session, search_id, user))
+    trials = study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in state) if state else None)
+    return TrialsPublic(
+        data=[results.trial_public(t) for t in trials[skip : skip + limit]], count=len(trials)
+    )
+
+
+@router.get("/{search_id}/pareto", response_model=TrialsPublic, responses=NOT_FOUND_RESPONSE)
+def read_pareto(
+    search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
+) -> TrialsPublic:
+    """The non-dominated trials (accuracy vs latency; the best trial for a score search)."""
+    study = _study(runtime, _found(session, search_id, user))
+    front = pareto_front(study)
+    return TrialsPublic(data=[results.trial_public(t) for t in front], count=len(front))
+
+
+@router.post(
+    "/{search_id}/cancel",
+    response_model=SearchPublic,
+    responses={**NOT_FOUND_RESPONSE, 409: {"model": Message, "description": "already finished"}},
+)
+def cancel_search(
+    request: Request, search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
+) -> SearchPublic:
+    """Stop a search: a queued one at once, a running one after its trials in flight stop."""
+    search = _found(session, search_id, user)
+    if search.status in FINAL_STATES:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {search.status}")
+    if search.status in (QUEUED, RUNNING, CANCELLING):
+        study_id = results.study_id(runtime.storage, search.study_name)
+        if study_id is not None:
+            runtime.storage.set_study_user_attr(study_id, CANCEL_ATTR, True)
+        crud.request_cancel(session, search=search)
+        session.commit()
+    return _public(request, search, runtime, with_progress=False)
+
+
+def _best(
+    runtime: Runtime, search: Search, latency_budget_ms: float | None, trial: int | None
+) -> FrozenTrial:
+    study = _study(runtime, search)
+    if trial is not None and not any(t.number == trial for t in study.get_trials(deepcopy=False)):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"the search has no trial {trial}")
+    chosen = results.best_so_far(study, latency_budget_ms=latency_budget_ms, trial_number=trial)
+    if chosen is None:
+        what = (
+            f"trial {trial} is not a complete trial with a spec"
+            if trial is not None
+            else (
+                f"no complete trial within {latency_budget_ms} ms"
+                if latency_budget_ms
+                else "no complete trial yet"
+            )
+        )
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=what)
+    if not isinstance(chosen.user_attrs.get("spec"), dict):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"trial {chosen.number} has no spec")
+    return chosen
+
+
+BudgetQuery = Annotated[
+    float | None, Query(gt=0, le=1e7, description="pick the best trial under this latency")
+]
+TrialQuery = Annotated[int | None, Query(ge=0, le=10_000_000, description="pick this trial number")]
+
+
+@router.get("/{search_id}/best", response_model=BestPublic, responses=NOT_FOUND_RESPONSE)
+def read_best(
+    search_id: SearchId,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+    latency_budget_ms: BudgetQuery = None,
+    trial: TrialQuery = None,
+) -> BestPublic:
+    """The chosen architecture: its ArchSpec JSON, metrics, and where to download it."""
+    search = _found(session, search_id, user)
+    chosen = _best(runtime, search, latency_budget_ms, trial)
+    base = f"/api/v1/searches/{search.id}/best"
+    query = f"?trial={chosen.number}"
+    return BestPublic(
+        trial=chosen.number,
+        spec=chosen.user_attrs["spec"],
+        metrics=results.trial_metrics(chosen),
+        values=results._finite(chosen.values),
+        links={"weights": f"{base}/weights{query}", "onnx": f"{base}/onnx{query}"},
+    )
+
+
+def _weights_path(runtime: Runtime, trial: FrozenTrial) -> Path:
+    artifact_id = trial.user_attrs.get("weights_artifact")
+    path = runtime.settings.artifact_path / str(artifact_id)
+    if not artifact_id or not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"trial {trial.number} has no stored weights")
+    return path
+
+
+@router.get(
+    "/{search_id}/best/weights",
+    responses={
+        **NOT_FOUND_RESPONSE,
+        200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"},
+    },
+    response_class=FileResponse,
+)
+def download_weights(
+    search_id: SearchId,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+    latency_budget_ms: BudgetQuery = None,
+    trial: TrialQuery = None,
+) -> FileResponse:
+    """The best trial's trained weights (safetensors); load them with spsa_nas.build_model(spec, weights)."""
+    search = _found(session, search_id, user)
+    chosen = _best(runtime, search, latency_budget_ms, trial)
+    return FileResponse(
+        _weights_path(runtime, chosen),
+        media_type="application/octet-stream",
+        filename=f"{search.id}-trial{chosen.number}.safetensors",
+    )
+
+
+@router.get(
+    "/{search_id}/best/onnx",
+    responses={
+        **NOT_FOUND_RESPONSE,
+        200: {"content": {"application/octet-stream": {}}, "description": "ONNX file"},
+    },
+    response_class=FileResponse,
+)
+def download_onnx(
+    search_id: SearchId,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+    latency_budget_ms: BudgetQuery = None,
+    trial: TrialQuery = None,
+) -> FileResponse:
+    """The best trial's model exported to ONNX (built on first request, then cached)."""
+    search = _found(session, search_id, user)
+    chosen = _best(runtime, search, latency_budget_ms, trial)
+    weights = _weights_path(runtime, chosen)
+    target = runtime.settings.artifact_path / "onnx" / f"{search.study_name}-trial{chosen.number}.onnx"
+    with runtime.export_lock:
+        if not target.is_file():
+            _export_onnx(chosen.user_attrs["spec"], weights, target)
+    return FileResponse(
+        target, media_type="application/octet-stream", filename=f"{search.id}-trial{chosen.number}.onnx"
+    )
+
+
+def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:
+    from safetensors.torch import load_file
+    from spsa_nas.export import export_onnx
+
+    from spsa_nas import ArchSpec, build_model
+
+    spec = ArchSpec.model_validate(spec_json)
+    model = build_model(spec, weights=load_file(str(weights))).eval()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial.onnx")
+    export_onnx(model, partial, (1, spec.in_channels, spec.input_size, spec.input_size))
+    partial.replace(target)
+
+
+def config_of(search: Search) -> SearchConfig:
+    return SearchConfig.model_validate_json(search.config)

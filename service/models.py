@@ -1,0 +1,71 @@
+"""The service's tables (users, tokens, searches) as SQLAlchemy models; Optuna's live beside them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Search states. queued -> running -> completed | failed; cancel: queued -> cancelled,
+# running -> cancelling -> cancelled.
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
+ACTIVE_STATES = (QUEUED, RUNNING, CANCELLING)
+FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
+
+
+def utcnow() -> datetime:
+    """Naive UTC now: what every timestamp column holds (SQLite keeps no time zone)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    tokens: Mapped[list[Token]] = relationship(back_populates="user")
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the token
+    prefix: Mapped[str] = mapped_column(String(12))  # first characters, to tell tokens apart
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class Search(Base):
+    __tablename__ = "searches"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # uuid4
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the client's label
+    study_name: Mapped[str] = mapped_column(String(128), unique=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default=QUEUED)
+    config: Mapped[str] = mapped_column(Text)  # SearchConfig JSON, as the runner gets it
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)  # the runner's summary (JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # Dispatcher claim: which server process runs it, until when (renewed while it runs).
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a dispatcher started it
+
+    owner: Mapped[User] = relationship()

@@ -1,0 +1,135 @@
+"""Read-only views of a search's Optuna study for the API: progress, trials, Pareto front, best."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.study import select_best
+from service.models import Search, utcnow
+from service.schemas import BestSoFar, Progress, TrialPublic
+
+# Trial user attrs that are metrics (docs/CONTRACTS.md); the spec and weights are served apart.
+METRIC_KEYS = (
+    "val_acc",
+    "top1",
+    "top5",
+    "latency_ms",
+    "params",
+    "flops",
+    "feasible",
+    "epochs",
+    "train_seconds",
+    "device",
+    "val_curve",
+    "latency",
+    "reason",
+    "error",
+)
+
+
+def load_study(storage: BaseStorage, study_name: str) -> optuna.Study | None:
+    """The study of a search, or None when it does not exist (yet, or any more)."""
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None
+
+
+def study_id(storage: BaseStorage, study_name: str) -> int | None:
+    try:
+        return storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+
+
+def _finite(values: list[float] | None) -> list[float] | None:
+    if values is None:
+        return None
+    return [v if math.isfinite(v) else None for v in values]  # type: ignore[misc]
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def trial_metrics(trial: FrozenTrial) -> dict[str, Any]:
+    return {key: _json_safe(trial.user_attrs[key]) for key in METRIC_KEYS if key in trial.user_attrs}
+
+
+def trial_public(trial: FrozenTrial) -> TrialPublic:
+    duration = None
+    if trial.datetime_start and trial.datetime_complete:
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    spec = trial.user_attrs.get("spec")
+    return TrialPublic(
+        number=trial.number,
+        state=trial.state.name,  # type: ignore[arg-type]
+        values=_finite(trial.values),
+        params=_json_safe(dict(trial.params)),
+        metrics=trial_metrics(trial),
+        spec=spec if isinstance(spec, dict) else None,
+        has_weights=bool(trial.user_attrs.get("weights_artifact")),
+        datetime_start=trial.datetime_start,
+        datetime_complete=trial.datetime_complete,
+        duration_s=duration,
+    )
+
+
+def best_so_far(
+    study: optuna.Study, *, latency_budget_ms: float | None = None, trial_number: int | None = None
+) -> FrozenTrial | None:
+    """search_spaces.select_best, or None when no trial qualifies."""
+    try:
+        return select_best(study, latency_budget_ms=latency_budget_ms, trial_number=trial_number)
+    except LookupError:
+        return None
+
+
+def progress(search: Search, study: optuna.Study | None, trials_requested: int) -> Progress:
+    trials = study.get_trials(deepcopy=False) if study is not None else []
+    counts = {state: 0 for state in TrialState}
+    durations = []
+    for trial in trials:
+        counts[trial.state] += 1
+        if (
+            trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and trial.datetime_start
+            and trial.datetime_complete
+        ):
+            durations.append((trial.datetime_complete - trial.datetime_start).total_seconds())
+    best = None
+    if study is not None and counts[TrialState.COMPLETE]:
+        chosen = best_so_far(study)
+        if chosen is not None:
+            best = BestSoFar(
+                trial=chosen.number,
+                values=_finite(chosen.values),
+                val_acc=chosen.user_attrs.get("val_acc"),
+                latency_ms=chosen.user_attrs.get("latency_ms"),
+            )
+    end: datetime = search.finished_at or utcnow()
+    elapsed = (end - search.started_at).total_seconds() if search.started_at else None
+    return Progress(
+        trials_requested=trials_requested,
+        finished=counts[TrialState.COMPLETE] + counts[TrialState.PRUNED],
+        complete=counts[TrialState.COMPLETE],
+        pruned=counts[TrialState.PRUNED],
+        failed=counts[TrialState.FAIL],
+        running=counts[TrialState.RUNNING],
+        waiting=counts[TrialState.WAITING],
+        best=best,
+        elapsed_s=elapsed,
+        mean_trial_s=sum(durations) / len(durations) if durations else None,
+    )

@@ -1,0 +1,47 @@
+"""What one service process holds: settings, database engine, Optuna storage, artifact store."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from optuna.artifacts import FileSystemArtifactStore
+from optuna.storages import RDBStorage
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from search_spaces.study import storage_for
+from service.db import make_engine, make_session_factory, migrate
+from service.settings import Settings
+
+
+@dataclass
+class Runtime:
+    """Created by `build_runtime` at start (never at import); shared by routes and the dispatcher."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    storage: RDBStorage
+    artifact_store: FileSystemArtifactStore
+    export_lock: threading.Lock = field(default_factory=threading.Lock)  # one ONNX export at a time
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.storage.engine.dispose()
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """Create directories, migrate the service's tables, open the Optuna storage (creating its tables)."""
+    settings.artifact_path.mkdir(parents=True, exist_ok=True)
+    settings.data_root_path.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.db_url)
+    migrate(engine)
+    storage = storage_for(settings.db_url)
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=make_session_factory(engine),
+        storage=storage,
+        artifact_store=FileSystemArtifactStore(str(settings.artifact_path)),
+    )

@@ -1,0 +1,152 @@
+"""Fixtures of the service tests: the app over SQLite and over PostgreSQL, users, filled studies."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from service import crud
+from service.app import create_app
+from service.runtime import Runtime, build_runtime
+from service.settings import Settings
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def tiny_spec(**stage: Any) -> dict[str, Any]:
+    """A valid ArchSpec of the `quick` space (ResNet-18, CIFAR stem, width 0.25, 16x16, 1 channel)."""
+    stages = [{"spsa": True, "spsa_heads": 2, "spsa_alpha": 1.0, "channel_attn": "se", **stage}] + [{}] * 3
+    return {
+        "backbone": "resnet18",
+        "num_classes": 10,
+        "in_channels": 1,
+        "stem": "cifar",
+        "input_size": 16,
+        "width": 0.25,
+        "stages": stages,
+    }
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    name = f"spsa_service_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is required for the service tests: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@dataclass
+class Service:
+    """One app over one database, with helpers to make users and studies."""
+
+    backend: str
+    settings: Settings
+    runtime: Runtime
+    client: TestClient
+
+    def user(self, name: str | None = None, *, admin: bool = False) -> dict[str, str]:
+        """A new user's Authorization header."""
+        with self.runtime.sessions() as session:
+            _, token = crud.create_user(session, name=name or f"u{uuid.uuid4().hex[:8]}", is_admin=admin)
+            session.commit()
+        return {"Authorization": f"Bearer {token}"}
+
+    def submit(self, headers: dict[str, str], **body: Any) -> dict[str, Any]:
+        body = {"space": "quick", "dataset": {"name": "digits"}, "trials": 3, **body}
+        response = self.client.post("/api/v1/searches", json=body, headers=headers)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def study(self, search: dict[str, Any]) -> optuna.Study:
+        return optuna.load_study(study_name=search["study_name"], storage=self.runtime.storage)
+
+    def fill(self, search: dict[str, Any], results: list[tuple[float, float] | str]) -> optuna.Study:
+        """Ask/tell trials with plain Optuna: (val_acc, latency_ms) -> COMPLETE with a spec and
+        real safetensors weights; "pruned"/"fail"/"running" -> that state."""
+        from safetensors.torch import save
+
+        from spsa_nas import ArchSpec, build_model
+
+        study = self.study(search)
+        spec = tiny_spec()
+        weights = save(build_model(ArchSpec.model_validate(spec)).state_dict())
+        for result in results:
+            trial = study.ask()
+            trial.suggest_categorical("width", [0.25, 0.5])
+            if result == "running":
+                continue
+            if result == "pruned":
+                trial.set_user_attr("feasible", False)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                continue
+            if result == "fail":
+                trial.set_user_attr("error", "boom")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            acc, latency = result
+            artifact = optuna.artifacts.upload_artifact(
+                artifact_store=self.runtime.artifact_store, file_path=_tmp_file(weights), study_or_trial=trial
+            )
+            for key, value in {
+                "spec": spec,
+                "val_acc": acc,
+                "latency_ms": latency,
+                "top1": acc,
+                "params": 1234,
+                "feasible": True,
+                "weights_artifact": artifact,
+            }.items():
+                trial.set_user_attr(key, value)
+            study.tell(trial, [acc, latency])
+        return study
+
+
+def _tmp_file(data: bytes) -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as f:
+        f.write(data)
+    return f.name
+
+
+def make_settings(backend: str, tmp: Path, postgres_url: Callable[[], str], **overrides: Any) -> Settings:
+    url = postgres_url() if backend == "postgres" else None
+    return Settings(data_dir=tmp, database_url=url, concurrent_searches=0, **overrides)
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres"])
+def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The app (dispatcher off) over a fresh SQLite file or a fresh PostgreSQL database."""
+    backend = request.param
+    tmp = tmp_path_factory.mktemp(f"service-{backend}")
+    settings = make_settings(
+        backend,
+        tmp,
+        lambda: request.getfixturevalue("postgres_url"),
+        max_trials=50,
+        max_epochs=5,
+        max_parallelism=4,
+        max_active_searches_per_user=6,
+        max_body_bytes=64_000,
+    )
+    runtime = build_runtime(settings)
+    (settings.data_root_path / "images" / "train").mkdir(parents=True)
+    with TestClient(create_app(settings, runtime=runtime), raise_server_exceptions=False) as client:
+        yield Service(backend, settings, runtime, client)
+    runtime.close()
