@@ -115,7 +115,7 @@ def spsa_reference(
     d = a * b
     r = _safe_ratio(s_xk, d, _denominator_ok(d))
     gate = torch.sigmoid(-r).pow(alpha)  # 1 - sigmoid(r) == sigmoid(-r)
-    return (x.view(n, heads, c // heads, h, w) * gate[:, :, None].to(x.dtype)).view(n, c, h, w)
+    return (x5 * gate[:, :, None]).to(x.dtype).view(n, c, h, w)
 
 
 def _key_stats(x: torch.Tensor, heads: int, eps: float) -> dict[str, torch.Tensor]:

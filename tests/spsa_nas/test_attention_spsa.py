@@ -1,0 +1,265 @@
+"""Tests of SPSA: fast == reference, gradients, NaN-free extremes, offset accuracy, compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spsa_nas.attention import SPSA, spsa_fast, spsa_reference
+
+
+def _rand(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    # a per-channel offset so the key is not ~0, and a per-pixel one so pixels differ in level
+    x = x + torch.randn(1, shape[1], 1, 1, generator=gen, dtype=torch.float64).to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+def _corr_gate(x: torch.Tensor, alpha: float, heads: int) -> torch.Tensor:
+    """The gate from torch.corrcoef, pixel by pixel (tiny inputs only)."""
+    n, c, h, w = x.shape
+    cg = c // heads
+    gate = torch.empty(n, heads, h, w, dtype=x.dtype)
+    for i in range(n):
+        for g in range(heads):
+            block = x[i, g * cg:(g + 1) * cg]
+            key = block.mean((1, 2))
+            for yy in range(h):
+                for xx in range(w):
+                    r = torch.corrcoef(torch.stack([block[:, yy, xx], key]))[0, 1]
+                    gate[i, g, yy, xx] = (1 - torch.sigmoid(r)) ** alpha
+    return gate
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_reference_equals_corrcoef(heads: int, alpha: float) -> None:
+    x = _rand((2, 8, 3, 4), torch.float64, False, seed=heads)
+    gate = _corr_gate(x, alpha, heads)
+    expected = (x.view(2, heads, 8 // heads, 3, 4) * gate[:, :, None]).view_as(x)
+    torch.testing.assert_close(spsa_reference(x, alpha, heads), expected)
+    torch.testing.assert_close(spsa_fast(x, alpha, heads), expected)
+
+
+CASES = [
+    # (shape, heads): random small shapes, heads leaving >= 4 channels per group
+    ((2, 16, 5, 7), 1),
+    ((3, 16, 4, 4), 2),
+    ((1, 32, 6, 3), 4),
+    ((2, 24, 1, 9), 2),
+    ((2, 12, 8, 8), 1),
+]
+
+
+@pytest.mark.parametrize(("shape", "heads"), CASES)
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_equals_reference(
+    shape: tuple[int, ...], heads: int, alpha: float, dtype: torch.dtype, channels_last: bool
+) -> None:
+    x = _rand(shape, dtype, channels_last, seed=sum(shape) + heads)
+    fast = spsa_fast(x, alpha, heads)
+    ref = spsa_reference(x, alpha, heads)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(fast, ref, atol=tol, rtol=tol)
+    if channels_last:
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+    # the gate really varies (r is not trivially 0)
+    gate = (fast / x).flatten()
+    assert gate.max() - gate.min() > 0.05
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_backward_equals_reference(channels_last: bool, dtype: torch.dtype) -> None:
+    x = _rand((2, 16, 5, 6), dtype, channels_last, seed=7)
+    grad = _rand((2, 16, 5, 6), dtype, channels_last, seed=8)
+    grads = []
+    for fn in (spsa_fast, spsa_reference):
+        xx = x.clone().requires_grad_(True)
+        fn(xx, 1.5, 2).backward(grad)
+        grads.append(xx.grad)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(grads[0], grads[1], atol=tol, rtol=tol)
+    if channels_last:
+        assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize(("heads", "alpha"), [(1, 1.0), (2, 0.7), (4, 2.5)])
+def test_gradcheck_float64(fn: object, heads: int, alpha: float) -> None:
+    x = _rand((2, 8 * heads // 2 if heads > 1 else 6, 3, 4), torch.float64, False, seed=heads)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: fn(t, alpha, heads), (x,))  # type: ignore[operator]
+
+
+def test_gradcheck_channels_last() -> None:
+    x = _rand((1, 6, 3, 3), torch.float64, True, seed=3).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: spsa_fast(t, 1.0, 2), (x,))
+
+
+def _finite_forward_backward(fn: object, x: torch.Tensor, heads: int = 2) -> torch.Tensor:
+    xx = x.clone().requires_grad_(True)
+    out = fn(xx, 1.0, heads)  # type: ignore[operator]
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert torch.isfinite(out).all(), "forward produced NaN/inf"
+    out.float().sum().backward()
+    assert xx.grad is not None and torch.isfinite(xx.grad).all(), "backward produced NaN/inf"
+    return out
+
+
+def _degenerate_inputs() -> dict[str, torch.Tensor]:
+    x = torch.randn(2, 8, 4, 5)
+    zero_bn = torch.zeros(2, 8, 4, 5) + torch.randn(1, 8, 1, 1)  # zero-init last BN: bias only
+    const_pixels = torch.randn(2, 1, 4, 5).expand(2, 8, 4, 5).contiguous()  # each pixel constant
+    mixed = x.clone()
+    mixed[:, :, 0, 0] = 3.0
+    mixed[:, :, 1, 1] = 0.0
+    return {
+        "zeros": torch.zeros(2, 8, 4, 5),
+        "ones": torch.ones(2, 8, 4, 5),
+        "zero_bn": zero_bn,
+        "const_pixels": const_pixels,
+        "some_constant_pixels": mixed,
+        "huge_1e4": x * 1e4,
+        "huge_1e30": x * 1e30,
+        "huge_const_pixels_1e30": const_pixels * 1e30,
+        "offset_1e30": x + 1e30,
+        "tiny_1e-30": x * 1e-30,
+        "tiny_const_pixels": const_pixels * 1e-30,
+        "one_by_one": torch.randn(2, 8, 1, 1),
+    }
+
+
+@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("case", list(_degenerate_inputs()))
+def test_no_nan_or_inf(fn: object, case: str) -> None:
+    torch.manual_seed(0)
+    _finite_forward_backward(fn, _degenerate_inputs()[case])
+
+
+@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+def test_constant_pixel_vector_gives_r_zero(fn: object) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(1, 8, 4, 4)
+    x[:, :, 2, 3] = 0.7  # constant over channels
+    out = fn(x, 1.0, 1)  # type: ignore[operator]
+    assert out[0, 0, 2, 3] / 0.7 == pytest.approx(0.5, abs=1e-3)
+    zeros = fn(torch.zeros(1, 8, 4, 4), 1.0, 1)  # type: ignore[operator]
+    assert torch.equal(zeros, torch.zeros(1, 8, 4, 4))
+
+
+@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e4, 1e30])
+def test_scale_invariant(fn: object, scale: float) -> None:
+    x = _rand((2, 16, 5, 5), torch.float32, False, seed=11)
+    gate = fn(x, 1.0, 2) / x  # type: ignore[operator]
+    scaled = x * scale
+    gate_scaled = fn(scaled, 1.0, 2) / scaled  # type: ignore[operator]
+    torch.testing.assert_close(gate_scaled, gate, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+def test_half_precision(dtype: torch.dtype, fn: object) -> None:
+    x = _rand((2, 16, 5, 5), torch.float32, False, seed=12)
+    out = _finite_forward_backward(fn, x.to(dtype))
+    expected = spsa_reference(x.double(), 1.0, 2)
+    tol = 1e-2 if dtype == torch.float16 else 5e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    big_input = (x / x.abs().max() * 6e4).to(dtype)  # up to fp16's max: squares need fp32 stats
+    assert torch.isfinite(big_input).all()
+    big = _finite_forward_backward(fn, big_input)
+    assert torch.isfinite(big).all()
+
+
+def _one_pass_shortcut_out(x: torch.Tensor) -> torch.Tensor:
+    """SPSA with the naive one-pass variance Σx² − (Σx)²/C in x's dtype (what we avoid)."""
+    c = x.shape[1]
+    k = x.mean((2, 3), keepdim=True)
+    sx, sxx = x.sum(1, keepdim=True), (x * x).sum(1, keepdim=True)
+    sk, skk = k.sum(1, keepdim=True), (k * k).sum(1, keepdim=True)
+    sxk = (x * k).sum(1, keepdim=True)
+    cov = sxk - sx * sk / c
+    var_x = (sxx - sx * sx / c).clamp_min(0)
+    var_k = (skk - sk * sk / c).clamp_min(0)
+    r = cov / (var_x * var_k).sqrt().clamp_min(1e-30)
+    return x * torch.sigmoid(-r)
+
+
+def test_offset_accuracy() -> None:
+    gen = torch.Generator().manual_seed(5)
+    x64 = 100.0 + torch.randn(4, 64, 8, 8, generator=gen, dtype=torch.float64)
+    x32 = x64.float()
+    truth = spsa_reference(x32.double(), 1.0, 1)
+
+    def err(out: torch.Tensor) -> float:
+        return ((out.double() - truth) / x32.double()).abs().max().item()  # error of the gate
+
+    fast, ref, naive = err(spsa_fast(x32)), err(spsa_reference(x32)), err(_one_pass_shortcut_out(x32))
+    assert fast < 1e-5
+    assert fast <= 4 * ref + 1e-7
+    assert naive > 50 * fast  # the test can tell a one-pass shortcut from the shifted one
+
+
+def test_parameter_free_and_stateless() -> None:
+    module = SPSA(64, alpha=2.0, heads=4)
+    assert list(module.parameters()) == [] and module.state_dict() == {}
+    assert list(module.buffers()) == []
+
+
+def test_small_alpha_is_nearly_identity() -> None:
+    x = _rand((2, 8, 4, 4), torch.float32, False, seed=13)
+    torch.testing.assert_close(SPSA(8, alpha=1e-6)(x), x, atol=1e-5, rtol=1e-5)
+
+
+def test_module_impls_agree() -> None:
+    x = _rand((2, 16, 4, 4), torch.float32, True, seed=14)
+    fast = SPSA(16, alpha=1.5, heads=2)(x)
+    ref = SPSA(16, alpha=1.5, heads=2, impl="reference")(x)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads": 3}, "does not divide"),
+        ({"heads": 16}, "at least 2"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": math.inf}, "alpha"),
+        ({"eps": 0.0}, "eps"),
+        ({"impl": "cuda"}, "impl"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SPSA(16, **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="built for 16 channels"):
+        SPSA(16)(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError, match="4-D"):
+        SPSA(16)(torch.randn(16, 4, 4))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_torch_compile(backend: str) -> None:
+    torch._dynamo.reset()
+    x = _rand((2, 16, 4, 5), torch.float32, False, seed=15)
+    module = SPSA(16, alpha=1.5, heads=2)
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    xx = x.clone().requires_grad_(True)
+    out = compiled(xx)
+    out.square().sum().backward()
+    ref_x = x.clone().requires_grad_(True)
+    ref = spsa_reference(ref_x, 1.5, 2)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(xx.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, atol=2e-5, rtol=2e-5)
