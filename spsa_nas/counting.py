@@ -7,13 +7,19 @@ convention of the SPSA paper's tables (torchvision ResNet-50 at 1x3x224x224: 4.1
   kernel area x output area); linear / matmul: batch x in x out; bias not counted;
 - BatchNorm (counted in eval mode): 2 per element with an affine transform, 1 without;
   GroupNorm / LayerNorm / InstanceNorm: 5 per element with affine, 4 without;
-- adaptive average pooling modules: 1 per input element;
+- adaptive average pooling (`nn.AdaptiveAvgPool*d` or `F.adaptive_avg_pool*d`): 1 per input
+  element;
 - nothing else: no element-wise op (ReLU, addition, sigmoid, scaling), no max-pool, no
-  reduction written as a tensor method (`x.mean(...)`).
+  reduction written as a tensor method (`x.mean(...)`, as SE's and ECA's pooling are), and
+  nothing inside SPSA modules: SPSA's per-pixel sums are reductions, which this convention does
+  not count (the paper lists SPSA at +0 GFLOPs), even where the eager fast path computes them
+  with a batched matmul (the compiled path uses plain reductions; the count must not depend on
+  which).
 
-Convolutions and matrix products are counted at the operator level with
-`torch.utils.flop_counter.FlopCounterMode` (which counts 2 FLOPs per MAC; halved here), so that
-functional calls inside attention modules count too; norms and pools are counted by module hooks.
+Convolutions and matrix products are counted at the aten-operator level with
+`torch.utils.flop_counter.FlopCounterMode` (which counts 2 FLOPs per MAC; halved here); norms
+and pools at the torch-function level with a `TorchFunctionMode`, so that functional calls count
+as module calls do.
 
 SPSA is nearly free under this convention (it has no convolution and no matmul) although it
 makes several passes over its input. `spsa_cost` measures those passes: it runs every SPSA
@@ -23,18 +29,66 @@ writes, and reports them beside the MAC count.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+from spsa_nas.attention import SPSA
+
+
+def _norm_rule(affine_arg: str, eval_batch_norm: bool = False) -> Callable[[inspect.BoundArguments], int]:
+    """fvcore's norm rule: 5 per element with an affine transform, 4 without; BatchNorm in eval
+    mode (running statistics): 2 per element with affine, 1 without."""
+
+    def rule(bound: inspect.BoundArguments) -> int:
+        args = bound.arguments
+        affine = args.get(affine_arg) is not None
+        numel = args["input"].numel()
+        if eval_batch_norm and not args.get("training", False):
+            return numel * (2 if affine else 1)
+        return numel * (5 if affine else 4)
+
+    return rule
+
+
+def _pool_rule(bound: inspect.BoundArguments) -> int:
+    return bound.arguments["input"].numel()
+
+
+#: Functions counted at the torch-function level (by TorchFunctionMode), with their MAC rule.
+_FUNCTION_RULES: dict[Callable[..., Any], Callable[[inspect.BoundArguments], int]] = {
+    F.batch_norm: _norm_rule("weight", eval_batch_norm=True),
+    F.group_norm: _norm_rule("weight"),
+    F.layer_norm: _norm_rule("weight"),
+    F.instance_norm: _norm_rule("weight"),
+    F.adaptive_avg_pool1d: _pool_rule,
+    F.adaptive_avg_pool2d: _pool_rule,
+    F.adaptive_avg_pool3d: _pool_rule,
+}
+
+
+class _NormPoolCounter(TorchFunctionMode):
+    """Counts the MACs of norms and adaptive average pools, called as modules or functionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        rule = _FUNCTION_RULES.get(func)
+        if rule is not None:
+            bound = inspect.signature(func).bind(*args, **kwargs)
+            self.macs += rule(bound)
+        return func(*args, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
@@ -56,43 +110,37 @@ def _example_input(model: nn.Module, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
 
 
-def _norm_and_pool_macs(module: nn.Module, inputs: tuple[Any, ...]) -> int:
-    x = inputs[0]
-    if isinstance(module, _BATCH_NORMS):
-        return x.numel() * (2 if module.affine else 1)
-    if isinstance(module, _OTHER_NORMS):
-        affine = getattr(module, "affine", getattr(module, "elementwise_affine", False))
-        return x.numel() * (5 if affine else 4)
-    if isinstance(module, _ADAPTIVE_AVG_POOLS):
-        return x.numel()
-    return 0
-
-
 def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass in eval mode on an input of `input_shape`.
 
     See the module docstring for what is counted. The model's training flag is restored.
     """
     shape = _check_shape(input_shape)
-    counted = 0
-
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        nonlocal counted
-        del output
-        counted += _norm_and_pool_macs(module, inputs)
-
-    kinds = _BATCH_NORMS + _OTHER_NORMS + _ADAPTIVE_AVG_POOLS
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
     was_training = model.training
     model.eval()
+    norms_and_pools = _NormPoolCounter()
+    counter = FlopCounterMode(display=False)
+    spsa_flops = 0
+    starts: list[int] = []
+
+    def enter_spsa(module: nn.Module, inputs: Any) -> None:
+        starts.append(counter.get_total_flops())
+
+    def leave_spsa(module: nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal spsa_flops
+        spsa_flops += counter.get_total_flops() - starts.pop()
+
+    spsa = [m for m in model.modules() if isinstance(m, SPSA)]
+    handles = [m.register_forward_pre_hook(enter_spsa) for m in spsa]
+    handles += [m.register_forward_hook(leave_spsa) for m in spsa]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), counter, norms_and_pools:
             model(_example_input(model, shape))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return counter.get_total_flops() // 2 + counted
+    return (counter.get_total_flops() - spsa_flops) // 2 + norms_and_pools.macs
 
 
 class _TrafficMode(TorchDispatchMode):
@@ -131,8 +179,6 @@ def spsa_cost(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
     i.e. full-tensor passes per call), `ops` (aten operators per call, averaged) and
     `per_module` (name, input shape, bytes read and written of each call).
     """
-    from spsa_nas.attention import SPSA
-
     shape = _check_shape(input_shape)
     names = {m: n for n, m in model.named_modules() if isinstance(m, SPSA)}
     captured: list[tuple[str, nn.Module, Tensor]] = []

@@ -8,6 +8,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
+from spsa_nas.attention import SPSA, create_attention
 from spsa_nas.spec import ArchSpec, StageSpec
 
 #: ECA's 1-D kernel per ResNet stage, as in the released ECA-ResNet-50 checkpoint (k = 3, 5, 5, 7).
@@ -58,8 +59,6 @@ class BlockAttention(nn.Module):
 
 
 def _make_block_attention(channels: int, *, stage: StageSpec, options: dict[str, int]) -> nn.Module:
-    from spsa_nas.attention import SPSA, create_attention
-
     channel = None
     if stage.channel_attn != "none":
         channel = create_attention(stage.channel_attn, channels, **options)

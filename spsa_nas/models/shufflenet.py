@@ -101,10 +101,9 @@ class ShuffleNetV2(nn.Module):
         self.conv5 = nn.Sequential(
             nn.Conv2d(inp, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU(inplace=True)
         )
-        self.pool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(last, spec.num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.conv1(x))
         x = self.stage4(self.stage3(self.stage2(x)))
-        return self.fc(self.pool(self.conv5(x)).flatten(1))
+        return self.fc(self.conv5(x).mean((2, 3)))  # torchvision's pooling (fvcore counts no mean)
