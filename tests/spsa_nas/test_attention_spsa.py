@@ -263,3 +263,26 @@ def test_torch_compile(backend: str) -> None:
     torch.testing.assert_close(xx.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_fast_backward_saves_only_x_and_small_tensors(heads: int) -> None:
+    x = _rand((2, 32, 8, 8), torch.float32, False, seed=16).requires_grad_(True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = spsa_fast(x, 1.0, heads)
+    full = [t for t in saved if t.numel() >= x.numel()]
+    assert len(full) == 1 and full[0].data_ptr() == x.data_ptr()  # x itself, nothing else full-size
+    small = sum(t.numel() for t in saved if t.data_ptr() != x.data_ptr())
+    assert small <= 6 * heads * 2 * 8 * 8 + 5 * 2 * 32  # per-pixel stats per head + per-channel
+    out.sum().backward()
+    # the reference, through autograd, keeps several full-size intermediates alive
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        spsa_reference(x, 1.0, heads)
+    assert sum(t.numel() >= x.numel() for t in saved) >= 3
