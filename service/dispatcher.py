@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import threading
 import traceback
 import uuid
@@ -63,10 +64,20 @@ class Dispatcher:
         if ray.is_initialized():
             return
         address = self.settings.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        if address == "local":
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
-        else:
-            ray.init(address=address, logging_level=logging.WARNING)
+        # ray.init replaces SIGTERM's handler with one that exits at once; keep the server's
+        # (uvicorn's graceful shutdown, which stops the dispatcher and gives leases back).
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if address == "local":
+                ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            else:
+                ray.init(address=address, logging_level=logging.WARNING)
+        finally:
+            for sig, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
         self._started_ray = True
         log.info("dispatcher: Ray %s", "started in-process" if address == "local" else f"at {address}")
 
@@ -169,8 +180,21 @@ class Dispatcher:
         if self._stop.is_set():
             return None
         if summary.get("status") == "failed":
-            raise RuntimeError(f"trials kept failing; last error: {summary.get('last_error')}")
+            last = summary.get("last_error") or self._last_trial_error(str(summary.get("study_name")))
+            raise RuntimeError(f"trials kept failing; last error: {last}")
         return COMPLETED  # "completed", or "timeout" (the search's time budget ran out)
+
+    def _last_trial_error(self, study_name: str) -> str | None:
+        import optuna
+
+        try:
+            study = optuna.load_study(study_name=study_name, storage=self.runtime.storage)
+        except KeyError:
+            return None
+        for trial in reversed(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))):
+            if trial.user_attrs.get("error"):
+                return str(trial.user_attrs["error"])
+        return None
 
     def _cancel_flag(self, search_id: str) -> bool:
         with self.runtime.sessions() as session:

@@ -83,6 +83,7 @@ class SearchPublic(BaseModel):
     error: str | None
     config: dict[str, Any] = Field(description="the full search configuration, defaults included")
     progress: Progress | None = Field(None, description="trial counts, best so far, timings")
+    summary: dict[str, Any] | None = Field(None, description="the runner's report once the search ended")
     links: Links
 
 

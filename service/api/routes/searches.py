@@ -76,6 +76,7 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
         error=search.error,
         config=config,
         progress=progress,
+        summary=json.loads(search.result) if search.result else None,
         links=_links(request, search, runtime),
     )
 
