@@ -156,6 +156,18 @@ class RetryingStorage(BaseStorage):
         self.storage.remove_session()
 
 
+def open_storage(url: str, policy: RetryPolicy | None = None) -> RetryingStorage:
+    """The study storage at `url` (search_spaces.study.storage_for) behind bounded retries.
+
+    Opening is retried too: RDBStorage creates its tables on first use, and two processes doing so
+    at once on a fresh database collide ("table ... already exists"); the second try finds them.
+    """
+    from search_spaces.study import storage_for
+
+    policy = policy or RetryPolicy()
+    return RetryingStorage(policy.call(storage_for, url), policy)
+
+
 class Heartbeat:
     """The owner's side of a trial lease: a daemon thread that refreshes the trial's heartbeat.
 

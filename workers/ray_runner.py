@@ -31,7 +31,7 @@ from workers.lease import (
     Heartbeat,
     LeaseTracker,
     RetryingStorage,
-    RetryPolicy,
+    open_storage,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,6 @@ class RunnerOptions:
             )
 
 
-def _open_storage(storage_url: str) -> RetryingStorage:
-    from search_spaces.study import storage_for
-
-    return RetryingStorage(storage_for(storage_url), RetryPolicy())
-
-
 def _default_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: TrialContext) -> None:
     """The real trial: suggest an architecture, evaluate it, tell (workers.trial.run_trial)."""
     from optuna.artifacts import FileSystemArtifactStore
@@ -133,7 +127,7 @@ def _trial_task(
 
     task_start = time.perf_counter()
     cfg = SearchConfig.model_validate_json(cfg_json)
-    storage = _open_storage(storage_url)
+    storage = open_storage(storage_url)
     study = optuna.load_study(study_name=study_name, storage=storage)
     trial = study.ask()
     trial_id = trial._trial_id
@@ -336,7 +330,7 @@ def run_search(
     options = options or RunnerOptions()
     artifact_dir = str(Path(artifact_dir).resolve())
     start = time.monotonic()
-    storage = _open_storage(storage_url)
+    storage = open_storage(storage_url)
     study = create_study(cfg, storage)  # once, before any worker starts
     run = _Run(study=study, storage=storage, cfg=cfg, options=options, run_id=uuid.uuid4().hex[:12])
     started_ray = _connect_ray(ray_address)

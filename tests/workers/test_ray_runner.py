@@ -1,0 +1,252 @@
+"""The Ray runner on a local Ray: a real search, crashes, killed and frozen workers, cancellation,
+the latency protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.config import Resources, SearchConfig
+from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+from workers.lease import CANCEL_STUDY_ATTR, open_storage
+from workers.ray_runner import RunnerOptions, run_search
+from workers.synthetic import synthetic_trial
+
+pytestmark = [pytest.mark.ray]
+
+FAST = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, cancel_grace_s=5.0)
+
+TINY_SPACE = """\
+name: tiny
+description: the smallest real space, for the runner's tests
+backbone: resnet18
+stem: cifar
+input_size: 16
+width: [0.25]
+all_stages:
+  spsa: [false, true]
+  heads: [1]
+  alpha: [1]
+  channel_attn: [none, se]
+"""
+
+
+def _cfg(name: str, **overrides: Any) -> SearchConfig:
+    base: dict[str, Any] = {"study_name": name, "sampler": "random", "trials": 4, "parallelism": 2,
+                            "resources": Resources(num_cpus=1)}
+    base.update(overrides)
+    return SearchConfig(**base)
+
+
+def _trials(url: str, name: str) -> list[FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+
+
+def _in_thread(fn: Callable[[], dict[str, Any]]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["summary"] = fn()
+        except BaseException as error:  # surfaced by the test
+            out["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _finish(thread: threading.Thread, out: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+    thread.join(timeout)
+    assert not thread.is_alive(), f"run_search did not return within {timeout} s"
+    if "error" in out:
+        raise out["error"]
+    return out["summary"]
+
+
+def _wait_running(url: str, name: str, out: dict[str, Any], count: int = 1, timeout: float = 120
+                  ) -> list[FrozenTrial]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if out:
+            raise AssertionError(f"run_search ended before {count} trials ran: {out}")
+        try:
+            running = [t for t in _trials(url, name)
+                       if t.state == TrialState.RUNNING and "worker_pid" in t.user_attrs and t.params]
+        except KeyError:  # the study is not created yet
+            running = []
+        if len(running) >= count:
+            return running
+        time.sleep(0.1)
+    raise AssertionError(f"no {count} running trials within {timeout} s")
+
+
+@pytest.mark.slow
+def test_embedded_real_search(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_SPACE)
+    cfg = _cfg("real", space=str(space), trials=3,
+               dataset=DataConfig(name="digits", train_subset=96),
+               train=TrainConfig(epochs=1, batch_size=16),
+               latency=LatencyConfig(warmup=1, repeats=3))
+    artifacts = tmp_path / "artifacts"
+    summary = run_search(cfg, sqlite_url, artifact_dir=artifacts, options=FAST)
+    assert summary["status"] == "completed", summary
+    assert summary["finished"] == 3 and summary["counts"]["fail"] == 0, summary
+    assert summary["local_ray"] is False  # the session's Ray was used, and left running
+    trials = _trials(sqlite_url, "real")
+    assert len(trials) == 3
+    for trial in trials:
+        assert trial.state == TrialState.COMPLETE
+        attrs = trial.user_attrs
+        assert attrs["device"] == "cpu" and attrs["node_id"] and attrs["worker_pid"] != os.getpid()
+        assert attrs["spec"]["backbone"] == "resnet18" and 0.0 <= attrs["val_acc"] <= 1.0
+        assert len(trial.values) == 2 and trial.values[1] == attrs["latency_ms"] > 0
+        assert (artifacts / attrs["weights_artifact"]).is_file()
+
+
+def test_trial_exception_is_fail_with_traceback_and_search_goes_on(ray_local: None, sqlite_url: str,
+                                                                    tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, fail_numbers=(0, 2))
+    summary = run_search(_cfg("crash"), sqlite_url, artifact_dir=tmp_path, trial_fn=trial_fn, options=FAST)
+    assert summary["status"] == "completed" and summary["finished"] == 4, summary
+    failed = [t for t in _trials(sqlite_url, "crash") if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == [0, 2]
+    for trial in failed:
+        assert trial.user_attrs["error"] == f"RuntimeError: synthetic failure of trial {trial.number}"
+        assert "Traceback" in trial.user_attrs["traceback"]
+        assert "retry_of" not in trial.user_attrs  # a crash is not retried, only a lost worker
+
+
+def test_search_stops_when_every_trial_crashes(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, fail_numbers=tuple(range(1000)))
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, max_consecutive_failures=3)
+    summary = run_search(_cfg("doomed", parallelism=1), sqlite_url, artifact_dir=tmp_path,
+                         trial_fn=trial_fn, options=options)
+    assert summary["status"] == "failed" and summary["crashed"] == 3 and summary["finished"] == 0
+    assert "synthetic failure" in summary["last_error"]
+
+
+def _check_lost_and_retried(url: str, name: str, victim: FrozenTrial, summary: dict[str, Any],
+                            trials_asked: int) -> FrozenTrial:
+    trials = _trials(url, name)
+    lost = trials[victim.number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["worker_lost"] is True
+    assert lost.user_attrs["reason"].startswith("worker lost")
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == victim.number]
+    assert len(retries) == 1
+    assert retries[0].state == TrialState.COMPLETE and retries[0].params == lost.params
+    assert retries[0].user_attrs["attempt"] == 1
+    assert summary["status"] == "completed" and summary["duplicate_claims"] == 0, summary
+    assert summary["finished"] == trials_asked
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == trials_asked
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    return lost
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_trial_is_failed_retried_and_search_finishes(
+        ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, train_s=3.0, steps=30)
+    thread, out = _in_thread(lambda: run_search(_cfg("kill"), sqlite_url, artifact_dir=tmp_path,
+                                                trial_fn=trial_fn, options=FAST))
+    victim = _wait_running(sqlite_url, "kill", out)[0]
+    os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    killed_at = time.time()
+    summary = _finish(thread, out)
+    lost = _check_lost_and_retried(sqlite_url, "kill", victim, summary, 4)
+    assert summary["worker_lost"] == 1 and summary["retries_enqueued"] == 1
+    # failed within the lease (here Ray reports the dead worker even sooner)
+    assert lost.datetime_complete.timestamp() - killed_at <= FAST.lease_s + 5 * FAST.poll_s + 2
+
+
+@pytest.mark.slow
+def test_frozen_worker_loses_its_lease(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    """SIGSTOP: the process lives (Ray sees nothing) but its heartbeat stops; the lease expires."""
+    trial_fn = functools.partial(synthetic_trial, train_s=3.0, steps=30)
+    thread, out = _in_thread(lambda: run_search(_cfg("frozen"), sqlite_url, artifact_dir=tmp_path,
+                                                trial_fn=trial_fn, options=FAST))
+    victim = _wait_running(sqlite_url, "frozen", out)[0]
+    pid = victim.user_attrs["worker_pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        summary = _finish(thread, out)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the task was force-cancelled; never leave
+            os.kill(pid, signal.SIGCONT)  # a stopped process behind
+    lost = _check_lost_and_retried(sqlite_url, "frozen", victim, summary, 4)
+    assert "no heartbeat" in lost.user_attrs["reason"]
+
+
+def _check_cancelled(url: str, name: str, summary: dict[str, Any]) -> None:
+    assert summary["status"] == "cancelled", summary
+    trials = _trials(url, name)
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stopped) >= 2 and summary["cancelled_trials"] == len(stopped)
+    for trial in stopped:
+        assert trial.user_attrs["cancelled"] is True and trial.user_attrs["reason"] == "cancelled"
+
+
+@pytest.mark.slow
+def test_cancel_by_study_attr_stops_running_trials(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, train_s=120.0, steps=1200)
+    thread, out = _in_thread(lambda: run_search(_cfg("cancel", trials=20), sqlite_url, artifact_dir=tmp_path,
+                                                trial_fn=trial_fn, options=FAST))
+    _wait_running(sqlite_url, "cancel", out, count=2)
+    study = optuna.load_study(study_name="cancel", storage=open_storage(sqlite_url))
+    study.set_user_attr(CANCEL_STUDY_ATTR, True)
+    summary = _finish(thread, out, timeout=60)  # far below the trials' 120 s
+    _check_cancelled(sqlite_url, "cancel", summary)
+
+
+@pytest.mark.slow
+def test_cancel_kills_trials_that_ignore_it(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, train_s=120.0, steps=1, ignore_stop=True)
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, cancel_grace_s=1.0)
+    cancel = threading.Event()
+    thread, out = _in_thread(lambda: run_search(_cfg("force", trials=20), sqlite_url, artifact_dir=tmp_path,
+                                                trial_fn=trial_fn, options=options,
+                                                should_cancel=cancel.is_set))
+    _wait_running(sqlite_url, "force", out, count=2)
+    cancel.set()
+    summary = _finish(thread, out, timeout=60)
+    _check_cancelled(sqlite_url, "force", summary)
+    study = optuna.load_study(study_name="force", storage=open_storage(sqlite_url))
+    assert CANCEL_STUDY_ATTR not in study.user_attrs  # should_cancel cancels this run, not the study
+
+
+def _overlap(a: list[float], b: list[float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@pytest.mark.slow
+def test_latency_measurements_have_the_host_to_themselves(ray_local: None, sqlite_url: str,
+                                                          tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, measure_s=0.3, train_s=1.5, steps=15, record_windows=True)
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, lock_dir=str(tmp_path / "locks"))
+    summary = run_search(_cfg("latency", trials=6, parallelism=3), sqlite_url, artifact_dir=tmp_path,
+                         trial_fn=trial_fn, options=options)
+    assert summary["finished"] == 6, summary
+    trials = _trials(sqlite_url, "latency")
+    assert len({t.user_attrs["worker_pid"] for t in trials}) >= 2  # trials really ran side by side
+    for trial in trials:
+        window = trial.user_attrs["measure_window"]
+        for other in trials:
+            if other.number == trial.number:
+                continue
+            assert not _overlap(window, other.user_attrs["measure_window"]), "two measurements overlapped"
+            for step in other.user_attrs["step_windows"]:
+                assert not _overlap(window, step), (
+                    f"trial {other.number} trained during trial {trial.number}'s measurement")
