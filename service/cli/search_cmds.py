@@ -31,7 +31,7 @@ from search_spaces.study import (
 )
 from search_spaces.suggest import resolve_io
 from service.cli import UsageError
-from spsa_nas.config import DataConfig, DatasetName, TrainConfig
+from spsa_nas.config import DataConfig, DatasetName, LatencyConfig, TrainConfig
 from spsa_nas.spec import stage_table
 
 DEFAULT_STORAGE = "sqlite:///runs/spsa-nas.db"
@@ -46,7 +46,8 @@ def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -141,13 +142,19 @@ def _config_from_args(args: argparse.Namespace, space: SearchSpace) -> SearchCon
         if args.lr is not None:
             train_fields["lr"] = args.lr
         train = TrainConfig(seed=args.seed, **train_fields)
+        latency_fields: dict[str, Any] = {}
+        if args.latency_repeats is not None:
+            latency_fields["repeats"] = args.latency_repeats
+        if args.latency_warmup is not None:
+            latency_fields["warmup"] = args.latency_warmup
+        latency = LatencyConfig(**latency_fields)
         is_builtin = args.space in builtin_spaces()
         study_name = args.study or f"{space.name}-{args.dataset}"
         return SearchConfig(
             study_name=study_name,
             space=args.space if is_builtin else space.model_dump(mode="json", exclude_unset=True),
             dataset=data, trials=args.trials, timeout_s=args.timeout, objective=objective,
-            sampler=args.sampler, pruner=args.pruner, train=train, device=args.device,
+            sampler=args.sampler, pruner=args.pruner, train=train, latency=latency, device=args.device,
             seed=args.seed, parallelism=args.parallelism,
         )
     except ValidationError as exc:
@@ -401,6 +408,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--lr", type=_positive_float, default=None)
+    p.add_argument("--latency-repeats", type=_positive_int, default=None,
+                   help="timed forward passes per latency measurement (>= 3)")
+    p.add_argument("--latency-warmup", type=int, default=None, help="untimed passes first")
     p.add_argument("--train-subset", type=_positive_float, default=None,
                    help="fraction (<=1) or number (>1) of training samples")
     p.add_argument("--storage", default=DEFAULT_STORAGE,

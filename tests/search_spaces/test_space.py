@@ -1,0 +1,163 @@
+"""Search-space YAML: the schema's errors name file, line, field and valid values; the 1x1 rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search_spaces.space import SearchSpace, SpaceError, builtin_spaces, load_space
+from spsa_nas.spec import CHANNEL_ATTENTIONS, feature_sizes
+
+GOOD = """\
+name: tiny
+backbone: resnet18
+stem: cifar
+input_size: 16
+width: 0.25
+all_stages:
+  spsa: [false, true]
+  heads: [1, 2]
+  alpha: [0.5, 1]
+  channel_attn: [none, se]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    path = _write(tmp_path, text)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    message = str(info.value)
+    assert str(path) in message
+    return message
+
+
+def test_good_space_loads(tmp_path: Path) -> None:
+    space = load_space(_write(tmp_path, GOOD))
+    assert space.name == "tiny"
+    assert space.backbones == ("resnet18",)
+    assert space.notes == []
+    # per stage: spsa off (2 attns) + spsa on (2 heads x 2 alphas x 2 attns) = 10; 4 stages
+    assert space.size() == 10**4
+
+
+def test_heads_that_do_not_divide_name_line_field_and_valid_heads(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD.replace("heads: [1, 2]", "heads: [1, 3]"))
+    assert ":8:" in message  # the heads line
+    assert "all_stages.heads.1" in message
+    assert "16 channels" in message and "width 0.25" in message
+    assert "valid heads: 1, 2, 4, 8" in message
+
+
+def test_heads_checked_at_every_width(tmp_path: Path) -> None:
+    # 16 heads divide 32 channels (width 0.5) but leave 1 channel per head at width 0.25
+    text = GOOD.replace("width: 0.25", "width: [0.5, 0.25]").replace("heads: [1, 2]", "heads: [16]")
+    message = _error(tmp_path, text)
+    assert "all_stages.heads.0" in message and "width 0.25" in message
+
+
+def test_unknown_attention_lists_valid_names(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD.replace("[none, se]", "[none, squeeze]"))
+    assert ":10:" in message and "all_stages.channel_attn.1" in message
+    assert "'squeeze'" in message
+    for name in CHANNEL_ATTENTIONS:
+        assert name in message
+
+
+def test_unknown_backbone_lists_valid_ones(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD.replace("backbone: resnet18", "backbone: resnet19"))
+    assert ":2:" in message and "backbone" in message
+    assert "resnet18" in message and "mobilenet_v2" in message
+
+
+def test_wrong_stage_count_names_the_stages(tmp_path: Path) -> None:
+    text = GOOD.split("all_stages:")[0] + "stages:\n  - {spsa: [true]}\n  - {}\n  - {}\n"
+    message = _error(tmp_path, text)
+    assert ":6:" in message and "stages:" in message
+    assert "resnet18 has 4 stages (layer1, layer2, layer3, layer4), got 3" in message
+
+
+def test_alpha_out_of_range_in_set_and_range(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD.replace("alpha: [0.5, 1]", "alpha: [0.5, 12]"))
+    assert ":9:" in message and "all_stages.alpha.1" in message and "(0, 10]" in message
+    text = GOOD.replace("alpha: [0.5, 1]", "alpha:\n    low: 0\n    high: 2")
+    message = _error(tmp_path, text)
+    assert ":10:" in message and "all_stages.alpha.low" in message and "(0, 10]" in message
+
+
+def test_unknown_field_in_a_stage_override_lists_fields(tmp_path: Path) -> None:
+    text = GOOD + "stages:\n  3:\n    hedas: [2]\n"
+    message = _error(tmp_path, text)
+    assert ":13:" in message and "stages.3.hedas" in message
+    assert "valid: alpha, attn_order, channel_attn, heads, spsa" in message
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    message = _error(tmp_path, GOOD.replace("heads: [1, 2]", "heads: [1, 2"))
+    assert "not valid YAML" in message and ":9" in message
+
+
+def test_stage_overrides_merge_over_the_template(tmp_path: Path) -> None:
+    text = GOOD + "stages:\n  2: {channel_attn: [eca], heads: [4]}\n"
+    space = load_space(_write(tmp_path, text))
+    stages = space.stage_choices("resnet18")
+    assert stages[1].choices.channel_attn == ["eca"] and stages[1].choices.heads == [4]
+    assert stages[1].choices.alpha == [0.5, 1]  # from the template
+    assert stages[0].choices.channel_attn == ["none", "se"]
+
+
+def test_one_by_one_stage_is_noted_and_spsa_forced_off() -> None:
+    # ImageNet stem at 32x32: 8, 8, 4, 2, 1 -> resnet18's layer4 sees a 1x1 map
+    assert feature_sizes("resnet18", "imagenet", 32)[-1] == 1
+    space = load_space({"name": "small", "backbone": "resnet18", "input_size": 32,
+                        "all_stages": {"spsa": [False, True]}})
+    assert len(space.notes) == 1
+    assert "stage 4 (layer4) is 1x1" in space.notes[0] and "constant gate" in space.notes[0]
+    stages = space.stage_choices("resnet18")
+    assert stages[3].choices.spsa == [False]
+    assert stages[2].choices.spsa == [False, True]
+
+
+def test_choice_of_backbones_with_different_stage_counts() -> None:
+    space = load_space({"name": "mix", "backbone": ["resnet18", "mobilenet_v2"], "input_size": 64,
+                        "all_stages": {"heads": [1, 2]}})
+    assert len(space.stage_choices("resnet18")) == 4
+    assert len(space.stage_choices("mobilenet_v2")) == 7
+    with pytest.raises(SpaceError, match="mobilenet_v2 has 7 stages"):
+        load_space({"name": "mix", "backbone": ["resnet18", "mobilenet_v2"], "input_size": 64,
+                    "stages": [{}, {}, {}, {}]})
+
+
+def test_builtin_spaces() -> None:
+    spaces = builtin_spaces()
+    assert {"quick", "resnet50_imagenet", "resnet18_cifar", "mobilenet_v2", "shufflenet_v2"} <= set(spaces)
+    for name, space in spaces.items():
+        assert isinstance(space, SearchSpace) and space.name == name and space.description
+        assert load_space(name) == space
+    paper = spaces["resnet50_imagenet"]
+    assert paper.input_size == 224 and paper.backbones == ("resnet50",)
+    stage = paper.stage_choices("resnet50")[0].choices
+    assert stage.heads == [1, 2, 4, 8] and stage.alpha == [0.5, 1, 2]
+    assert stage.channel_attn == ["none", "se", "eca", "fca"]
+    assert spaces["quick"].stem == "cifar" and spaces["quick"].input_size <= 24
+
+
+def test_unknown_name_and_missing_file() -> None:
+    with pytest.raises(SpaceError, match=r"not a built-in .*quick"):
+        load_space("no_such_space")
+    with pytest.raises(SpaceError, match="no such search-space file"):
+        load_space("missing/space.yaml")
+
+
+def test_inline_dict_errors_name_the_field() -> None:
+    with pytest.raises(SpaceError) as info:
+        load_space({"name": "x", "backbone": "resnet18", "input_size": 32,
+                    "all_stages": {"attn_order": ["sideways"]}})
+    assert "<inline space>: all_stages.attn_order.0" in str(info.value)
+    assert "channel_first, spsa_first" in str(info.value)
