@@ -1,0 +1,188 @@
+"""One trial: build a spec's model, measure params/FLOPs/latency, reject it or train and test it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+from spsa_nas.counting import count_flops, count_params
+from spsa_nas.data import dataset_in_channels, dataset_num_classes, load_data
+from spsa_nas.latency import LatencyResult, latency_key, measure_latency, resolve_device
+from spsa_nas.models import build_model
+from spsa_nas.spec import ArchSpec
+from spsa_nas.train import Cancelled, evaluate_accuracy, train_model
+
+__all__ = ["Cancelled", "EvalHooks", "LatencyCache", "Measurement", "TrialResult", "check_spec_data",
+           "evaluate_spec"]
+
+
+class LatencyCache(Protocol):
+    """Where measured latencies are kept between trials (e.g. the study's storage)."""
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+    def put(self, key: str, value: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What is known before training: size, cost, latency, and whether the latency came cached."""
+
+    params: int
+    flops: int
+    latency: LatencyResult
+    cached: bool
+
+
+@dataclass
+class EvalHooks:
+    """How a runner watches and steers a trial. Every hook is optional."""
+
+    on_measured: Callable[[Measurement], None] | None = None  # after params/FLOPs/latency
+    on_epoch: Callable[[int, float], None] | None = None  # (epoch 1-based, val_acc); may raise
+    latency_lock: Callable[[], AbstractContextManager[None]] | None = None  # device to itself
+    latency_cache: LatencyCache | None = None  # get(key) -> dict | None; put(key, dict)
+    should_stop: Callable[[], bool] | None = None  # polled each step: cancel -> Cancelled
+
+
+@dataclass
+class TrialResult:
+    """The outcome of one trial. Accuracies are fractions in [0, 1]; None where not measured."""
+
+    spec: ArchSpec
+    params: int
+    flops: int
+    latency: LatencyResult
+    feasible: bool
+    val_curve: list[float] = field(default_factory=list)
+    val_acc: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    epochs: int = 0
+    train_seconds: float = 0.0
+    model: nn.Module | None = None
+    device: str = "cpu"
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-able dict whose keys are the trial user attrs of docs/CONTRACTS.md (no model)."""
+        return {
+            "params": self.params,
+            "flops": self.flops,
+            "latency": self.latency.to_dict(),
+            "latency_ms": self.latency.median_ms,
+            "feasible": self.feasible,
+            "val_curve": list(self.val_curve),
+            "val_acc": self.val_acc,
+            "top1": self.top1,
+            "top5": self.top5,
+            "epochs": self.epochs,
+            "train_seconds": self.train_seconds,
+            "device": self.device,
+            "spec": self.spec.model_dump(mode="json"),
+        }
+
+
+def check_spec_data(spec: ArchSpec, data: DataConfig) -> None:
+    """ValueError unless the spec's classes and input channels are the dataset's (cheap: no images)."""
+    classes = dataset_num_classes(data)
+    if spec.num_classes != classes:
+        raise ValueError(f"spec.num_classes is {spec.num_classes} but dataset {data.name!r} has "
+                         f"{classes} classes; set the space's num_classes to {classes}")
+    channels = dataset_in_channels(data)
+    if spec.in_channels != channels:
+        raise ValueError(f"spec.in_channels is {spec.in_channels} but dataset {data.name!r} has "
+                         f"{channels} channel(s); set the space's in_channels to {channels}")
+
+
+def _cached(cache: LatencyCache | None, key: str) -> LatencyResult | None:
+    if cache is None:
+        return None
+    record = cache.get(key)
+    if record is None:
+        return None
+    try:
+        return LatencyResult.from_dict(record)
+    except (TypeError, ValueError):  # a record of another protocol version: measure afresh
+        return None
+
+
+def _latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch.device,
+             hooks: EvalHooks) -> tuple[LatencyResult, bool]:
+    shape = (spec.in_channels, spec.input_size, spec.input_size)
+    key = latency_key(spec, shape, cfg, device)
+    found = _cached(hooks.latency_cache, key)
+    if found is not None:
+        return found, True
+    lock = hooks.latency_lock() if hooks.latency_lock is not None else contextlib.nullcontext()
+    with lock:
+        found = _cached(hooks.latency_cache, key)  # measured by another worker while we waited
+        if found is not None:
+            return found, True
+        result = measure_latency(model, shape, cfg, device)
+    if hooks.latency_cache is not None:
+        hooks.latency_cache.put(key, result.to_dict())
+    return result, False
+
+
+def evaluate_spec(
+    spec: ArchSpec,
+    *,
+    data: DataConfig,
+    train: TrainConfig,
+    latency: LatencyConfig,
+    device: str = "auto",
+    latency_budget_ms: float | None = None,
+    hooks: EvalHooks | None = None,
+) -> TrialResult:
+    """Run one trial of `spec`: measure, then (when within the latency budget) train and test.
+
+    Order: resolve the device; check the spec against the dataset (classes, channels); build the
+    model (initialised from `train.seed`); count parameters and FLOPs at (1, C, S, S) with S the
+    spec's input size; latency at the spec's input size (from `hooks.latency_cache` when the same
+    architecture was measured under the same conditions, else measured inside
+    `hooks.latency_lock()` and cached); `hooks.on_measured`. Over `latency_budget_ms` → an
+    infeasible result at once, without loading data or training. Otherwise load the data at
+    `train.image_size` (default: the spec's input size), train (validation accuracy each epoch to
+    `hooks.on_epoch`, whose exceptions propagate; `hooks.should_stop` polled each step → `Cancelled`)
+    and test top-1/top-5 on the held-out split. The returned model is in eval mode on the CPU.
+    """
+    hooks = hooks or EvalHooks()
+    dev = resolve_device(device)
+    check_spec_data(spec, data)
+    torch.manual_seed(train.seed)
+    model = build_model(spec)
+    params = count_params(model)
+    flops = count_flops(model, (1, spec.in_channels, spec.input_size, spec.input_size))
+    model.to(dev)
+    lat, cached = _latency(model, spec, latency, dev, hooks)
+    if hooks.on_measured is not None:
+        hooks.on_measured(Measurement(params=params, flops=flops, latency=lat, cached=cached))
+    result = TrialResult(spec=spec, params=params, flops=flops, latency=lat, feasible=True,
+                         device=str(dev))
+    if latency_budget_ms is not None and lat.median_ms > latency_budget_ms:
+        result.feasible = False
+        return result
+    if hooks.should_stop is not None and hooks.should_stop():
+        raise Cancelled("stopped before training")
+
+    splits = load_data(data, train.image_size or spec.input_size, spec.in_channels)
+    report = train_model(model, splits.train, splits.val, train, dev, on_epoch=hooks.on_epoch,
+                         should_stop=hooks.should_stop)
+    accuracy = evaluate_accuracy(model, splits.test, dev, topk=(1, 5),
+                                 batch_size=max(train.batch_size, 256))
+    model.to("cpu").eval()
+    result.val_curve = report.val_curve
+    result.val_acc = report.val_curve[-1] if report.val_curve else None
+    result.top1 = accuracy[1]
+    result.top5 = accuracy[5]
+    result.epochs = report.epochs
+    result.train_seconds = report.seconds
+    result.model = model
+    return result
