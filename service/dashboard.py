@@ -37,6 +37,10 @@ _REFUSED = re.compile(
     r"^(POST /api/studies|POST /api/studies/\d+/rename|DELETE /api/studies/\d+"
     r"|POST /api/trials/\d+/(tell|user-attrs))/?$"
 )
+# Dashboard routes naming a study (and maybe a trial) id: checked here, answered 404 when not the
+# caller's, before optuna-dashboard (which would turn the storage's KeyError into a 500) runs.
+_STUDY_PATH = re.compile(r"^/(?:api/studies|csv|artifacts|api/artifacts)/(\d+)(?:/(\d+))?(?:/|$)")
+_TRIAL_PATH = re.compile(r"^/api/trials/(\d+)(?:/|$)")
 USER_HEADER = b"x-spsa-nas-dashboard-user"  # set by the gateway only; a client's copy is dropped
 ALLOWED_TTL_S = 2.0  # how stale a user's list of studies may be (a new search shows within this)
 
@@ -192,6 +196,23 @@ class DashboardGateway:
             self._trial_study[trial_id] = int(study_id)
         return study_id
 
+    def _may_see(self, user_id: int, path: str) -> bool:
+        """Whether the study (and trial) a dashboard path names are the user's."""
+        study_match = _STUDY_PATH.match(path)
+        if study_match:
+            study_id = int(study_match.group(1))
+            if study_id not in self._allowed_ids(user_id):
+                return False
+            trial = study_match.group(2)
+            # /api/studies/<id>/<trial id>/note|skip and /artifacts/<study>/<trial>/<artifact>
+            if trial is not None:
+                return self._study_of_trial(int(trial)) == study_id
+            return True
+        trial_match = _TRIAL_PATH.match(path)
+        if trial_match:
+            return self._study_of_trial(int(trial_match.group(1))) in self._allowed_ids(user_id)
+        return True
+
     def _app_for(self, user_id: int, is_admin: bool) -> Any:
         key = 0 if is_admin else user_id
         with self._lock:
@@ -253,6 +274,9 @@ class DashboardGateway:
         if _REFUSED.match(f"{scope.get('method')} {scope.get('path')}"):
             message = "searches are created, renamed, deleted and told through the API (/docs)"
             await JSONResponse({"reason": message}, status_code=403)(scope, receive, send)
+            return
+        if not user.is_admin and not await run_in_threadpool(self._may_see, user.id, scope.get("path", "")):
+            await JSONResponse({"reason": "not found"}, status_code=404)(scope, receive, send)
             return
         tag = f"{user.id}:{'admin' if user.is_admin else 'user'}".encode()
         headers = [(k, v) for k, v in scope.get("headers", []) if k != USER_HEADER] + [(USER_HEADER, tag)]
