@@ -209,6 +209,18 @@ def test_cifar_under_a_subpath(tmp_path: Path) -> None:
     assert len(splits.test) == 6
 
 
+def test_cifar_pickled_by_old_numpy_is_read(tmp_path: Path) -> None:
+    # the published files were pickled by Python 2 / numpy 1.x, naming numpy.core.multiarray
+    written = _write_cifar(tmp_path, "cifar10")
+    for file in written:
+        path = tmp_path / "cifar-10-batches-py" / file
+        legacy = path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        assert b"numpy.core.multiarray" in legacy
+        path.write_bytes(legacy)
+    splits = load_data(DataConfig(name="cifar10", data_root=str(tmp_path)), 32, 3)
+    assert int(splits.test[2][1]) == written["test_batch"][1][2]
+
+
 def test_missing_cifar_says_where_and_how_to_download(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         load_data(DataConfig(name="cifar10", data_root=str(tmp_path)), 32, 3)
