@@ -202,12 +202,14 @@ def _trial_task(
     }
 
 
-def _connect_ray(ray_address: str | None) -> bool:
-    """Initialise Ray unless the caller already did; return whether we started (and must stop) it."""
+def _connect_ray(ray_address: str | None) -> str:
+    """Initialise Ray unless the caller already did. Returns "caller" (already initialised: left as
+    is), "local" (a Ray started here, in-process) or "cluster" (connected to an existing one); the
+    latter two are shut down (disconnected) at the end."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return "caller"
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
     try:
         if address == "local":
@@ -215,17 +217,16 @@ def _connect_ray(ray_address: str | None) -> bool:
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except Exception as error:
-        text = str(error)
         hint = ""
-        if "auth" in text.lower() or "token" in text.lower():
+        if address != "local":
             hint = (
-                " The cluster and this process must agree on Ray's token authentication: either "
-                "both run with RAY_AUTH_MODE=token and the same token (RAY_AUTH_TOKEN, "
-                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), or both with RAY_AUTH_MODE=disabled. "
-                "See docs/workers.md."
+                " If the cluster is up, check that it and this process agree on Ray's token "
+                "authentication: both RAY_AUTH_MODE=token with the same token (RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token on both sides; an explicit address never "
+                "turns token mode on by itself), or both RAY_AUTH_MODE=disabled. See docs/workers.md."
             )
-        raise RuntimeError(f"could not connect to Ray at {address!r}: {text}{hint}") from error
-    return True
+        raise RuntimeError(f"could not connect to Ray at {address!r}: {error}.{hint}") from error
+    return "local" if address == "local" else "cluster"
 
 
 @dataclass
@@ -333,7 +334,7 @@ def run_search(
     storage = open_storage(storage_url)
     study = create_study(cfg, storage)  # once, before any worker starts
     run = _Run(study=study, storage=storage, cfg=cfg, options=options, run_id=uuid.uuid4().hex[:12])
-    started_ray = _connect_ray(ray_address)
+    ray_mode = _connect_ray(ray_address)
     cfg_json = cfg.model_dump_json()
     resources = cfg.resources
     task = ray.remote(_trial_task).options(
@@ -403,9 +404,9 @@ def run_search(
                 if trial.user_attrs.get(TASK_ATTR) in run.tokens:
                     run.fail_cancelled(trial)
     finally:
-        if started_ray:
+        if ray_mode != "caller":
             ray.shutdown()
-    return _summary(run, status, time.monotonic() - start, started_ray)
+    return _summary(run, status, time.monotonic() - start, ray_mode)
 
 
 def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
@@ -439,7 +440,7 @@ def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
         run.crash_streak = 0
 
 
-def _summary(run: _Run, status: str, wall_s: float, started_ray: bool) -> dict[str, Any]:
+def _summary(run: _Run, status: str, wall_s: float, ray_mode: str) -> dict[str, Any]:
     trials = run.trials()
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     return {
@@ -459,5 +460,5 @@ def _summary(run: _Run, status: str, wall_s: float, started_ray: bool) -> dict[s
         "trial_s": run.trial_s,
         "task_s": run.task_s,
         "db_retries": run.storage.policy.retries + run.worker_db_retries,
-        "local_ray": started_ray,
+        "ray": ray_mode,  # "local" (started here), "cluster" (by address) or "caller" (already up)
     }

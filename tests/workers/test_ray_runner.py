@@ -104,7 +104,7 @@ def test_embedded_real_search(ray_local: None, sqlite_url: str, tmp_path: Path) 
     summary = run_search(cfg, sqlite_url, artifact_dir=artifacts, options=FAST)
     assert summary["status"] == "completed", summary
     assert summary["finished"] == 3 and summary["counts"]["fail"] == 0, summary
-    assert summary["local_ray"] is False  # the session's Ray was used, and left running
+    assert summary["ray"] == "caller"  # the session's Ray was used, and left running
     trials = _trials(sqlite_url, "real")
     assert len(trials) == 3
     for trial in trials:

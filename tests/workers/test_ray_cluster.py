@@ -1,0 +1,179 @@
+"""The Ray runner against an external two-node `ray start` cluster, and a coordinator killed and restarted."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from workers_test_utils import free_port, kill_group
+
+from workers.lease import open_storage
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SCRIPT = Path(__file__).with_name("coordinator_script.py")
+RAY = str(Path(sys.executable).with_name("ray"))
+FAST = {"heartbeat_s": 0.5, "lease_s": 4.0, "poll_s": 0.2, "cancel_grace_s": 5.0}
+
+
+def _wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"`ray start` exited with {proc.returncode}:\n{path.read_text()}")
+        time.sleep(0.2)
+    raise AssertionError(f"`ray start` did not print {text!r} within {timeout} s:\n{path.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[dict[str, Any]]:
+    """A head (1 CPU, resource `head`) and a second node (1 CPU, resource `node2`), token auth on
+    with a token of this test only, in a temp dir of their own; killed by process group after."""
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    logs = Path(temp_dir)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, args in (
+            ("head", ["--head", "--port", str(port), "--resources", '{"head": 1}', "--temp-dir", temp_dir,
+                      "--include-dashboard", "false"]),
+            ("node2", ["--address", address, "--resources", '{"node2": 1}']),
+        ):
+            log = logs / f"{name}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([RAY, "start", *args, "--num-cpus", "1", "--disable-usage-stats",
+                                         "--block"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+            procs.append(proc)
+            _wait_log(log, "Ray runtime started", proc)
+        yield {"address": address, "env": env}
+    finally:
+        for proc in reversed(procs):  # never `ray stop`: it would stop every Ray on the machine
+            kill_group(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _coordinator(args: dict[str, Any], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def _summary(proc: subprocess.Popen[bytes], timeout: float = 300) -> dict[str, Any]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_group(proc)
+    lines = [line for line in out.decode().splitlines() if line.startswith("SUMMARY ")]
+    assert proc.returncode == 0 and lines, f"coordinator failed ({proc.returncode}):\n{err.decode()[-4000:]}"
+    return json.loads(lines[-1].removeprefix("SUMMARY "))
+
+
+def _args(name: str, url: str, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    cfg = {"study_name": name, "sampler": "random", "trials": 4, "parallelism": 2,
+           "resources": {"num_cpus": 1}}
+    cfg.update(extra.pop("cfg", {}))
+    return {"cfg": cfg, "storage_url": url, "artifact_dir": str(tmp_path / "artifacts"),
+            "synthetic": {"train_s": 2.0, "steps": 10}, "options": FAST, **extra}
+
+
+def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+
+
+def test_search_runs_on_both_nodes_of_an_external_cluster(ray_cluster: dict[str, Any], sqlite_url: str,
+                                                          tmp_path: Path) -> None:
+    env = ray_cluster["env"]
+    summary = _summary(_coordinator(_args("cluster", sqlite_url, tmp_path,
+                                          ray_address=ray_cluster["address"]), env))
+    assert summary["status"] == "completed" and summary["finished"] == 4, summary
+    assert summary["ray"] == "cluster"
+    trials = _trials(sqlite_url, "cluster")
+    nodes = {t.user_attrs["node_id"] for t in trials}
+    assert len(nodes) == 2, "1 CPU per node and 2 trials in flight: both nodes must have run trials"
+    assert all(t.user_attrs["hostname"] for t in trials)
+
+    # A custom resource pins the trials to the node that has it.
+    pinned = _args("pinned", sqlite_url, tmp_path, ray_address=ray_cluster["address"],
+                   cfg={"trials": 2, "resources": {"num_cpus": 0.5}})
+    pinned["options"] = {**FAST, "resources": {"node2": 1}}
+    summary = _summary(_coordinator(pinned, env))
+    assert summary["finished"] == 2, summary
+    pinned_nodes = {t.user_attrs["node_id"] for t in _trials(sqlite_url, "pinned")}
+    assert len(pinned_nodes) == 1 and pinned_nodes < nodes
+
+
+def test_joining_without_the_token_is_a_clear_error(ray_cluster: dict[str, Any], sqlite_url: str,
+                                                   tmp_path: Path) -> None:
+    env = {k: v for k, v in ray_cluster["env"].items() if not k.startswith("RAY_AUTH")}
+    proc = _coordinator(_args("noauth", sqlite_url, tmp_path, ray_address=ray_cluster["address"]), env)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        kill_group(proc)
+    assert proc.returncode != 0
+    text = err.decode()
+    assert f"could not connect to Ray at '{ray_cluster['address']}'" in text and "RAY_AUTH_MODE" in text
+
+
+def test_coordinator_killed_and_restarted_finishes_exactly_once(sqlite_url: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = _args("restart", sqlite_url, tmp_path, cfg={"trials": 6})
+    first = _coordinator(args, env)  # a local Ray of its own, in its process group
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert first.poll() is None, f"the first coordinator ended early: {first.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "the first coordinator never got trials running"
+            try:
+                trials = _trials(sqlite_url, "restart")
+            except KeyError:
+                trials = []
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.params]
+            if done and running:
+                break
+            time.sleep(0.2)
+    finally:
+        kill_group(first)  # kill -9 the coordinator and the Ray it started, mid-search
+    # Ray's worker processes are not in the coordinator's process group and may outlive it for a
+    # moment; kill them too, as when the coordinator's machine dies.
+    running = [t for t in _trials(sqlite_url, "restart") if t.state == TrialState.RUNNING]
+    for trial in running:
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
+    interrupted = {t.number for t in running}
+    assert interrupted
+
+    summary = _summary(_coordinator(args, env))
+    assert summary["status"] == "completed", summary
+    trials = _trials(sqlite_url, "restart")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 6 and summary["finished"] == 6
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for number in interrupted:
+        lost = trials[number]
+        assert lost.state == TrialState.FAIL and lost.user_attrs["worker_lost"] is True
+        retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
+        assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+        if "x" in lost.params:
+            assert retries[0].params == lost.params
