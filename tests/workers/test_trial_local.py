@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
 from search_spaces.space import load_space
-from search_spaces.study import create_study, storage_for, trial_counts
+from search_spaces.study import create_study, mnas_score, storage_for, trial_counts
 from spsa_nas import build_model
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.evaluate import EvalHooks
@@ -121,7 +121,9 @@ def test_keyboard_interrupt_fails_the_trial_and_propagates(url: str, tmp_path: P
 
 
 def test_run_local_finishes_and_resumes_after_a_dead_run(url: str, tmp_path: Path) -> None:
-    cfg = _cfg(TINY, trials=2)
+    # the score objective with a pruner: each epoch reports the score so far
+    objective = ObjectiveConfig(kind="score", latency_target_ms=1.0, weight=-0.1)
+    cfg = _cfg(TINY, trials=2, objective=objective, pruner="median")
     # a trial left RUNNING by a local run whose process is gone
     study = create_study(cfg, url)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -138,6 +140,10 @@ def test_run_local_finishes_and_resumes_after_a_dead_run(url: str, tmp_path: Pat
     study = optuna.load_study(study_name="t", storage=storage_for(url))
     assert study.get_trials()[0].state == TrialState.FAIL
     assert trial_counts(study) == {"complete": 2, "pruned": 0, "fail": 1, "running": 0, "waiting": 0}
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        score = mnas_score(t.user_attrs["val_acc"], t.user_attrs["latency_ms"], objective)
+        assert t.values == [pytest.approx(score)]
+        assert t.intermediate_values == {1: pytest.approx(score)}  # one epoch, reported
     # the same call again: nothing left to do; more trials: it continues the same study
     assert run_local(cfg, url, artifact_dir=tmp_path / "art")["ran"] == 0
     more = run_local(cfg.model_copy(update={"trials": 3}), url, artifact_dir=tmp_path / "art")
