@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -45,7 +46,7 @@ def storage_for(url: str) -> RDBStorage:
         if database and database != ":memory:" and not database.startswith("file:"):
             path = Path(database)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as conn:
+            with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as conn:
                 conn.execute("PRAGMA journal_mode=WAL")
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     else:
