@@ -176,7 +176,7 @@ def evaluate_spec(
     report = train_model(model, splits.train, splits.val, train, dev, on_epoch=hooks.on_epoch,
                          should_stop=hooks.should_stop)
     accuracy = evaluate_accuracy(model, splits.test, dev, topk=(1, 5),
-                                 batch_size=max(train.batch_size, 256))
+                                 batch_size=max(train.batch_size, 256), num_workers=train.num_workers)
     model.to("cpu").eval()
     result.val_curve = report.val_curve
     result.val_acc = report.val_curve[-1] if report.val_curve else None

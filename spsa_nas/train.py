@@ -110,7 +110,7 @@ def _batches(loader: DataLoader, device: torch.device, channels_last: bool
 
 def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.device,
                       topk: Sequence[int] = (1, 5), batch_size: int = 256,
-                      channels_last: bool = False) -> dict[int, float | None]:
+                      channels_last: bool = False, num_workers: int = 0) -> dict[int, float | None]:
     """Top-k accuracies (fractions) of `model` on `dataset`, keyed by k.
 
     A top-k with k >= the number of classes says nothing (it is always 1), so it is None.
@@ -120,7 +120,7 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.de
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("evaluate_accuracy: the dataset is empty")
     modes = {module: module.training for module in model.modules()}
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=0, device=dev)
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, device=dev)
     correct = dict.fromkeys(topk, 0)
     total = 0
     num_classes = 0
@@ -215,7 +215,7 @@ def train_model(
                 optimizer.step()
             step += 1
         val_acc = evaluate_accuracy(model, val_set, dev, topk=(1,), batch_size=max(cfg.batch_size, 256),
-                                    channels_last=cfg.channels_last)[1]
+                                    channels_last=cfg.channels_last, num_workers=cfg.num_workers)[1]
         report.val_curve.append(float(val_acc or 0.0))
         report.epochs = epoch
         report.steps = step

@@ -182,3 +182,15 @@ def test_evaluate_accuracy_counts_exactly() -> None:
     assert few[5] is None and few[1] == 0.75
     with pytest.raises(ValueError, match="empty"):
         evaluate_accuracy(nn.Flatten(), TensorDataset(logits[:0], labels[:0]), "cpu")
+
+
+def test_loader_workers_give_the_same_training(synthetic: tuple) -> None:
+    train, val = synthetic
+    weights = []
+    for workers in (0, 1):
+        torch.manual_seed(0)
+        model = _tiny()
+        train_model(model, train, val, TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=3,
+                                                   num_workers=workers), "cpu")
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True))
