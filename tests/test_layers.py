@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "spsa_nas": {"optuna", "optuna_dashboard", "ray", "sqlalchemy", "fastapi", "uvicorn",
                  "alembic", "search_spaces", "workers", "service"},
-    "search_spaces": {"ray", "sqlalchemy", "fastapi", "uvicorn", "workers", "service"},
+    "search_spaces": {"ray", "fastapi", "uvicorn", "workers", "service"},
     "workers": {"fastapi", "uvicorn", "service"},
 }
 
