@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from service.models import (
     ACTIVE_STATES,
@@ -122,7 +122,7 @@ def create_search(
 
 def get_search(session: Session, *, search_id: str, user: User) -> Search | None:
     """The search if it exists and `user` may see it (its owner, or an admin); else None."""
-    search = session.get(Search, search_id)
+    search = session.get(Search, search_id, options=[joinedload(Search.owner)])
     if search is None or (search.owner_id != user.id and not user.is_admin):
         return None
     return search
@@ -137,7 +137,12 @@ def list_searches(
         where.append(Search.status == status)
     count = session.scalar(select(func.count()).select_from(Search).where(*where)) or 0
     rows = session.scalars(
-        select(Search).where(*where).order_by(Search.created_at.desc(), Search.id).offset(skip).limit(limit)
+        select(Search)
+        .options(joinedload(Search.owner))
+        .where(*where)
+        .order_by(Search.created_at.desc(), Search.id)
+        .offset(skip)
+        .limit(limit)
     )
     return list(rows), int(count)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
+from collections.abc import Container
 from datetime import datetime
 from typing import Any
 
-import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -33,19 +35,78 @@ METRIC_KEYS = (
 )
 
 
-def load_study(storage: BaseStorage, study_name: str) -> optuna.Study | None:
-    """The study of a search, or None when it does not exist (yet, or any more)."""
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return None
+class StudyView:
+    """A read-only snapshot of a study: what search_spaces.study's pareto_front and select_best
+    read (study_name, user_attrs, get_trials), loaded once per request or reused from the cache."""
+
+    def __init__(
+        self, study_name: str, study_id: int, user_attrs: dict[str, Any], trials: list[FrozenTrial]
+    ) -> None:
+        self.study_name = study_name
+        self._study_id = study_id
+        self.user_attrs = user_attrs
+        self._trials = trials
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self._trials
+
+    def get_trials(
+        self, deepcopy: bool = False, states: Container[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        if states is None:
+            return list(self._trials)
+        return [t for t in self._trials if t.state in states]
 
 
-def study_id(storage: BaseStorage, study_name: str) -> int | None:
-    try:
-        return storage.get_study_id_from_name(study_name)
-    except KeyError:
-        return None
+class StudyCache:
+    """Study ids (they never change) and study snapshots for `ttl_s` seconds, or for good once
+    the search has ended: under load, repeated reads of a running search cost one storage read
+    per `ttl_s`, not one per request."""
+
+    def __init__(self, storage: BaseStorage, ttl_s: float) -> None:
+        self.storage = storage
+        self.ttl_s = ttl_s
+        self._ids: dict[str, int] = {}
+        self._views: dict[str, tuple[float, bool, StudyView]] = {}
+        self._lock = threading.Lock()
+
+    def study_id(self, study_name: str) -> int | None:
+        if study_name in self._ids:
+            return self._ids[study_name]
+        try:
+            study_id = self.storage.get_study_id_from_name(study_name)
+        except KeyError:
+            return None
+        with self._lock:
+            self._ids[study_name] = study_id
+        return study_id
+
+    def view(self, study_name: str, *, final: bool = False) -> StudyView | None:
+        """The study's snapshot (None when it does not exist); `final`: the search has ended."""
+        now = time.monotonic()
+        cached = self._views.get(study_name)
+        if cached is not None and (cached[1] or now - cached[0] < self.ttl_s):
+            return cached[2]
+        study_id = self.study_id(study_name)
+        if study_id is None:
+            return None
+        view = StudyView(
+            study_name,
+            study_id,
+            self.storage.get_study_user_attrs(study_id),
+            self.storage.get_all_trials(study_id, deepcopy=False),
+        )
+        with self._lock:
+            self._views[study_name] = (now, final, view)
+            if len(self._views) > 1024:  # keep the most recent
+                for name in sorted(self._views, key=lambda n: self._views[n][0])[:256]:
+                    del self._views[name]
+        return view
+
+    def forget(self, study_name: str) -> None:
+        with self._lock:
+            self._views.pop(study_name, None)
 
 
 def _finite(values: list[float] | None) -> list[float] | None:
@@ -88,16 +149,16 @@ def trial_public(trial: FrozenTrial) -> TrialPublic:
 
 
 def best_so_far(
-    study: optuna.Study, *, latency_budget_ms: float | None = None, trial_number: int | None = None
+    study: StudyView, *, latency_budget_ms: float | None = None, trial_number: int | None = None
 ) -> FrozenTrial | None:
     """search_spaces.select_best, or None when no trial qualifies."""
     try:
-        return select_best(study, latency_budget_ms=latency_budget_ms, trial_number=trial_number)
+        return select_best(study, latency_budget_ms=latency_budget_ms, trial_number=trial_number)  # type: ignore[arg-type]
     except LookupError:
         return None
 
 
-def progress(search: Search, study: optuna.Study | None, trials_requested: int) -> Progress:
+def progress(search: Search, study: StudyView | None, trials_requested: int) -> Progress:
     trials = study.get_trials(deepcopy=False) if study is not None else []
     counts = {state: 0 for state in TrialState}
     durations = []

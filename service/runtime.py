@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from search_spaces.study import storage_for
 from service.db import make_engine, make_session_factory, migrate
+from service.results import StudyCache
 from service.settings import Settings
 
 
@@ -24,6 +25,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     storage: RDBStorage
     artifact_store: FileSystemArtifactStore
+    studies: StudyCache
     export_lock: threading.Lock = field(default_factory=threading.Lock)  # one ONNX export at a time
 
     def close(self) -> None:
@@ -44,4 +46,5 @@ def build_runtime(settings: Settings) -> Runtime:
         sessions=make_session_factory(engine),
         storage=storage,
         artifact_store=FileSystemArtifactStore(str(settings.artifact_path)),
+        studies=StudyCache(storage, settings.results_cache_s),
     )

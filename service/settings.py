@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     max_parallelism: int = Field(16, ge=1)
     max_active_searches_per_user: int = Field(8, ge=1)  # queued + running + cancelling
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies answer 413
+    # How long the API may answer from a running search's cached trials (0: always read them).
+    results_cache_s: float = Field(1.0, ge=0, le=60)
     dashboard: bool = True  # serve optuna-dashboard at / (behind the same login)
     cookie_secure: bool = False  # set the login cookie's Secure flag (behind HTTPS)
     # Access log of uvicorn (off by default: it costs throughput and the dispatcher logs enough).

@@ -56,23 +56,29 @@ def _open_storage(url: str, *, must_exist: bool) -> optuna.storages.RDBStorage:
         parsed = make_url(url)
     except Exception:
         raise UsageError(f"--storage {url!r} is not a database URL (e.g. {DEFAULT_STORAGE})") from None
-    if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database \
-            and parsed.database != ":memory:" and not Path(parsed.database).exists():
-        raise UsageError(f"no database at {parsed.database}; run `spsa-nas search` first or pass "
-                         "--storage")
+    if (
+        must_exist
+        and parsed.get_backend_name() == "sqlite"
+        and parsed.database
+        and parsed.database != ":memory:"
+        and not Path(parsed.database).exists()
+    ):
+        raise UsageError(f"no database at {parsed.database}; run `spsa-nas search` first or pass --storage")
     try:
         return storage_for(url)
     except Exception as exc:  # driver errors: unreachable server, bad credentials, ...
-        raise UsageError(f"cannot open storage {url!r}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]}") from None
+        raise UsageError(
+            f"cannot open storage {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def _resolve_study(storage: optuna.storages.RDBStorage, name: str | None) -> optuna.Study:
     if name is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
         if len(names) != 1:
-            raise UsageError("pass --study NAME; studies in this storage: "
-                             f"{', '.join(names) if names else 'none'}")
+            raise UsageError(
+                f"pass --study NAME; studies in this storage: {', '.join(names) if names else 'none'}"
+            )
         name = names[0]
     try:
         return load_study(name, storage)
@@ -107,17 +113,21 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
 
 
-def _front_table(title: str, trials: list[optuna.trial.FrozenTrial],
-                 chosen: int | None = None) -> Table:
+def _front_table(title: str, trials: list[optuna.trial.FrozenTrial], chosen: int | None = None) -> Table:
     table = Table(title=title)
     for column in ("trial", "val acc", "test top1", "latency ms", "params", "architecture"):
         table.add_column(column, justify="left" if column == "architecture" else "right")
     for t in trials:
         a = t.user_attrs
         mark = " *" if t.number == chosen else ""
-        table.add_row(f"{t.number}{mark}", _fmt(a.get("val_acc")), _fmt(a.get("top1")),
-                      _fmt(a.get("latency_ms"), ".3f"), _fmt(a.get("params"), ","),
-                      describe_spec(a.get("spec") or {}))
+        table.add_row(
+            f"{t.number}{mark}",
+            _fmt(a.get("val_acc")),
+            _fmt(a.get("top1")),
+            _fmt(a.get("latency_ms"), ".3f"),
+            _fmt(a.get("params"), ","),
+            describe_spec(a.get("spec") or {}),
+        )
     return table
 
 
@@ -134,8 +144,13 @@ def _config_from_args(args: argparse.Namespace, space: SearchSpace) -> SearchCon
             **({"weight": args.score_weight} if args.score_weight is not None else {}),
             hard=args.hard,
         )
-        data = DataConfig(name=args.dataset, data_root=args.data_root, path=args.data_path,
-                          train_subset=args.train_subset, download=args.download)
+        data = DataConfig(
+            name=args.dataset,
+            data_root=args.data_root,
+            path=args.data_path,
+            train_subset=args.train_subset,
+            download=args.download,
+        )
         train_fields: dict[str, Any] = {"epochs": args.epochs}
         if args.batch_size is not None:
             train_fields["batch_size"] = args.batch_size
@@ -153,9 +168,17 @@ def _config_from_args(args: argparse.Namespace, space: SearchSpace) -> SearchCon
         return SearchConfig(
             study_name=study_name,
             space=args.space if is_builtin else space.model_dump(mode="json", exclude_unset=True),
-            dataset=data, trials=args.trials, timeout_s=args.timeout, objective=objective,
-            sampler=args.sampler, pruner=args.pruner, train=train, latency=latency, device=args.device,
-            seed=args.seed, parallelism=args.parallelism,
+            dataset=data,
+            trials=args.trials,
+            timeout_s=args.timeout,
+            objective=objective,
+            sampler=args.sampler,
+            pruner=args.pruner,
+            train=train,
+            latency=latency,
+            device=args.device,
+            seed=args.seed,
+            parallelism=args.parallelism,
         )
     except ValidationError as exc:
         raise UsageError(_validation_message(exc)) from None
@@ -165,8 +188,9 @@ def _check_data(cfg: SearchConfig, space: SearchSpace) -> None:
     from spsa_nas.data import dataset_in_channels, dataset_num_classes  # torch: only when searching
 
     try:
-        resolve_io(space, num_classes=dataset_num_classes(cfg.dataset),
-                   in_channels=dataset_in_channels(cfg.dataset))
+        resolve_io(
+            space, num_classes=dataset_num_classes(cfg.dataset), in_channels=dataset_in_channels(cfg.dataset)
+        )
     except ValueError as exc:  # DataError is a ValueError
         raise UsageError(str(exc)) from None
 
@@ -187,45 +211,60 @@ def _run_search(args: argparse.Namespace) -> int:
     for note in space.notes:
         console.print(f"[yellow]note:[/] {note}")
     before = finished(trial_counts(study))
-    console.print(f"study {cfg.study_name!r} in {args.storage}: {before}/{cfg.trials} trials finished; "
-                  f"objective {cfg.objective.kind}, sampler {cfg.sampler}, space {space.name}")
+    console.print(
+        f"study {cfg.study_name!r} in {args.storage}: {before}/{cfg.trials} trials finished; "
+        f"objective {cfg.objective.kind}, sampler {cfg.sampler}, space {space.name}"
+    )
     if args.parallelism > 1 or args.ray_address:
         try:
             ray_runner = import_module("workers.ray_runner")
         except ModuleNotFoundError as exc:
-            raise UsageError(f"the Ray runner is not available ({exc}); run without --parallelism "
-                             "and --ray-address") from None
-        summary = ray_runner.run_search(cfg, args.storage, artifact_dir=args.artifacts,
-                                        ray_address=args.ray_address)
+            raise UsageError(
+                f"the Ray runner is not available ({exc}); run without --parallelism and --ray-address"
+            ) from None
+        summary = ray_runner.run_search(
+            cfg, args.storage, artifact_dir=args.artifacts, ray_address=args.ray_address
+        )
     else:
         summary = _search_local(cfg, args, console, before)
     study = load_study(cfg.study_name, storage)
     return _report(study, cfg, summary, console, args)
 
 
-def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console, before: int
-                  ) -> dict[str, Any]:
+def _search_local(
+    cfg: SearchConfig, args: argparse.Namespace, console: Console, before: int
+) -> dict[str, Any]:
     from workers.local import run_local  # torch and the trial machinery: only when searching
 
-    progress = Progress(TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.description}"), console=console,
-                        transient=False)
+    progress = Progress(
+        TextColumn("[bold]search"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=False,
+    )
     best_text = "best: -"
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal best_text
         a = trial.user_attrs
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            line = (f"trial {trial.number}: val {_fmt(a.get('val_acc'))} top1 {_fmt(a.get('top1'))} "
-                    f"{_fmt(a.get('latency_ms'), '.3f')} ms  {describe_spec(a.get('spec') or {})}")
+            line = (
+                f"trial {trial.number}: val {_fmt(a.get('val_acc'))} top1 {_fmt(a.get('top1'))} "
+                f"{_fmt(a.get('latency_ms'), '.3f')} ms  {describe_spec(a.get('spec') or {})}"
+            )
         else:
             why = a.get("error") or a.get("reason") or ""
             line = f"trial {trial.number}: {trial.state.name.lower()} {why}".rstrip()
         progress.console.print(line, markup=False, highlight=False)
         try:
             best = select_best(study, latency_budget_ms=args.latency_budget)
-            best_text = (f"best: #{best.number} val {best.user_attrs['val_acc']:.4f} @ "
-                         f"{best.user_attrs['latency_ms']:.3f} ms")
+            best_text = (
+                f"best: #{best.number} val {best.user_attrs['val_acc']:.4f} @ "
+                f"{best.user_attrs['latency_ms']:.3f} ms"
+            )
         except LookupError:
             pass
         progress.update(task, completed=finished(trial_counts(study)), description=best_text)
@@ -235,8 +274,13 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
         return run_local(cfg, args.storage, artifact_dir=args.artifacts, progress=on_trial)
 
 
-def _report(study: optuna.Study, cfg: SearchConfig, summary: dict[str, Any], console: Console,
-            args: argparse.Namespace) -> int:
+def _report(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    summary: dict[str, Any],
+    console: Console,
+    args: argparse.Namespace,
+) -> int:
     counts = trial_counts(study)
     out = Console()
     front = pareto_front(study)
@@ -244,11 +288,16 @@ def _report(study: optuna.Study, cfg: SearchConfig, summary: dict[str, Any], con
     with contextlib.suppress(LookupError):
         chosen = select_best(study, latency_budget_ms=args.latency_budget).number
     if front:
-        out.print(_front_table(f"Pareto front of {study.study_name} (* = best by the selection rule)",
-                               front, chosen))
-    console.print(f"{finished(counts)}/{cfg.trials} finished ({counts['complete']} complete, "
-                  f"{counts['pruned']} pruned, {counts['fail']} failed); stopped: "
-                  f"{summary.get('stopped', '-')}")
+        out.print(
+            _front_table(
+                f"Pareto front of {study.study_name} (* = best by the selection rule)", front, chosen
+            )
+        )
+    console.print(
+        f"{finished(counts)}/{cfg.trials} finished ({counts['complete']} complete, "
+        f"{counts['pruned']} pruned, {counts['fail']} failed); stopped: "
+        f"{summary.get('stopped', '-')}"
+    )
     console.print(f"watch it: optuna-dashboard {args.storage}")
     if summary.get("stopped") == "failing":
         console.print(f"[red]trials keep failing:[/] {summary.get('last_error')}", markup=True)
@@ -264,8 +313,9 @@ def _chosen(args: argparse.Namespace) -> tuple[optuna.Study, optuna.trial.Frozen
     storage = _open_storage(args.storage, must_exist=True)
     study = _resolve_study(storage, args.study)
     try:
-        trial = select_best(study, latency_budget_ms=args.latency_budget,
-                            trial_number=getattr(args, "trial", None))
+        trial = select_best(
+            study, latency_budget_ms=args.latency_budget, trial_number=getattr(args, "trial", None)
+        )
     except LookupError as exc:
         raise UsageError(str(exc.args[0])) from None
     return study, trial
@@ -275,16 +325,29 @@ def _run_best(args: argparse.Namespace) -> int:
     study, trial = _chosen(args)
     front = pareto_front(study)
     if args.json:
-        print(json.dumps({"study": study.study_name, "latency_budget_ms": args.latency_budget,
-                          "best": trial_row(trial), "pareto_front": [trial_row(t) for t in front],
-                          "counts": trial_counts(study)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "study": study.study_name,
+                    "latency_budget_ms": args.latency_budget,
+                    "best": trial_row(trial),
+                    "pareto_front": [trial_row(t) for t in front],
+                    "counts": trial_counts(study),
+                },
+                indent=2,
+            )
+        )
         return 0
     out = Console()
     out.print(_front_table(f"Pareto front of {study.study_name}", front, trial.number))
     a = trial.user_attrs
-    out.print(f"best: trial {trial.number}: val acc {_fmt(a.get('val_acc'))}, test top1 "
-              f"{_fmt(a.get('top1'))}, {_fmt(a.get('latency_ms'), '.3f')} ms, "
-              f"{_fmt(a.get('params'), ',')} params", markup=False, highlight=False)
+    out.print(
+        f"best: trial {trial.number}: val acc {_fmt(a.get('val_acc'))}, test top1 "
+        f"{_fmt(a.get('top1'))}, {_fmt(a.get('latency_ms'), '.3f')} ms, "
+        f"{_fmt(a.get('params'), ',')} params",
+        markup=False,
+        highlight=False,
+    )
     out.print(describe_spec(a.get("spec") or {}), markup=False, highlight=False)
     return 0
 
@@ -304,24 +367,32 @@ def _run_export(args: argparse.Namespace) -> int:
         raise UsageError(f"trial {trial.number} has no weights artifact")
     store_dir = Path(args.artifacts)
     if not (store_dir / artifact_id).exists():
-        raise UsageError(f"weights artifact {artifact_id} of trial {trial.number} is not in {store_dir}; "
-                         "pass the --artifacts directory the search used")
+        raise UsageError(
+            f"weights artifact {artifact_id} of trial {trial.number} is not in {store_dir}; "
+            "pass the --artifacts directory the search used"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec = ArchSpec.model_validate(trial.user_attrs["spec"])
     weights = out / "weights.safetensors"
     weights.unlink(missing_ok=True)
-    download_artifact(artifact_store=FileSystemArtifactStore(str(store_dir)), file_path=str(weights),
-                      artifact_id=artifact_id)
+    download_artifact(
+        artifact_store=FileSystemArtifactStore(str(store_dir)),
+        file_path=str(weights),
+        artifact_id=artifact_id,
+    )
     (out / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n")
     metrics = {k: v for k, v in trial_row(trial).items() if k != "spec"}
     metrics["study"] = study.study_name
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = build_model(spec, weights=weights).eval()
-    onnx_path = export_onnx(model, out / "model.onnx",
-                            (1, spec.in_channels, spec.input_size, spec.input_size))
-    print(f"exported trial {trial.number} of {study.study_name} to {out}: spec.json, "
-          f"weights.safetensors, {Path(onnx_path).name}, metrics.json")
+    onnx_path = export_onnx(
+        model, out / "model.onnx", (1, spec.in_channels, spec.input_size, spec.input_size)
+    )
+    print(
+        f"exported trial {trial.number} of {study.study_name} to {out}: spec.json, "
+        f"weights.safetensors, {Path(onnx_path).name}, metrics.json"
+    )
     return 0
 
 
@@ -340,13 +411,22 @@ def _run_spaces(args: argparse.Namespace) -> int:
                 table.add_column(column)
             for i, stage in enumerate(space.stage_choices(backbone), start=1):
                 c = stage.choices
-                alpha = (c.alpha.model_dump_json(exclude_none=True) if not isinstance(c.alpha, list)
-                         else ", ".join(f"{a:g}" for a in c.alpha))
+                alpha = (
+                    c.alpha.model_dump_json(exclude_none=True)
+                    if not isinstance(c.alpha, list)
+                    else ", ".join(f"{a:g}" for a in c.alpha)
+                )
                 channels = "/".join(str(stage_table(backbone, w)[i - 1].channels) for w in space.widths)
-                table.add_row(f"{i} {stage.info.name}", channels,
-                              f"{stage.feature_size}x{stage.feature_size}",
-                              ", ".join(str(s).lower() for s in c.spsa), ", ".join(map(str, c.heads)),
-                              alpha, ", ".join(c.channel_attn), ", ".join(c.attn_order))
+                table.add_row(
+                    f"{i} {stage.info.name}",
+                    channels,
+                    f"{stage.feature_size}x{stage.feature_size}",
+                    ", ".join(str(s).lower() for s in c.spsa),
+                    ", ".join(map(str, c.heads)),
+                    alpha,
+                    ", ".join(c.channel_attn),
+                    ", ".join(c.attn_order),
+                )
             out.print(table)
         for note in space.notes:
             out.print(f"note: {note}")
@@ -390,8 +470,9 @@ def _positive_float(text: str) -> float:
 
 
 def _storage_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--storage", default=DEFAULT_STORAGE,
-                        help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    parser.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
+    )
     parser.add_argument("--study", default=None, help="study name (default: the only one there)")
 
 
@@ -408,22 +489,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--lr", type=_positive_float, default=None)
-    p.add_argument("--latency-repeats", type=_positive_int, default=None,
-                   help="timed forward passes per latency measurement (>= 3)")
+    p.add_argument(
+        "--latency-repeats",
+        type=_positive_int,
+        default=None,
+        help="timed forward passes per latency measurement (>= 3)",
+    )
     p.add_argument("--latency-warmup", type=int, default=None, help="untimed passes first")
-    p.add_argument("--train-subset", type=_positive_float, default=None,
-                   help="fraction (<=1) or number (>1) of training samples")
-    p.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help=f"Optuna storage URL (default {DEFAULT_STORAGE})")
+    p.add_argument(
+        "--train-subset",
+        type=_positive_float,
+        default=None,
+        help="fraction (<=1) or number (>1) of training samples",
+    )
+    p.add_argument(
+        "--storage", default=DEFAULT_STORAGE, help=f"Optuna storage URL (default {DEFAULT_STORAGE})"
+    )
     p.add_argument("--study", default=None, help="study name (default: <space>-<dataset>)")
     p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact directory (weights)")
     p.add_argument("--objective", choices=("pareto", "score"), default="pareto")
-    p.add_argument("--latency-target", type=_positive_float, default=None,
-                   help="ms; the score objective's target")
+    p.add_argument(
+        "--latency-target", type=_positive_float, default=None, help="ms; the score objective's target"
+    )
     p.add_argument("--score-weight", type=float, default=None, help="score exponent w (<= 0)")
     p.add_argument("--hard", action="store_true", help="hard score: w = 0 under the target, -1 over")
-    p.add_argument("--latency-budget", type=_positive_float, default=None,
-                   help="ms; slower candidates are rejected before training")
+    p.add_argument(
+        "--latency-budget",
+        type=_positive_float,
+        default=None,
+        help="ms; slower candidates are rejected before training",
+    )
     p.add_argument("--sampler", choices=("auto", "tpe", "nsga2", "random"), default="auto")
     p.add_argument("--pruner", choices=("none", "median", "hyperband"), default="none")
     p.add_argument("--seed", type=int, default=0)

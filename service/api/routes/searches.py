@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-import optuna
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 from optuna.trial import FrozenTrial, TrialState
@@ -43,7 +42,7 @@ SearchId = Annotated[str, "a search id"]
 
 def _links(request: Request, search: Search, runtime: Runtime) -> Links:
     base = str(request.url_for("read_search", search_id=search.id).path)
-    study_id = results.study_id(runtime.storage, search.study_name) if runtime.settings.dashboard else None
+    study_id = runtime.studies.study_id(search.study_name) if runtime.settings.dashboard else None
     return Links(
         self=base,
         trials=f"{base}/trials",
@@ -62,7 +61,7 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
     config = json.loads(search.config)
     progress = None
     if with_progress:
-        study = results.load_study(runtime.storage, search.study_name)
+        study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
         progress = results.progress(search, study, int(config.get("trials", 0)))
     return SearchPublic(
         id=search.id,
@@ -159,8 +158,8 @@ def read_search(
     return _public(request, _found(session, search_id, user), runtime, with_progress=True)
 
 
-def _study(runtime: Runtime, search: Search) -> optuna.Study:
-    study = results.load_study(runtime.storage, search.study_name)
+def _study(runtime: Runtime, search: Search) -> results.StudyView:
+    study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
     if study is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="the search's study is gone from the storage")
     return study
@@ -190,7 +189,7 @@ def read_pareto(
 ) -> TrialsPublic:
     """The non-dominated trials (accuracy vs latency; the best trial for a score search)."""
     study = _study(runtime, _found(session, search_id, user))
-    front = pareto_front(study)
+    front = pareto_front(study)  # type: ignore[arg-type]
     return TrialsPublic(data=[results.trial_public(t) for t in front], count=len(front))
 
 
@@ -207,7 +206,7 @@ def cancel_search(
     if search.status in FINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {search.status}")
     if search.status in (QUEUED, RUNNING, CANCELLING):
-        study_id = results.study_id(runtime.storage, search.study_name)
+        study_id = runtime.studies.study_id(search.study_name)
         if study_id is not None:
             runtime.storage.set_study_user_attr(study_id, CANCEL_ATTR, True)
         crud.request_cancel(session, search=search)
