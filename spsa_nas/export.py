@@ -1,0 +1,123 @@
+"""Exporting a model: weights as safetensors (with the spec in the metadata) and ONNX graphs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spsa_nas.models.weights import load_state_dict_file
+from spsa_nas.spec import ArchSpec
+
+__all__ = ["SPEC_METADATA_KEY", "export_onnx", "load_spec", "load_state_dict_file", "save_safetensors"]
+
+log = logging.getLogger(__name__)
+
+#: Metadata key (safetensors header and ONNX metadata_props) holding the ArchSpec JSON.
+SPEC_METADATA_KEY = "spsa_nas.spec"
+
+#: ONNX opset of the exported graphs (onnxruntime >= 1.14 runs it).
+DEFAULT_OPSET = 18
+
+
+def _spec_json(model: nn.Module) -> str | None:
+    spec = getattr(model, "spec", None)
+    return spec.model_dump_json() if isinstance(spec, ArchSpec) else None
+
+
+def save_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """Write `model.state_dict()` (contiguous, on the CPU) to `path` as safetensors.
+
+    When the model carries an ArchSpec as `model.spec` (every `build_model` model does), its JSON
+    is stored in the file's metadata under `SPEC_METADATA_KEY`, so that `load_spec(path)` and
+    `build_model(load_spec(path), weights=path)` rebuild the model from the file alone.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    spec = _spec_json(model)
+    save_file(state, str(path), metadata={SPEC_METADATA_KEY: spec} if spec else None)
+    return path
+
+
+def load_spec(path: str | Path) -> ArchSpec | None:
+    """The ArchSpec stored in a safetensors file's metadata by `save_safetensors`, or None."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"weights file {path}: not a readable safetensors file ({exc})") from exc
+    text = metadata.get(SPEC_METADATA_KEY)
+    if text is None:
+        return None
+    try:
+        return ArchSpec.model_validate_json(text)
+    except ValueError as exc:
+        raise ValueError(f"weights file {path}: the stored spec is not a valid ArchSpec: {exc}") from exc
+
+
+def _check_input_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) != 4 or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be (N, C, H, W) of positive sizes, got {tuple(input_shape)}")
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, ArchSpec) and shape[1] != spec.in_channels:
+        raise ValueError(f"input_shape {shape} has {shape[1]} channels; the model takes "
+                         f"{spec.in_channels} (spec.in_channels)")
+    return shape
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *,
+                opset: int = DEFAULT_OPSET, optimize: bool = True) -> Path:
+    """Export `model` in eval mode to an ONNX file at `path` for inputs of `input_shape`.
+
+    Uses torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`): it traces SPSA's
+    fast path as plain operators (in eval/no-grad SPSA does not go through its autograd.Function)
+    and handles FcaNet's adaptive pooling to a DCT size larger than the feature map, both of
+    which the legacy TorchScript exporter refuses. The graph has static shapes (`input_shape`),
+    one input `input` and one output `logits`, all weights embedded, and the model's ArchSpec
+    JSON (if any) in its metadata under `SPEC_METADATA_KEY`. `optimize` runs onnxscript's graph
+    optimiser (smaller, faster graph; slower export). The model's training flag is restored.
+    """
+    import onnx
+
+    shape = _check_input_shape(model, input_shape)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation / tracing chatter
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, opset_version=opset, input_names=["input"],
+                output_names=["logits"], optimize=optimize, verify=False, external_data=False,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise RuntimeError(f"ONNX export of {type(model).__name__} for input {shape} failed: {exc}") from exc
+    finally:
+        model.train(was_training)
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
+    proto = program.model_proto
+    spec = _spec_json(model)
+    if spec:
+        onnx.helper.set_model_props(proto, {SPEC_METADATA_KEY: spec})
+    onnx.save_model(proto, str(path))
+    log.info("exported %s to %s (opset %d, input %s)", type(model).__name__, path, opset, shape)
+    return path
