@@ -123,11 +123,28 @@ def _trial_task(
     options: RunnerOptions,
 ) -> dict[str, Any]:
     """One Ray task: ask (or take an enqueued retry), run the trial, make sure it is told."""
+    task_start = time.perf_counter()
+    storage = open_storage(storage_url)
+    try:
+        return _run_one(storage, study_name, SearchConfig.model_validate_json(cfg_json), artifact_dir, token,
+                        run_id, trial_fn, options, task_start)
+    finally:
+        storage.close()
+
+
+def _run_one(
+    storage: RetryingStorage,
+    study_name: str,
+    cfg: SearchConfig,
+    artifact_dir: str,
+    token: str,
+    run_id: str,
+    trial_fn: TrialFn | None,
+    options: RunnerOptions,
+    task_start: float,
+) -> dict[str, Any]:
     import ray
 
-    task_start = time.perf_counter()
-    cfg = SearchConfig.model_validate_json(cfg_json)
-    storage = open_storage(storage_url)
     study = optuna.load_study(study_name=study_name, storage=storage)
     trial = study.ask()
     trial_id = trial._trial_id
@@ -403,10 +420,11 @@ def run_search(
             for trial in run.trials(TrialState.RUNNING):
                 if trial.user_attrs.get(TASK_ATTR) in run.tokens:
                     run.fail_cancelled(trial)
+        return _summary(run, status, time.monotonic() - start, ray_mode)
     finally:
+        storage.close()
         if ray_mode != "caller":
             ray.shutdown()
-    return _summary(run, status, time.monotonic() - start, ray_mode)
 
 
 def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
@@ -422,7 +440,7 @@ def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
             else:
                 run.fail_lost(trial, f"Ray task ended with {why}")
         if not cancelled:
-            logger.warning("trial task %s ended with %s", token[:8], why)
+            logger.warning("trial task %s ended with %s: %s", token[:8], why, str(error)[-600:])
         return
     number = result["trial_number"]
     if number in run.claimed:
