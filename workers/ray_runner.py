@@ -287,11 +287,11 @@ class _Run:
         logger.warning("trial %d: %s; marked FAIL", trial.number, why)
         self.enqueue_retry(self.storage.get_trial(trial_id))
 
-    def fail_cancelled(self, trial: FrozenTrial) -> None:
+    def fail_cancelled(self, trial: FrozenTrial, reason: str = "cancelled") -> None:
         trial_id = trial._trial_id
         _set_attr_quietly(self.storage, trial_id, CANCELLED_ATTR, True)
-        _set_attr_quietly(self.storage, trial_id, REASON_ATTR, "cancelled")
-        _set_attr_quietly(self.storage, trial_id, "error", "cancelled")
+        _set_attr_quietly(self.storage, trial_id, REASON_ATTR, reason)
+        _set_attr_quietly(self.storage, trial_id, "error", reason)
         with suppress(optuna.exceptions.UpdateFinishedTrialError):
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
@@ -421,6 +421,13 @@ def run_search(
                 if trial.user_attrs.get(TASK_ATTR) in run.tokens:
                     run.fail_cancelled(trial)
         return _summary(run, status, time.monotonic() - start, ray_mode)
+    except KeyboardInterrupt:  # Ctrl-C of the CLI: stop the tasks, record their trials, re-raise
+        for ref in run.in_flight:
+            ray.cancel(ref, force=True)
+        for trial in run.trials(TrialState.RUNNING):
+            if trial.user_attrs.get(TASK_ATTR) in run.tokens:
+                run.fail_cancelled(trial, reason="interrupted")
+        raise
     finally:
         storage.close()
         if ray_mode != "caller":

@@ -1,0 +1,94 @@
+"""Ray runner overhead: dispatch cost per trivial trial, throughput with 1 and 2 workers, time in trials."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from search_spaces.config import Resources, SearchConfig
+from workers.ray_runner import RunnerOptions, run_search
+from workers.synthetic import synthetic_trial
+
+
+def _run(name: str, url: str, tmp: Path, *, trials: int, parallelism: int, train_s: float,
+         options: RunnerOptions) -> dict[str, Any]:
+    cfg = SearchConfig(study_name=name, sampler="random", trials=trials, parallelism=parallelism,
+                       resources=Resources(num_cpus=1))
+    trial_fn = functools.partial(synthetic_trial, train_s=train_s)
+    summary = run_search(cfg, url, artifact_dir=tmp / "artifacts", trial_fn=trial_fn, options=options)
+    if summary["finished"] != trials:
+        raise RuntimeError(f"{name}: {summary['finished']} of {trials} trials finished: {summary}")
+    wall = summary["wall_s"]
+    return {
+        "trials": trials,
+        "parallelism": parallelism,
+        "trial_s": train_s,
+        "wall_s": round(wall, 3),
+        "trials_per_s": round(trials / wall, 3),
+        "wall_per_trial_ms": round(1000 * wall / trials, 1),
+        # time a worker slot spends outside the trial function, per trial (dispatch, ask, tell...)
+        "overhead_per_trial_ms": round(1000 * (wall * parallelism - summary["trial_s"]) / trials, 1),
+        "task_overhead_per_trial_ms": round(1000 * (summary["task_s"] - summary["trial_s"]) / trials, 1),
+        "fraction_in_trials": round(summary["trial_s"] / (wall * parallelism), 3),
+        "db_retries": summary["db_retries"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trivial-trials", type=int, default=40, help="trials of the dispatch test")
+    parser.add_argument("--trials", type=int, default=24, help="trials of each throughput test")
+    parser.add_argument("--trial-s", type=float, default=0.5, help="length of a throughput-test trial")
+    parser.add_argument("--storage", default=None, help="database URL (default: a fresh SQLite file)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    import ray
+
+    options = RunnerOptions(heartbeat_s=5.0, lease_s=60.0, poll_s=0.05)
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        url = args.storage or f"sqlite:///{tmp / 'bench.db'}"
+        start = time.perf_counter()
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        ray_init_s = time.perf_counter() - start
+        try:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            # warm-up: start the worker processes and import the project in them
+            _run("warmup", url, tmp, trials=4, parallelism=2, train_s=0.0, options=options)
+            results = {
+                "dispatch_trivial_p1": _run("trivial-p1", url, tmp, trials=args.trivial_trials, parallelism=1,
+                                            train_s=0.0, options=options),
+                "dispatch_trivial_p2": _run("trivial-p2", url, tmp, trials=args.trivial_trials, parallelism=2,
+                                            train_s=0.0, options=options),
+                "throughput_p1": _run("sleep-p1", url, tmp, trials=args.trials, parallelism=1,
+                                      train_s=args.trial_s, options=options),
+                "throughput_p2": _run("sleep-p2", url, tmp, trials=args.trials, parallelism=2,
+                                      train_s=args.trial_s, options=options),
+            }
+        finally:
+            ray.shutdown()
+    report = {
+        "benchmark": "bench_ray_dispatch",
+        "machine": {"cpus": cpus, "python": platform.python_version(), "ray": ray.__version__},
+        "storage": "sqlite" if args.storage is None else args.storage.split(":", 1)[0],
+        "ray_init_s": round(ray_init_s, 2),
+        "note": "trials sleep (no CPU); overhead = worker-slot time outside the trial function per trial",
+        **results,
+        "speedup_p2_over_p1": round(results["throughput_p2"]["trials_per_s"]
+                                    / results["throughput_p1"]["trials_per_s"], 2),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
