@@ -1,0 +1,314 @@
+"""What SPSA costs on ResNet-50 here: inference throughput, training step time and peak memory, as JSON.
+
+Measured on the machine it runs on, for ResNet-50 at batch 8 x 224² (ImageNet stem) and batch
+64 x 32² (CIFAR stem: at 32² the ImageNet stem would leave layer4 at 1x1, where SPSA's gate is a
+constant). Variants: the plain backbone; SPSA in every block, fast path (the default) and
+reference path; SE in every block; ECA in every block.
+
+- Inference: eval mode, no grad; every round times one forward of each variant in a rotated
+  order (interleaved, so that drifts of the machine hit all variants alike); throughput =
+  batch / median time; each variant's ratio to the plain backbone. Eager, and `torch.compile`d
+  (default mode) for the variants in --compile-variants (compile time reported).
+- Training: one SGD step (no momentum, so no optimizer state) on random labels, interleaved
+  the same way, median step time. Peak memory: on CUDA `torch.cuda.max_memory_allocated` over
+  one step (after a warm-up step); on the CPU there is no allocator statistic, so each variant
+  runs in a fresh subprocess and the peak is the growth of the process's resident set (peak
+  RSS from getrusage minus the RSS before the first step: activations, gradients and
+  workspace, the same allocator for all variants). Also reported: the bytes autograd saves for
+  the backward pass (saved_tensors_hooks, unique storages), exact and device-independent.
+
+Targets (from the issue), reported with `met` flags: compiled SPSA >= 0.97 of the plain
+backbone's inference throughput, eager fast SPSA >= 0.90, training peak memory <= 1.05 x plain.
+
+Usage: python benchmarks/bench_spsa_resnet50.py [--quick] [--device cpu|cuda] [--no-compile]
+`--quick` is a smoke run (one tiny config at width 0.25, 3 repeats, training of plain and fast
+SPSA only, no compile unless --compile): it checks that the script works, its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from spsa_nas.models import build_model
+from spsa_nas.spec import ArchSpec, StageSpec
+
+VARIANTS: dict[str, StageSpec] = {
+    "plain": StageSpec(),
+    "spsa_fast": StageSpec(spsa=True),
+    "spsa_reference": StageSpec(spsa=True),
+    "se": StageSpec(channel_attn="se"),
+    "eca": StageSpec(channel_attn="eca"),
+}
+TRAIN_VARIANTS = ("plain", "spsa_fast", "spsa_reference")
+
+
+def make_model(variant: str, cfg: dict[str, Any], device: torch.device) -> nn.Module:
+    """ResNet-50 with `variant`'s attention in every block, on `device`."""
+    torch.manual_seed(0)
+    spec = ArchSpec.uniform("resnet50", VARIANTS[variant], stem=cfg["stem"], input_size=cfg["size"],
+                            width=cfg["width"], num_classes=1000)
+    model = build_model(spec)
+    if variant == "spsa_reference":
+        for module in model.modules():
+            if type(module).__name__ == "SPSA":
+                module.impl = "reference"
+    return model.to(device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured round-robin (order rotated every round)."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(_timed(fns[name], device))
+    return times
+
+
+def inference(cfg: dict[str, Any], variants: list[str], compiled: bool, args: argparse.Namespace,
+              device: torch.device) -> dict[str, Any]:
+    """Throughput of each variant and its ratio to plain, eager or compiled."""
+    x = torch.randn(cfg["batch"], 3, cfg["size"], cfg["size"], device=device)
+    fns: dict[str, Callable[[], Any]] = {}
+    compile_s: dict[str, float] = {}
+    for name in variants:
+        model = make_model(name, cfg, device).eval()
+        if compiled:
+            model = torch.compile(model)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(x)  # compiles
+            compile_s[name] = round(time.perf_counter() - start, 1)
+
+        def forward(model: nn.Module = model) -> None:
+            with torch.no_grad():
+                model(x)
+
+        fns[name] = forward
+    times = interleaved(fns, args.repeats, args.warmup, device)
+    out: dict[str, Any] = {}
+    for name, ts in times.items():
+        median = statistics.median(ts)
+        out[name] = {"median_ms": round(median * 1e3, 2), "img_per_s": round(cfg["batch"] / median, 2)}
+    plain = out["plain"]["img_per_s"]
+    result: dict[str, Any] = {"variants": out,
+                              "ratio_to_plain": {n: round(v["img_per_s"] / plain, 4) for n, v in out.items()}}
+    if compiled:
+        result["compile_s"] = compile_s
+    return result
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _inputs(cfg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch"], 3, cfg["size"], cfg["size"], generator=generator).to(device)
+    y = torch.randint(0, 1000, (cfg["batch"],), generator=generator).to(device)
+    return x, y
+
+
+def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd keeps for the backward pass of one step."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_child(variant: str, cfg: dict[str, Any], device: torch.device) -> dict[str, int]:
+    """Run in a fresh process: peak memory growth of training steps of one variant."""
+    model = make_model(variant, cfg, device).train()
+    x, y = _inputs(cfg, device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    if device.type == "cuda":
+        _train_step(model, x, y, opt)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _train_step(model, x, y, opt)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        method = "cuda.max_memory_allocated"
+    else:
+        before = _rss_bytes()
+        _train_step(model, x, y, opt)
+        _train_step(model, x, y, opt)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        method = "peak RSS growth (fresh process)"
+    return {"peak_bytes": peak, "method": method,  # type: ignore[dict-item]
+            "saved_for_backward_bytes": saved_for_backward_bytes(model, x, y)}
+
+
+def training(cfg: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Step time (interleaved, in-process) and peak memory (one fresh process per variant)."""
+    variants = TRAIN_VARIANTS[:2] if args.quick else TRAIN_VARIANTS
+    x, y = _inputs(cfg, device)
+    fns: dict[str, Callable[[], Any]] = {}
+    for name in variants:
+        model = make_model(name, cfg, device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        fns[name] = lambda model=model, opt=opt: _train_step(model, x, y, opt)
+    times = interleaved(fns, args.train_repeats, 1, device)
+    del fns
+    out: dict[str, Any] = {}
+    for name in variants:
+        child = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name, "--config", json.dumps(cfg),
+             "--device", str(device)],
+            capture_output=True, text=True, check=False, timeout=1800,
+        )
+        if child.returncode != 0:
+            raise RuntimeError(f"memory measurement of {name} failed:\n{child.stderr[-2000:]}")
+        memory = json.loads(child.stdout.strip().splitlines()[-1])
+        out[name] = {"step_ms": round(statistics.median(times[name]) * 1e3, 1), **memory}
+    plain = out["plain"]
+    ratios = {name: {"step_time": round(v["step_ms"] / plain["step_ms"], 4),
+                     "peak_memory": round(v["peak_bytes"] / plain["peak_bytes"], 4),
+                     "saved_for_backward": round(v["saved_for_backward_bytes"]
+                                                 / plain["saved_for_backward_bytes"], 4)}
+              for name, v in out.items()}
+    return {"variants": out, "ratio_to_plain": ratios}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, no compile")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd runs")
+    parser.add_argument("--compile", action="store_true", help="compile even with --quick")
+    parser.add_argument("--compile-variants", default="plain,spsa_fast",
+                        help="variants to compile (comma-separated; default plain,spsa_fast: compiling "
+                             "ResNet-50 takes ~25 s per variant and shape on a CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10, quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
+    parser.add_argument("--train-repeats", type=int, default=None, help="timed training rounds (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.train_repeats = args.train_repeats or (2 if args.quick else 5)
+    unknown = set(args.compile_variants.split(",")) - set(VARIANTS)
+    if unknown or "plain" not in args.compile_variants.split(","):
+        parser.error(f"--compile-variants must include plain and name only {', '.join(VARIANTS)}")
+    if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0:
+        parser.error("--repeats and --train-repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def configs(quick: bool) -> dict[str, dict[str, Any]]:
+    if quick:
+        return {"b2x32": {"batch": 2, "size": 32, "stem": "cifar", "width": 0.25}}
+    return {"b8x224": {"batch": 8, "size": 224, "stem": "imagenet", "width": 1.0},
+            "b64x32": {"batch": 64, "size": 32, "stem": "cifar", "width": 1.0}}
+
+
+def _target(value: float | None, op: str, bound: float) -> dict[str, Any]:
+    met = None if value is None else (value >= bound if op == ">=" else value <= bound)
+    return {"value": value, "target": f"{op} {bound}", "met": met}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"device {args.device!r}: CUDA is not available here", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(peak_memory_child(args.memory_child, json.loads(args.config), device)))
+        return 0
+    do_compile = not args.no_compile and (not args.quick or args.compile)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "benchmark": "spsa_resnet50",
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "train_repeats": args.train_repeats,
+        "configs": {},
+    }
+    for name, cfg in configs(args.quick).items():
+        entry: dict[str, Any] = {**cfg, "inference": {}}
+        entry["inference"]["eager"] = inference(cfg, list(VARIANTS), False, args, device)
+        if do_compile:
+            entry["inference"]["compiled"] = inference(cfg, args.compile_variants.split(","), True, args,
+                                                       device)
+        else:
+            entry["inference"]["compiled"] = {"skipped": "--no-compile or --quick"}
+        entry["training"] = training(cfg, args, device)
+        report["configs"][name] = entry
+
+    targets: dict[str, Any] = {}
+    for name, entry in report["configs"].items():
+        compiled = entry["inference"]["compiled"].get("ratio_to_plain", {}).get("spsa_fast")
+        targets[name] = {
+            "compiled_spsa_throughput_ratio": _target(compiled, ">=", 0.97),
+            "eager_fast_spsa_throughput_ratio": _target(
+                entry["inference"]["eager"]["ratio_to_plain"]["spsa_fast"], ">=", 0.90),
+            "train_peak_memory_ratio": _target(
+                entry["training"]["ratio_to_plain"]["spsa_fast"]["peak_memory"], "<=", 1.05),
+        }
+    report["targets"] = targets
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
