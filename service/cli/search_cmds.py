@@ -196,6 +196,7 @@ def _check_data(cfg: SearchConfig, space: SearchSpace) -> None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it all
     try:
         space = load_space(args.space)
     except SpaceError as exc:
@@ -356,9 +357,9 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.trial is None and not args.best:
         raise UsageError("pass --trial N or --best")
     from optuna.artifacts import FileSystemArtifactStore, download_artifact
-    from spsa_nas.export import export_onnx
 
     from spsa_nas import build_model
+    from spsa_nas.export import export_onnx
     from spsa_nas.spec import ArchSpec
 
     study, trial = _chosen(args)
