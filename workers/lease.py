@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -195,13 +196,25 @@ def open_storage(url: str, policy: RetryPolicy | None = None) -> RetryingStorage
     """The study storage at `url` (search_spaces.study.storage_for) behind bounded retries, with
     SQLite's transactions made atomic (serialise_sqlite_writes).
 
-    Opening is retried too: RDBStorage creates its tables on first use, and two processes doing so
-    at once on a fresh database collide ("table ... already exists"); the second try finds them.
+    Opening is retried too: RDBStorage creates its tables and its version row on first use, and
+    two processes doing so at once on a fresh database collide ("table ... already exists", a
+    duplicate alembic_version row); the next try finds them.
     """
     from search_spaces.study import storage_for
 
     policy = policy or RetryPolicy()
-    storage = policy.call(storage_for, url)
+    for attempt in range(policy.attempts):
+        try:
+            storage = storage_for(url)
+            break
+        except (sa_exc.OperationalError, sa_exc.IntegrityError, sqlite3.OperationalError,
+                optuna.exceptions.StorageInternalError):
+            # "table ... already exists" / a duplicate alembic_version row: another process is
+            # creating the schema right now; the next try finds it.
+            if attempt == policy.attempts - 1:
+                raise
+            policy.retries += 1
+            time.sleep(min(policy.max_delay_s, policy.base_delay_s * 2**attempt) * (0.5 + random.random()))
     serialise_sqlite_writes(storage)
     return RetryingStorage(storage, policy)
 

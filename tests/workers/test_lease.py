@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import threading
 import time
@@ -11,6 +12,7 @@ import optuna
 import pytest
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from workers_test_utils import open_and_list
 
 from workers.latency_gate import NodeGate
 from workers.lease import (
@@ -43,6 +45,16 @@ def test_retrying_storage_rides_out_a_locked_sqlite_file(tmp_path: Path) -> None
     holder.close()
     assert storage.policy.retries > 0
     assert storage.get_trial(trial._trial_id).user_attrs["k"] == 1
+
+
+def test_processes_opening_a_fresh_database_at_once_do_not_collide(tmp_path: Path) -> None:
+    """Six processes open one new SQLite file at once: without retries some fail creating the
+    schema ("table already exists", duplicate alembic_version row)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(6) as pool:
+        for round_ in range(3):
+            url = f"sqlite:///{tmp_path / f'fresh{round_}.db'}"
+            pool.map(open_and_list, [url] * 6)  # raises if any of them failed
 
 
 def test_retrying_storage_does_not_retry_real_errors(tmp_path: Path) -> None:

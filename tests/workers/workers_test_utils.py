@@ -21,3 +21,13 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
+
+
+def open_and_list(url: str) -> int:
+    """In a child process: open the storage at `url` (creating its schema if needed); its retries."""
+    from workers.lease import open_storage
+
+    storage = open_storage(url)
+    storage.get_all_studies()
+    storage.close()
+    return storage.policy.retries
