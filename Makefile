@@ -1,9 +1,9 @@
-# Makefile: set-up, the demo (the main job) and the tests; every target sets itself up first.
+# Makefile: set-up, the service (the main job), the library demo and the tests; each sets itself up.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench
+.PHONY: setup run demo test lint bench
 
 setup: $(STAMP)
 
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/spsa-nas serve
 
 demo: setup
 	$(PY) -m spsa_nas.demo
