@@ -116,6 +116,7 @@ def inference(cfg: dict[str, Any], variants: list[str], compiled: bool, args: ar
                 model(x)
 
         fns[name] = forward
+    progress(f"inference {cfg} {'compiled' if compiled else 'eager'}: timing {', '.join(variants)}")
     times = interleaved(fns, args.repeats, args.warmup, device)
     out: dict[str, Any] = {}
     for name, ts in times.items():
@@ -127,6 +128,11 @@ def inference(cfg: dict[str, Any], variants: list[str], compiled: bool, args: ar
     if compiled:
         result["compile_s"] = compile_s
     return result
+
+
+def progress(message: str) -> None:
+    """One line on stderr, so that a long run shows where it is (stdout stays pure JSON)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer) -> None:
@@ -180,7 +186,6 @@ def peak_memory_child(variant: str, cfg: dict[str, Any], device: torch.device) -
     else:
         before = _rss_bytes()
         _train_step(model, x, y, opt)
-        _train_step(model, x, y, opt)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
         method = "peak RSS growth (fresh process)"
     return {"peak_bytes": peak, "method": method,  # type: ignore[dict-item]
@@ -196,10 +201,12 @@ def training(cfg: dict[str, Any], args: argparse.Namespace, device: torch.device
         model = make_model(name, cfg, device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         fns[name] = lambda model=model, opt=opt: _train_step(model, x, y, opt)
+    progress(f"training {cfg}: timing {', '.join(variants)}")
     times = interleaved(fns, args.train_repeats, 1, device)
     del fns
     out: dict[str, Any] = {}
     for name in variants:
+        progress(f"training {cfg}: peak memory of {name} in a fresh process")
         child = subprocess.run(
             [sys.executable, __file__, "--memory-child", name, "--config", json.dumps(cfg),
              "--device", str(device)],
