@@ -43,7 +43,8 @@ def _wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: flo
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[dict[str, Any]]:
-    """A head (1 CPU, resource `head`) and a second node (1 CPU, resource `node2`), token auth on
+    """A head (1 CPU, resource `head`) and a second node (1 CPU, one logical GPU, resource `node2`),
+    token auth on
     with a token of this test only, in a temp dir of their own; killed by process group after."""
     token = secrets.token_hex(16)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
@@ -57,7 +58,7 @@ def ray_cluster() -> Iterator[dict[str, Any]]:
         for name, args in (
             ("head", ["--head", "--port", str(port), "--resources", '{"head": 1}', "--temp-dir", temp_dir,
                       "--include-dashboard", "false"]),
-            ("node2", ["--address", address, "--resources", '{"node2": 1}']),
+            ("node2", ["--address", address, "--resources", '{"node2": 1}', "--num-gpus", "1"]),
         ):
             log = logs / f"{name}.log"
             with open(log, "wb") as out:
@@ -112,14 +113,18 @@ def test_search_runs_on_both_nodes_of_an_external_cluster(ray_cluster: dict[str,
     assert len(nodes) == 2, "1 CPU per node and 2 trials in flight: both nodes must have run trials"
     assert all(t.user_attrs["hostname"] for t in trials)
 
-    # A custom resource pins the trials to the node that has it.
+    # Half a GPU and a custom resource per trial: both trials on node2 at once, on "cuda" (the
+    # GPU is a logical one: the synthetic trial only records the device it was given).
     pinned = _args("pinned", sqlite_url, tmp_path, ray_address=ray_cluster["address"],
-                   cfg={"trials": 2, "resources": {"num_cpus": 0.5}})
-    pinned["options"] = {**FAST, "resources": {"node2": 1}}
+                   cfg={"trials": 2, "resources": {"num_cpus": 0.5, "num_gpus": 0.5}})
+    pinned["options"] = {**FAST, "resources": {"node2": 0.5}}
     summary = _summary(_coordinator(pinned, env))
     assert summary["finished"] == 2, summary
-    pinned_nodes = {t.user_attrs["node_id"] for t in _trials(sqlite_url, "pinned")}
+    pinned_trials = _trials(sqlite_url, "pinned")
+    pinned_nodes = {t.user_attrs["node_id"] for t in pinned_trials}
     assert len(pinned_nodes) == 1 and pinned_nodes < nodes
+    assert [t.user_attrs["device"] for t in pinned_trials] == ["cuda", "cuda"]
+    assert all(t.user_attrs["device"] == "cpu" for t in trials)
 
 
 def test_joining_without_the_token_is_a_clear_error(ray_cluster: dict[str, Any], sqlite_url: str,

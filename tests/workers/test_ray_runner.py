@@ -250,3 +250,14 @@ def test_latency_measurements_have_the_host_to_themselves(ray_local: None, sqlit
             for step in other.user_attrs["step_windows"]:
                 assert not _overlap(window, step), (
                     f"trial {other.number} trained during trial {trial.number}'s measurement")
+
+
+def test_time_budget_stops_new_trials_and_lets_running_ones_finish(ray_local: None, sqlite_url: str,
+                                                                    tmp_path: Path) -> None:
+    trial_fn = functools.partial(synthetic_trial, train_s=0.5, steps=5)
+    summary = run_search(_cfg("budget", trials=1000, timeout_s=3.0), sqlite_url, artifact_dir=tmp_path,
+                         trial_fn=trial_fn, options=FAST)
+    assert summary["status"] == "timeout", summary
+    trials = _trials(sqlite_url, "budget")
+    assert 0 < summary["finished"] < 1000 and summary["finished"] == len(trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials)  # none cut off, none left RUNNING

@@ -23,7 +23,7 @@ def test_eight_workers_many_short_trials(backend: str, ray_local: None, tmp_path
                                          request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue(f"{backend}_url")
     cfg = SearchConfig(study_name=f"load-{backend}", sampler="random", trials=48, parallelism=8,
-                       resources=Resources(num_cpus=1))
+                       resources=Resources(num_cpus=0.25))
     # a heartbeat every 0.2 s adds ~40 writes/s on top of the trials' own ask/attrs/tell
     options = RunnerOptions(heartbeat_s=0.2, lease_s=10.0, poll_s=0.1)
     trial_fn = functools.partial(synthetic_trial, train_s=0.2, steps=4)
@@ -58,7 +58,7 @@ def test_eight_workers_take_each_enqueued_trial_once(backend: str, ray_local: No
     IMMEDIATE transaction (before that fix, 12 of 64 enqueued trials ran twice here)."""
     url = request.getfixturevalue(f"{backend}_url")
     cfg = SearchConfig(study_name=f"queue-{backend}", sampler="random", trials=48, parallelism=8,
-                       resources=Resources(num_cpus=1))
+                       resources=Resources(num_cpus=0.25))
     study = create_study(cfg, open_storage(url))
     for i in range(48):
         study.enqueue_trial({"x": i / 64})
