@@ -12,8 +12,8 @@ reference path; SE in every block; ECA in every block.
 - Training: one SGD step (no momentum, so no optimizer state) on random labels, interleaved
   the same way, median step time. Peak memory: on CUDA `torch.cuda.max_memory_allocated` over
   one step (after a warm-up step); on the CPU there is no allocator statistic, so each variant
-  runs in a fresh subprocess and the peak is the growth of the process's resident set (peak
-  RSS from getrusage minus the RSS before the first step: activations, gradients and
+  runs in a fresh subprocess and the peak is the growth of the process's resident set (its
+  high-water mark VmHWM minus VmRSS before the step: activations, gradients and
   workspace, the same allocator for all variants). Also reported: the bytes autograd saves for
   the backward pass (saved_tensors_hooks, unique storages), exact and device-independent.
 
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -164,9 +162,13 @@ def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor)
     return sum(seen.values())
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now; VmHWM: its high-water mark)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def peak_memory_child(variant: str, cfg: dict[str, Any], device: torch.device) -> dict[str, int]:
@@ -184,9 +186,11 @@ def peak_memory_child(variant: str, cfg: dict[str, Any], device: torch.device) -
         peak = torch.cuda.max_memory_allocated(device) - before
         method = "cuda.max_memory_allocated"
     else:
-        before = _rss_bytes()
+        # VmHWM, not getrusage's ru_maxrss: the latter keeps the peak of the forked parent
+        # across exec (the parent's whole RSS), which would hide any difference
+        before = _status_bytes("VmRSS")
         _train_step(model, x, y, opt)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = _status_bytes("VmHWM") - before
         method = "peak RSS growth (fresh process)"
     return {"peak_bytes": peak, "method": method,  # type: ignore[dict-item]
             "saved_for_backward_bytes": saved_for_backward_bytes(model, x, y)}
