@@ -20,21 +20,18 @@ from pydantic import (
     model_validator,
 )
 
-from spsa_nas.spec import CHANNEL_ATTENTIONS, MAX_ALPHA, StageInfo, feature_sizes, stage_table
+from spsa_nas.spec import (
+    ATTN_ORDERS,
+    BACKBONES,
+    CHANNEL_ATTENTIONS,
+    MAX_ALPHA,
+    STEMS,
+    StageInfo,
+    feature_sizes,
+    stage_table,
+)
 
 BUILTIN_DIR = Path(__file__).with_name("builtin")
-BACKBONES: tuple[str, ...] = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "mobilenet_v2",
-    "shufflenet_v2_x1_0",
-)
-ATTN_ORDERS: tuple[str, ...] = ("channel_first", "spsa_first")
-STEMS: tuple[str, ...] = ("imagenet", "cifar")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Path_ = tuple[str | int, ...]

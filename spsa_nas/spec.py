@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -30,6 +30,10 @@ Backbone = Literal[
     "shufflenet_v2_x1_0",
 ]
 Stem = Literal["imagenet", "cifar"]
+
+BACKBONES: tuple[str, ...] = get_args(Backbone)
+STEMS: tuple[str, ...] = get_args(Stem)
+ATTN_ORDERS: tuple[str, ...] = get_args(AttnOrder)
 
 MAX_ALPHA = 10.0  # (1 - sigmoid(r)) ** 10 is already below 0.045 everywhere: beyond is absurd
 
@@ -115,8 +119,7 @@ def stage_table(backbone: str, width: float = 1.0) -> tuple[StageInfo, ...]:
             )
             for i, n in enumerate(SHUFFLENET_V2_REPEATS)
         )
-    raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(_RESNET_BLOCKS)}, "
-                     "mobilenet_v2, shufflenet_v2_x1_0")
+    raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
 
 
 def stem_stride(backbone: str, stem: str) -> int:

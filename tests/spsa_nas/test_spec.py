@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from spsa_nas.spec import (
+    BACKBONES,
     CHANNEL_ATTENTIONS,
     ArchSpec,
     StageSpec,
@@ -17,8 +18,6 @@ from spsa_nas.spec import (
     make_divisible,
     stage_table,
 )
-
-BACKBONES = ArchSpec.model_fields["backbone"].annotation.__args__  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
