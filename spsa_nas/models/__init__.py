@@ -6,7 +6,12 @@ from collections.abc import Callable
 
 from torch import nn
 
-from spsa_nas.models._attn import RESNET_ECA_KERNELS, BlockAttention, eca_adaptive_kernel
+from spsa_nas.models._attn import (
+    RESNET_ECA_KERNELS,
+    BlockAttention,
+    eca_adaptive_kernel,
+    set_memory_efficient,
+)
 from spsa_nas.models.mobilenet import MobileNetV2
 from spsa_nas.models.resnet import ResNet
 from spsa_nas.models.shufflenet import ShuffleNetV2
@@ -22,6 +27,7 @@ __all__ = [
     "eca_adaptive_kernel",
     "load_state_dict_file",
     "load_weights",
+    "set_memory_efficient",
 ]
 
 #: Backbone name -> model class taking the ArchSpec (keys == spsa_nas.spec.Backbone's values).
@@ -37,17 +43,24 @@ BACKBONES: dict[str, Callable[[ArchSpec], nn.Module]] = {
 }
 
 
-def build_model(spec: ArchSpec, weights: Weights | None = None) -> nn.Module:
+def build_model(spec: ArchSpec, weights: Weights | None = None, *,
+                memory_efficient: bool = True) -> nn.Module:
     """Build the model `spec` describes; load `weights` (state_dict or file) when given.
 
     The model carries its spec as `model.spec` and, when weights were given, the `LoadReport`
-    as `model.load_report` (None otherwise).
+    as `model.load_report` (None otherwise). `memory_efficient` (default True): in training,
+    blocks with SPSA run their last BN and attention again in the backward pass instead of
+    keeping SPSA's full-size input alive (no effect on results, nor on blocks without SPSA;
+    `set_memory_efficient` switches it later).
     """
     if not isinstance(spec, ArchSpec):
         raise TypeError(f"build_model needs an ArchSpec, got {type(spec).__name__}")
     if spec.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {spec.backbone!r}; valid: {', '.join(BACKBONES)}")
+    if not isinstance(memory_efficient, bool):
+        raise TypeError(f"build_model: memory_efficient must be a bool, got {memory_efficient!r}")
     model = BACKBONES[spec.backbone](spec)
+    set_memory_efficient(model, memory_efficient)
     model.spec = spec
     model.load_report = None if weights is None else load_weights(model, weights)
     return model

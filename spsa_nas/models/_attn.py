@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 
+import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from spsa_nas.attention import SPSA, create_attention
 from spsa_nas.spec import ArchSpec, StageSpec
@@ -92,6 +96,75 @@ def stage_attention(spec: ArchSpec, index: int) -> AttnFactory:
     elif stage.channel_attn == "fca":
         options["dct_size"] = max(7, spec.feature_sizes()[index])
     return partial(_make_block_attention, stage=stage, options=options)
+
+
+def recomputes(block: nn.Module, attn: nn.Module) -> bool:
+    """Whether `block` should run its last BN and `attn` under `recompute_in_backward` now.
+
+    Yes when the block's `memory_efficient` flag is on (the default), the block is training,
+    grad is enabled, `attn` contains SPSA, and neither torch.compile (whose partitioner decides
+    recomputation itself) nor TorchScript/ONNX tracing is running.
+    """
+    return (
+        getattr(block, "memory_efficient", True)
+        and block.training
+        and torch.is_grad_enabled()
+        and isinstance(attn, BlockAttention)
+        and attn.spsa is not None
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+def _recompute_context(modules: tuple[nn.Module, ...]) -> Callable[[], AbstractContextManager[None]]:
+    """A context for the recomputation: every BN in `modules` computes and saves exactly what it
+    did in the forward (batch statistics of the same input), but updates throw-away copies of its
+    running_mean/var/num_batches_tracked, so that the real ones are updated once per step."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    norms = [m for module in modules for m in module.modules()
+             if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+
+    @contextmanager
+    def scratch_running_stats() -> Iterator[None]:
+        kept = [{name: getattr(norm, name) for name in names} for norm in norms]
+        try:
+            for norm, buffers in zip(norms, kept, strict=True):
+                for name, buffer in buffers.items():
+                    setattr(norm, name, None if buffer is None else buffer.clone())
+            yield
+        finally:
+            for norm, buffers in zip(norms, kept, strict=True):
+                for name, buffer in buffers.items():
+                    setattr(norm, name, buffer)
+
+    return scratch_running_stats
+
+
+def recompute_in_backward(fn: Callable[[Tensor], Tensor], x: Tensor, *modules: nn.Module) -> Tensor:
+    """fn(x), keeping for the backward only `x` (what fn's first BN saves anyway): fn is run again
+    in the backward pass (non-reentrant activation checkpointing).
+
+    `modules` are the modules fn runs; their BNs are recomputed from the same input, so with
+    batch statistics they give the forward's output exactly, and their running statistics are not
+    updated a second time (the recomputation updates scratch copies). fn must be deterministic
+    (no dropout): the RNG state is not preserved.
+    """
+    recompute = _recompute_context(modules)
+    return checkpoint(fn, x, use_reentrant=False, preserve_rng_state=False,
+                      context_fn=lambda: (nullcontext(), recompute()))
+
+
+def set_memory_efficient(model: nn.Module, enabled: bool) -> nn.Module:
+    """Switch, in every block of `model`, the recomputation of the last BN and the attention in
+    the backward pass (see `recomputes`) on or off; returns `model`."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_memory_efficient: enabled must be a bool, got {enabled!r}")
+    for module in model.modules():
+        if hasattr(module, "memory_efficient"):
+            module.memory_efficient = enabled
+    return model
 
 
 def backbone_modules(module: nn.Module) -> Iterator[nn.Module]:

@@ -12,6 +12,9 @@ inverted residuals with a `conv` Sequential, `features.18` the last 1x1 conv, `c
 Dropout + Linear). `spec.width` scales channels as torchvision's `width_mult` does
 (make_divisible(c * width, 8); last conv make_divisible(1280 * max(1, width), 8)). The CIFAR stem
 makes the first convolution stride 1.
+
+Memory: as in `spsa_nas.models.resnet`, a block whose attention contains SPSA runs the projection's
+BN and the attention again in the backward pass when training (`memory_efficient`, default True).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from spsa_nas.models._attn import AttnFactory, backbone_modules, stage_attention
+from spsa_nas.models._attn import (
+    AttnFactory,
+    backbone_modules,
+    recompute_in_backward,
+    recomputes,
+    stage_attention,
+)
 from spsa_nas.spec import MOBILENET_V2_SETTINGS, ArchSpec, make_divisible
 
 
@@ -40,9 +49,21 @@ class InvertedResidual(nn.Module):
         ]
         self.conv = nn.Sequential(*layers)
         self.attn = attn(oup)
+        self.memory_efficient = True
+
+    def _tail(self, out: Tensor) -> Tensor:
+        return self.attn(self.conv[-1](out))
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.attn(self.conv(x))
+        if recomputes(self, self.attn):
+            out = x
+            for i, layer in enumerate(self.conv):
+                if i == len(self.conv) - 1:  # the projection's BN: recomputed in the backward pass
+                    break
+                out = layer(out)
+            out = recompute_in_backward(self._tail, out, self.conv[-1], self.attn)
+        else:
+            out = self.attn(self.conv(x))
         return x + out if self.use_res_connect else out
 
 

@@ -12,13 +12,24 @@ no attention the state_dict has exactly torchvision's keys and its weights load 
 `spec.width` scales every stage's planes as `spsa_nas.spec.stage_table` does, and the stem to
 make_divisible(64 * width, 8). The CIFAR stem replaces conv1 by a 3x3 stride-1 convolution
 (same name) and the max-pool by an identity.
+
+Memory: a block whose attention contains SPSA runs its last BN and the attention, when training,
+under `recompute_in_backward` (they run again in the backward pass), so that SPSA's input — the
+BN's output, which nothing else keeps — is not kept alive between forward and backward. The
+block's `memory_efficient` attribute (default True; `set_memory_efficient`) switches this off.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from spsa_nas.models._attn import AttnFactory, backbone_modules, stage_attention
+from spsa_nas.models._attn import (
+    AttnFactory,
+    backbone_modules,
+    recompute_in_backward,
+    recomputes,
+    stage_attention,
+)
 from spsa_nas.spec import ArchSpec, make_divisible
 
 _BOTTLENECK = {"resnet50", "resnet101", "resnet152", "resnext50_32x4d"}
@@ -49,11 +60,18 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.attn = attn(planes)
+        self.memory_efficient = True
+
+    def _tail(self, out: Tensor) -> Tensor:
+        return self.attn(self.bn2(out))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.attn(self.bn2(self.conv2(out)))
+        out = self.conv2(self.relu(self.bn1(self.conv1(x))))
+        if recomputes(self, self.attn):
+            out = recompute_in_backward(self._tail, out, self.bn2, self.attn)
+        else:
+            out = self._tail(out)
         return self.relu(out + identity)
 
 
@@ -76,12 +94,19 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.attn = attn(out)
+        self.memory_efficient = True
+
+    def _tail(self, out: Tensor) -> Tensor:
+        return self.attn(self.bn3(out))
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.attn(self.bn3(self.conv3(out)))
+        out = self.conv3(self.relu(self.bn2(self.conv2(out))))
+        if recomputes(self, self.attn):
+            out = recompute_in_backward(self._tail, out, self.bn3, self.attn)
+        else:
+            out = self._tail(out)
         return self.relu(out + identity)
 
 

@@ -11,6 +11,10 @@ Module names, shapes and initialisation are torchvision's (PyTorch's default ini
 torchvision does not re-initialise ShuffleNetV2). `spec.width` scales the stage widths to
 make_divisible(c * width, 4); the stem keeps 24 channels and conv5 1024 (2048 from width 2), as
 torchvision's x0.5-x2.0 variants do. The CIFAR stem makes conv1 stride 1 and drops the max-pool.
+
+Memory: a block whose attention contains SPSA runs branch2's last BN, its ReLU and the attention
+again in the backward pass when training (`memory_efficient`, default True; see
+`spsa_nas.models.resnet`), keeping only the last 1x1 convolution's output, which the BN keeps.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from spsa_nas.models._attn import AttnFactory, stage_attention
+from spsa_nas.models._attn import AttnFactory, recompute_in_backward, recomputes, stage_attention
 from spsa_nas.spec import ArchSpec
 
 
@@ -62,13 +66,27 @@ class ShuffleBlock(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.attn = attn(branch)
+        self.memory_efficient = True
+
+    def _tail(self, out: Tensor) -> Tensor:
+        """branch2's last BN and ReLU, then the attention."""
+        return self.attn(self.branch2[7](self.branch2[6](out)))
+
+    def _right(self, x: Tensor) -> Tensor:
+        if not recomputes(self, self.attn):
+            return self.attn(self.branch2(x))
+        for i, layer in enumerate(self.branch2):
+            if i == 6:  # the last BN: from here on, recomputed in the backward pass
+                break
+            x = layer(x)
+        return recompute_in_backward(self._tail, x, self.branch2[6], self.branch2[7], self.attn)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride == 1:
             left, right = x.chunk(2, dim=1)
-            out = torch.cat((left, self.attn(self.branch2(right))), dim=1)
+            out = torch.cat((left, self._right(right)), dim=1)
         else:
-            out = torch.cat((self.branch1(x), self.attn(self.branch2(x))), dim=1)
+            out = torch.cat((self.branch1(x), self._right(x)), dim=1)
         return channel_shuffle(out, 2)
 
 
