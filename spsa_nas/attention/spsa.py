@@ -141,6 +141,12 @@ def _shifted(x5: torch.Tensor, key: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.addcmul(-key["s"][..., None, None] * inv, x5, inv)
 
 
+#: Bytes of x̃ that the eager path materialises at a time (a slice of the batch): small enough to
+#: stay in the CPU's cache between the shift and the reductions that read it, large enough that
+#: the per-slice launch overhead is negligible.
+_SLICE_BYTES = 4 << 20
+
+
 def _pixel_stats(
     y: torch.Tensor, uc: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,27 +158,47 @@ def _pixel_stats(
         sum_yu = (y * uc[..., None, None]).sum(2)
         norm_y = y.square().sum(2).sqrt()
     else:
-        # eager: one batched matmul against a block-diagonal [1; ũ] (N, 2G, C) matrix and one
-        # norm kernel, instead of a product temporary per statistic
+        # eager: one batched matmul against a block-diagonal [1; ũ] (N, 2G, C) matrix, and the
+        # squares summed in place (y is a cache-sized scratch slice, see _sliced_pixel_stats)
         blocks = torch.eye(g, dtype=y.dtype, device=y.device).repeat_interleave(cg, dim=1)
         weights = torch.cat([blocks.expand(n, g, g * cg), blocks * uc.reshape(n, 1, g * cg)], dim=1)
         sums = torch.bmm(weights, y.view(n, g * cg, h * w))
         sum_y, sum_yu = sums[:, :g], sums[:, g:]
-        norm_y = torch.linalg.vector_norm(y, dim=2)
+        norm_y = y.square_().sum(2).sqrt_()
     return sum_y.reshape(n, g, h * w), sum_yu.reshape(n, g, h * w), norm_y.reshape(n, g, h * w)
 
 
+def _sliced_pixel_stats(
+    x5: torch.Tensor, key: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_pixel_stats` of x̃ = `_shifted(x5)`, one slice of the batch at a time in eager mode.
+
+    Materialising the whole x̃ would cost a write and a read of a full-size fp32 tensor from
+    memory (and its allocation); a cache-sized slice is written and read back from the cache.
+    Same numerics: the statistics are per sample.
+    """
+    n = x5.shape[0]
+    rows = max(1, _SLICE_BYTES // max(1, x5[:1].numel() * key["s"].element_size()))
+    if torch.compiler.is_compiling() or rows >= n:
+        return _pixel_stats(_shifted(x5, key), key["uc"])
+    parts = [
+        _pixel_stats(_shifted(x5[i:i + rows], {k: key[k][i:i + rows] for k in ("s", "inv")}),
+                     key["uc"][i:i + rows])
+        for i in range(0, n, rows)
+    ]
+    sum_y, sum_yu, norm_y = (torch.cat(stat) for stat in zip(*parts, strict=True))
+    return sum_y, sum_yu, norm_y
+
+
 def _fast_forward(
-    x: torch.Tensor, alpha: float, heads: int, eps: float
+    x: torch.Tensor, alpha: float, heads: int, eps: float, inplace: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The fast path's output and the small tensors its backward needs."""
+    """The fast path's output (written into x when `inplace`) and the small tensors its backward needs."""
     n, c, h, w = x.shape
     cg = c // heads
     key = _key_stats(x, heads, eps)
     x5 = x.view(n, heads, cg, h, w)
-    y = _shifted(x5, key)  # pass 2 (with the statistics below; one pass when compiled)
-    sum_y, sum_yu, norm_y = _pixel_stats(y, key["uc"])
-    del y
+    sum_y, sum_yu, norm_y = _sliced_pixel_stats(x5, key)  # pass 2 (one pass when compiled)
     s_xk = sum_yu - sum_y * key["uc"].sum(2, keepdim=True) / cg
     var_x = (norm_y.square() - sum_y.square() / cg).clamp_min(0.0)
     floor_x = eps * norm_y
@@ -182,7 +208,8 @@ def _fast_forward(
     ok = _denominator_ok(d)
     r = _safe_ratio(s_xk, d, ok)
     gate = torch.sigmoid(-r).pow(alpha)
-    out = x5 * gate.view(n, heads, 1, h, w).to(x.dtype)  # pass 3
+    gate5 = gate.view(n, heads, 1, h, w).to(x.dtype)
+    out = x5.mul_(gate5) if inplace else x5 * gate5  # pass 3
     saved = dict(key, r=r, a=a, ok=ok, above_x=above_x, mean_y=sum_y / cg)
     return out.view(n, c, h, w), saved
 
@@ -239,13 +266,21 @@ class _SPSAFunction(torch.autograd.Function):
         return y.view(n, c, h, w).to(x.dtype), None, None, None
 
 
-def spsa_fast(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """SPSA's fast path (the default of `SPSA`); equal to `spsa_reference` up to rounding."""
+def spsa_fast(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: float = DEFAULT_EPS,
+              inplace: bool = False) -> torch.Tensor:
+    """SPSA's fast path (the default of `SPSA`); equal to `spsa_reference` up to rounding.
+
+    `inplace=True` writes the output into x (and returns it) when no gradient flows through x
+    (otherwise it is ignored), in eager mode only: it saves allocating and writing a new
+    full-size tensor, which on a CPU costs as much as the rest of SPSA at large sizes.
+    """
     _check_input(x, heads)
     _check_args(x.shape[1], alpha, heads, eps)
     if torch.is_grad_enabled() and x.requires_grad:
         return _SPSAFunction.apply(x, float(alpha), heads, float(eps))
-    return _fast_forward(x, float(alpha), heads, float(eps))[0]
+    inplace = inplace and not (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                               or torch.onnx.is_in_onnx_export())
+    return _fast_forward(x, float(alpha), heads, float(eps), inplace)[0]
 
 
 class SPSA(nn.Module):
@@ -254,7 +289,9 @@ class SPSA(nn.Module):
     `alpha` > 0 is the gate's exponent (alpha → 0 approaches the identity), `heads` the number of
     contiguous channel groups (each at least 2 channels), `eps` the relative floor of the
     correlation's denominator (module docstring). `impl="fast"` (default) or `"reference"`.
-    No parameters and no buffers.
+    `inplace=True` (fast path, no gradient through the input, eager) overwrites the input with
+    the output, as `nn.ReLU(inplace=True)` does; the blocks of `spsa_nas.models` use it, their
+    input being the fresh output of a BN. No parameters and no buffers.
     """
 
     def __init__(
@@ -265,6 +302,7 @@ class SPSA(nn.Module):
         heads: int = 1,
         eps: float = DEFAULT_EPS,
         impl: Impl = "fast",
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         _check_args(channels, alpha, heads, eps)
@@ -275,13 +313,14 @@ class SPSA(nn.Module):
         self.heads = heads
         self.eps = float(eps)
         self.impl = impl
+        self.inplace = bool(inplace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.heads, self.channels)
         if self.impl == "reference":
             return spsa_reference(x, self.alpha, self.heads, self.eps)
-        return spsa_fast(x, self.alpha, self.heads, self.eps)
+        return spsa_fast(x, self.alpha, self.heads, self.eps, self.inplace)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, alpha={self.alpha}, heads={self.heads}, "
-                f"eps={self.eps}, impl={self.impl}")
+                f"eps={self.eps}, impl={self.impl}" + (", inplace=True" if self.inplace else ""))

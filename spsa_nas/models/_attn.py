@@ -66,7 +66,9 @@ def _make_block_attention(channels: int, *, stage: StageSpec, options: dict[str,
     channel = None
     if stage.channel_attn != "none":
         channel = create_attention(stage.channel_attn, channels, **options)
-    spsa = SPSA(channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads) if stage.spsa else None
+    spsa = None
+    if stage.spsa:  # in place: its input is always a fresh tensor (a BN's output or an attention's)
+        spsa = SPSA(channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads, inplace=True)
     if channel is None and spsa is None:
         return nn.Identity()
     return BlockAttention(channel, spsa, stage.attn_order)

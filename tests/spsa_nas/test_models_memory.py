@@ -1,4 +1,4 @@
-"""Training with SPSA recomputes the last BN + attention: same results, no extra saved tensor."""
+"""SPSA memory: recomputing the last BN + attention in training; the fast path in batch slices."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from spsa_nas.attention import SPSA
+from spsa_nas.attention import SPSA, spsa_fast
+from spsa_nas.attention import spsa as spsa_module
 from spsa_nas.models import build_model, set_memory_efficient
 from spsa_nas.spec import ArchSpec, StageSpec
 
@@ -176,3 +177,66 @@ def test_memory_efficient_must_be_a_bool() -> None:
         build_model(_spec("resnet18", StageSpec(spsa=True)), memory_efficient="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="enabled"):
         set_memory_efficient(nn.Linear(2, 2), 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spsa_fast_path_in_batch_slices_equals_the_whole_batch(
+        monkeypatch: pytest.MonkeyPatch, heads: int, channels_last: bool) -> None:
+    """The eager fast path computes x̃'s statistics a cache-sized slice of the batch at a time."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 16, 6, 7, generator=generator) + torch.randn(1, 16, 1, 1, generator=generator)
+    x[1, :, 2, 3] = 0.5  # a constant pixel vector
+    x[3] = 0.0  # an all-zero sample
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    whole = spsa_fast(x, 1.5, heads)
+    whole_grad = _grad(x, heads)
+    monkeypatch.setattr(spsa_module, "_SLICE_BYTES", 2 * 16 * 6 * 7 * 4)  # slices of 2, 2, 1
+    sliced = spsa_fast(x, 1.5, heads)
+    torch.testing.assert_close(sliced, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(_grad(x, heads), whole_grad, rtol=1e-6, atol=1e-7)
+    calls: list[int] = []
+    original = spsa_module._pixel_stats
+
+    def counting(y: torch.Tensor, uc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        calls.append(y.shape[0])
+        return original(y, uc)
+
+    monkeypatch.setattr(spsa_module, "_pixel_stats", counting)
+    spsa_fast(x, 1.5, heads)
+    assert calls == [2, 2, 1]
+
+
+def _grad(x: torch.Tensor, heads: int) -> torch.Tensor:
+    xx = x.detach().clone().requires_grad_(True)
+    spsa_fast(xx, 1.5, heads).square().sum().backward()
+    assert xx.grad is not None
+    return xx.grad
+
+
+def test_spsa_inplace_writes_into_its_input_only_without_grad() -> None:
+    x = torch.randn(3, 8, 5, 4, generator=torch.Generator().manual_seed(4))
+    expected = spsa_fast(x, 1.0, 2)
+    y = x.clone()
+    with torch.no_grad():
+        out = SPSA(8, heads=2, inplace=True)(y)
+    assert out.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    z = x.clone().requires_grad_(True)
+    out = SPSA(8, heads=2, inplace=True)(z)  # a gradient flows: not in place
+    assert out.data_ptr() != z.data_ptr()
+    torch.testing.assert_close(z.detach(), x, rtol=0, atol=0)
+
+
+def test_models_eval_output_does_not_depend_on_inplace() -> None:
+    model = build_model(_spec("resnet18", StageSpec(spsa=True, channel_attn="eca"))).eval()
+    x, _ = _inputs(2, torch.float32)
+    with torch.no_grad():
+        got = model(x)
+        for module in model.modules():
+            if isinstance(module, SPSA):
+                assert module.inplace
+                module.inplace = False
+        expected = model(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
