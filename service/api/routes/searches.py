@@ -331,9 +331,9 @@ def download_onnx(
 
 def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:
     from safetensors.torch import load_file
-    from spsa_nas.export import export_onnx
 
     from spsa_nas import ArchSpec, build_model
+    from spsa_nas.export import export_onnx
 
     spec = ArchSpec.model_validate(spec_json)
     model = build_model(spec, weights=load_file(str(weights))).eval()
