@@ -9,7 +9,9 @@ reference path; SE in every block; ECA in every block.
   order (interleaved, so that drifts of the machine hit all variants alike); throughput =
   batch / median time; each variant's ratio to the plain backbone. Eager, and `torch.compile`d
   (default mode) for the variants in --compile-variants (compile time reported).
-- Training: one SGD step (no momentum, so no optimizer state) on random labels, interleaved
+- Training: plain, fast and reference SPSA (both recompute the last BN + SPSA in the backward,
+  `build_model(memory_efficient=True)`, the default), and fast SPSA without the recomputation;
+  one SGD step (no momentum, so no optimizer state) on random labels, interleaved
   the same way, median step time. Peak memory: on CUDA `torch.cuda.max_memory_allocated` over
   one step (after a warm-up step); on the CPU there is no allocator statistic, so each variant
   runs in a fresh subprocess and the peak is the growth of the process's resident set (its
@@ -50,15 +52,19 @@ VARIANTS: dict[str, StageSpec] = {
     "se": StageSpec(channel_attn="se"),
     "eca": StageSpec(channel_attn="eca"),
 }
-TRAIN_VARIANTS = ("plain", "spsa_fast", "spsa_reference")
+#: Training also measures fast SPSA with memory_efficient=False (SPSA keeps its input for the
+#: backward instead of recomputing the last BN and SPSA there): the recomputation's cost.
+TRAIN_VARIANTS = ("plain", "spsa_fast", "spsa_reference", "spsa_fast_no_recompute")
 
 
 def make_model(variant: str, cfg: dict[str, Any], device: torch.device) -> nn.Module:
     """ResNet-50 with `variant`'s attention in every block, on `device`."""
     torch.manual_seed(0)
-    spec = ArchSpec.uniform("resnet50", VARIANTS[variant], stem=cfg["stem"], input_size=cfg["size"],
+    recompute = variant != "spsa_fast_no_recompute"
+    stage = VARIANTS["spsa_fast" if not recompute else variant]
+    spec = ArchSpec.uniform("resnet50", stage, stem=cfg["stem"], input_size=cfg["size"],
                             width=cfg["width"], num_classes=1000)
-    model = build_model(spec)
+    model = build_model(spec, memory_efficient=recompute)
     if variant == "spsa_reference":
         for module in model.modules():
             if type(module).__name__ == "SPSA":

@@ -27,9 +27,12 @@ Numerical decisions (both implementations make exactly the same ones):
 
 `spsa_reference` is the formula written out plainly (two-pass centring, autograd). `SPSA`'s default
 fast path reads x once for the key, once for the per-pixel sums Σx̃, Σx̃·k̃ (one batched matmul
-against a block-diagonal [1, k̃] matrix) and ‖x̃‖, and once for the output; its backward is an
-analytic torch.autograd.Function that saves x and small per-pixel/per-channel tensors only.
-Under torch.compile the same statistics are written as channel reductions, which inductor fuses.
+against a block-diagonal [1, k̃] matrix) and ‖x̃‖, and once for the output; x̃ is materialised
+only a cache-sized slice of the batch at a time (never as a full-size fp32 temporary), and with
+`inplace=True` and no gradient the output overwrites x (no full-size allocation at all). Its
+backward is an analytic torch.autograd.Function that saves x and small per-pixel/per-channel
+tensors only. Under torch.compile the same statistics are written as channel reductions, which
+inductor fuses.
 """
 
 from __future__ import annotations
