@@ -30,13 +30,13 @@ CANCEL_ATTR = "spsa_nas:cancel"
 Runner = Callable[..., dict[str, Any]]
 
 
-def ray_runner(trial_lease_s: float) -> Runner:
-    """workers.ray_runner.run_search with this service's trial lease."""
+def ray_runner(trial_lease_s: float, trial_nice: int = 0) -> Runner:
+    """workers.ray_runner.run_search with this service's trial lease and trial CPU niceness."""
     from functools import partial
 
     from workers.ray_runner import RunnerOptions, run_search
 
-    return partial(run_search, options=RunnerOptions(lease_s=trial_lease_s))
+    return partial(run_search, options=RunnerOptions(lease_s=trial_lease_s, nice=trial_nice or None))
 
 
 class Dispatcher:
@@ -135,7 +135,7 @@ class Dispatcher:
                 status = CANCELLED
             else:
                 cfg = SearchConfig.model_validate_json(search.config)
-                runner = self._runner or ray_runner(self.settings.trial_lease_s)
+                runner = self._runner or ray_runner(self.settings.trial_lease_s, self.settings.trial_nice)
                 summary = runner(
                     cfg,
                     self.settings.db_url,

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     lease_s: float = Field(30.0, ge=2, le=3600)
     # A trial whose worker stopped sending heartbeats this long is failed and retried (Ray runner).
     trial_lease_s: float = Field(60.0, gt=10, le=3600)
+    # CPU niceness of the trial processes of this server's searches, so that training on the
+    # machine that also serves the API does not starve it (0: the API's own priority).
+    trial_nice: int = Field(10, ge=0, le=19)
     # Quotas, per search and per user.
     max_trials: int = Field(1000, ge=1)
     max_epochs: int = Field(200, ge=1)

@@ -73,10 +73,14 @@ class RunnerOptions:
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray custom resources per trial
     max_consecutive_failures: int | None = None  # stop after this many crashed trials in a row;
     # None: max(10, 2 * parallelism)
+    nice: int | None = None  # CPU niceness (0-19) of the trial processes; None: left as Ray made them.
+    # The service sets it so that its API stays responsive on a machine that also trains.
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.poll_s <= 0 or self.cancel_grace_s < 0:
             raise ValueError("RunnerOptions: heartbeat_s and poll_s must be > 0, cancel_grace_s >= 0")
+        if self.nice is not None and not 0 <= self.nice <= 19:
+            raise ValueError(f"RunnerOptions: nice must be between 0 and 19, got {self.nice}")
         if self.lease_s <= 2 * self.heartbeat_s:
             raise ValueError(
                 f"RunnerOptions: lease_s ({self.lease_s}) must exceed twice heartbeat_s "
@@ -112,6 +116,16 @@ def _set_attr_quietly(storage: optuna.storages.BaseStorage, trial_id: int, key: 
         return False
 
 
+def _lower_priority(nice: int) -> None:
+    """Run this worker process's trials at CPU niceness `nice` (threads created later inherit it).
+
+    Raising niceness needs no privilege; lowering it again (a reused worker asked for less) does,
+    so a worker already nicer than asked stays as it is.
+    """
+    if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
 def _trial_task(
     storage_url: str,
     study_name: str,
@@ -124,6 +138,8 @@ def _trial_task(
 ) -> dict[str, Any]:
     """One Ray task: ask (or take an enqueued retry), run the trial, make sure it is told."""
     task_start = time.perf_counter()
+    if options.nice is not None:
+        _lower_priority(options.nice)
     storage = open_storage(storage_url)
     try:
         return _run_one(storage, study_name, SearchConfig.model_validate_json(cfg_json), artifact_dir, token,

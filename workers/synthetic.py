@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import optuna
@@ -20,6 +21,7 @@ def synthetic_trial(
     fail_numbers: tuple[int, ...] = (),
     ignore_stop: bool = False,
     record_windows: bool = False,
+    record_priority: bool = False,
 ) -> None:
     """Suggest x in [-1, 1], 'measure' for `measure_s` under the latency lock, 'train' for `train_s`
     in `steps` steps (polling `ctx.should_stop` before each), then tell.
@@ -28,8 +30,11 @@ def synthetic_trial(
     ignore_stop: never poll should_stop (a trial that must be stopped by force).
     record_windows: store the measurement window and the training-step windows (unix seconds) as
     user attrs `measure_window` and `step_windows`, to check the latency protocol.
+    record_priority: store the CPU niceness the trial ran at as user attr `nice`.
     """
     x = trial.suggest_float("x", -1.0, 1.0)
+    if record_priority:
+        trial.set_user_attr("nice", os.getpriority(os.PRIO_PROCESS, 0))
     if measure_s > 0:
         with ctx.latency_lock():
             start = time.time()

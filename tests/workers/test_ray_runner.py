@@ -129,6 +129,20 @@ def test_trial_exception_is_fail_with_traceback_and_search_goes_on(ray_local: No
         assert "retry_of" not in trial.user_attrs  # a crash is not retried, only a lost worker
 
 
+def test_trials_run_at_the_niceness_asked_for(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    # The service runs trials nicer than its API; worker processes are reused, so ask for the
+    # most the shared session Ray's workers may already have.
+    trial_fn = functools.partial(synthetic_trial, record_priority=True)
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, nice=19)
+    summary = run_search(_cfg("nice", trials=2), sqlite_url, artifact_dir=tmp_path,
+                         trial_fn=trial_fn, options=options)
+    assert summary["finished"] == 2, summary
+    assert [t.user_attrs["nice"] for t in _trials(sqlite_url, "nice")] == [19, 19]
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the coordinator itself is left alone
+    with pytest.raises(ValueError, match="nice must be between 0 and 19"):
+        RunnerOptions(nice=20)
+
+
 def test_search_stops_when_every_trial_crashes(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, fail_numbers=tuple(range(1000)))
     options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, max_consecutive_failures=3)
