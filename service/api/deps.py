@@ -10,6 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service import crud
+from service.db import session_scope
 from service.models import User
 from service.runtime import Runtime
 from service.settings import Settings
@@ -32,15 +33,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
-    session = runtime.sessions()
-    try:
+    with session_scope(runtime.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

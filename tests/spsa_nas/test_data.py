@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,6 @@ from spsa_nas.data import (
     synthetic_images,
 )
 from spsa_nas.train import evaluate_accuracy, train_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # on a shared 2-core machine one intra-op thread is many times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _labels(ds: torch.utils.data.Dataset) -> np.ndarray:

@@ -27,15 +27,6 @@ FAST_LATENCY = LatencyConfig(warmup=1, repeats=3, threads=1)
 SYNTHETIC = DataConfig(name="synthetic", synthetic_samples=96, synthetic_classes=4, synthetic_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # on a shared 2-core machine one intra-op thread is many times faster than two
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _spec(num_classes: int = 10, in_channels: int = 1, input_size: int = 16) -> ArchSpec:
     return ArchSpec(
         backbone="resnet18", width=0.25, stem="cifar", input_size=input_size, num_classes=num_classes,
