@@ -69,6 +69,7 @@ class StudyCache:
         self.ttl_s = ttl_s
         self._ids: dict[str, int] = {}
         self._views: dict[str, tuple[float, bool, StudyView]] = {}
+        self._reloading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def study_id(self, study_name: str) -> int | None:
@@ -83,11 +84,36 @@ class StudyCache:
         return study_id
 
     def view(self, study_name: str, *, final: bool = False) -> StudyView | None:
-        """The study's snapshot (None when it does not exist); `final`: the search has ended."""
-        now = time.monotonic()
+        """The study's snapshot (None when it does not exist); `final`: the search has ended.
+
+        One thread at a time reloads a study: while it does, the others answer from the previous
+        snapshot (at most ttl_s plus one reload old) instead of all reloading at once when the
+        snapshot expires under load.
+        """
+        cached = self._fresh(study_name)
+        if cached is not None and cached[0]:
+            return cached[1]
+        with self._lock:
+            reloading = self._reloading.setdefault(study_name, threading.Lock())
+        if not reloading.acquire(blocking=cached is None):
+            return cached[1]  # type: ignore[index]
+        try:
+            again = self._fresh(study_name)  # another thread may have reloaded it meanwhile
+            if again is not None and again[0]:
+                return again[1]
+            return self._load(study_name, final)
+        finally:
+            reloading.release()
+
+    def _fresh(self, study_name: str) -> tuple[bool, StudyView] | None:
+        """(still fresh?, the cached snapshot), or None when nothing is cached."""
         cached = self._views.get(study_name)
-        if cached is not None and (cached[1] or now - cached[0] < self.ttl_s):
-            return cached[2]
+        if cached is None:
+            return None
+        return cached[1] or time.monotonic() - cached[0] < self.ttl_s, cached[2]
+
+    def _load(self, study_name: str, final: bool) -> StudyView | None:
+        now = time.monotonic()
         study_id = self.study_id(study_name)
         if study_id is None:
             return None
@@ -102,6 +128,7 @@ class StudyCache:
             if len(self._views) > 1024:  # keep the most recent
                 for name in sorted(self._views, key=lambda n: self._views[n][0])[:256]:
                     del self._views[name]
+                    self._reloading.pop(name, None)
         return view
 
     def forget(self, study_name: str) -> None:
