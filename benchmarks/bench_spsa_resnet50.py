@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spsa_nas.counting import saved_for_backward_bytes
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec, StageSpec
 
@@ -150,22 +151,6 @@ def _inputs(cfg: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, to
     x = torch.randn(cfg["batch"], 3, cfg["size"], cfg["size"], generator=generator).to(device)
     y = torch.randint(0, 1000, (cfg["batch"],), generator=generator).to(device)
     return x, y
-
-
-def saved_for_backward_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the unique storages autograd keeps for the backward pass of one step."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values())
 
 
 def _status_bytes(field: str) -> int:

@@ -96,6 +96,27 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def saved_for_backward_bytes(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """Bytes of the unique storages autograd keeps for the backward pass of one training step
+    (cross-entropy of model(x) against labels y); the step's gradients are cleared afterwards.
+
+    A structural measure of training memory: unlike a process's peak memory, it does not depend
+    on the allocator or on what else the process holds.
+    """
+    seen: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(int(s) for s in input_shape)
     if len(shape) < 2 or any(s < 1 for s in shape):

@@ -8,6 +8,7 @@ from torch import nn
 
 from spsa_nas.attention import SPSA, spsa_fast
 from spsa_nas.attention import spsa as spsa_module
+from spsa_nas.counting import saved_for_backward_bytes
 from spsa_nas.models import build_model, set_memory_efficient
 from spsa_nas.spec import ArchSpec, StageSpec
 
@@ -117,42 +118,27 @@ def test_recomputation_under_bf16_autocast_and_channels_last() -> None:
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def _saved_for_backward_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes of the unique storages autograd keeps for one step's backward (as the benchmark)."""
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("backbone", ["resnet50", "resnet18", "mobilenet_v2", "shufflenet_v2_x1_0"])
 def test_spsa_everywhere_saves_no_more_than_the_plain_model(backbone: str) -> None:
     x, y = _inputs(8, torch.float32)
     torch.manual_seed(0)
-    plain = _saved_for_backward_bytes(build_model(_spec(backbone, StageSpec())).train(), x, y)
+    plain = saved_for_backward_bytes(build_model(_spec(backbone, StageSpec())).train(), x, y)
     torch.manual_seed(0)
     model = build_model(_spec(backbone, StageSpec(spsa=True))).train()
-    efficient = _saved_for_backward_bytes(model, x, y)
+    efficient = saved_for_backward_bytes(model, x, y)
     assert efficient <= 1.05 * plain, (backbone, efficient / plain)
     # switched off, SPSA keeps its input (the last BN's output) alive: the count sees it
     set_memory_efficient(model, False)
-    kept = _saved_for_backward_bytes(model, x, y)
+    kept = saved_for_backward_bytes(model, x, y)
     assert kept > efficient, (backbone, kept / plain, efficient / plain)
 
 
 def test_resnet50_without_recomputation_exceeds_the_target() -> None:
     """The count can fail: without recomputation, ResNet-50 with SPSA saves > 1.05x the plain model."""
     x, y = _inputs(8, torch.float32)
-    plain = _saved_for_backward_bytes(build_model(_spec("resnet50", StageSpec())).train(), x, y)
+    plain = saved_for_backward_bytes(build_model(_spec("resnet50", StageSpec())).train(), x, y)
     model = build_model(_spec("resnet50", StageSpec(spsa=True)), memory_efficient=False).train()
-    assert _saved_for_backward_bytes(model, x, y) > 1.05 * plain
+    assert saved_for_backward_bytes(model, x, y) > 1.05 * plain
 
 
 def test_eval_and_no_grad_do_not_recompute() -> None:
