@@ -78,9 +78,10 @@ def _check_input_shape(model: nn.Module, input_shape: Sequence[int]) -> tuple[in
     return shape
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], *,
+def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] | None = None, *,
                 opset: int = DEFAULT_OPSET, optimize: bool = True) -> Path:
-    """Export `model` in eval mode to an ONNX file at `path` for inputs of `input_shape`.
+    """Export `model` in eval mode to an ONNX file at `path` for inputs of `input_shape`
+    (default: one image of the size its ArchSpec is for, when built by build_model).
 
     Uses torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`): it traces SPSA's
     fast path as plain operators (in eval/no-grad SPSA does not go through its autograd.Function)
@@ -92,6 +93,12 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int], 
     """
     import onnx
 
+    if input_shape is None:
+        spec = getattr(model, "spec", None)
+        if spec is None:
+            raise ValueError("export_onnx: pass input_shape for a model not built by build_model "
+                             "(it has no ArchSpec to take the input size from)")
+        input_shape = (1, spec.in_channels, spec.input_size, spec.input_size)
     shape = _check_input_shape(model, input_shape)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

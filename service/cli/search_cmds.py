@@ -387,9 +387,7 @@ def _run_export(args: argparse.Namespace) -> int:
     metrics["study"] = study.study_name
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = build_model(spec, weights=weights).eval()
-    onnx_path = export_onnx(
-        model, out / "model.onnx", (1, spec.in_channels, spec.input_size, spec.input_size)
-    )
+    onnx_path = export_onnx(model, out / "model.onnx")
     print(
         f"exported trial {trial.number} of {study.study_name} to {out}: spec.json, "
         f"weights.safetensors, {Path(onnx_path).name}, metrics.json"

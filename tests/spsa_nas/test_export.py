@@ -98,8 +98,10 @@ def test_onnx_export_matches_torch(tmp_path: Path, backbone: str, group: tuple[s
 def test_default_export_is_optimised_and_carries_the_spec(tmp_path: Path) -> None:
     spec = _spec("resnet18", ("spsa+se", "fca", "none", "spsa"))
     model = build_model(spec).eval()
-    path = export_onnx(model, tmp_path / "sub" / "m.onnx", (1, 3, 32, 32))
+    path = export_onnx(model, tmp_path / "sub" / "m.onnx")  # the input size the spec is for
     proto = onnx.load(str(path))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [
+        1, 3, spec.input_size, spec.input_size]
     onnx.checker.check_model(proto)
     props = {p.key: p.value for p in proto.metadata_props}
     assert ArchSpec.model_validate_json(props[SPEC_METADATA_KEY]) == spec
@@ -114,6 +116,8 @@ def test_export_refuses_a_wrong_input_shape(tmp_path: Path) -> None:
         export_onnx(model, tmp_path / "m.onnx", (1, 1, 32, 32))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         export_onnx(model, tmp_path / "m.onnx", (3, 32, 32))
+    with pytest.raises(ValueError, match="pass input_shape"):
+        export_onnx(torch.nn.Conv2d(3, 4, 3), tmp_path / "m.onnx")
 
 
 @pytest.mark.parametrize("backbone", ["resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"])

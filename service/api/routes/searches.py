@@ -339,7 +339,7 @@ def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:
     model = build_model(spec, weights=load_file(str(weights))).eval()
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial.onnx")
-    export_onnx(model, partial, (1, spec.in_channels, spec.input_size, spec.input_size))
+    export_onnx(model, partial)
     partial.replace(target)
 
 
