@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from service.models import (
@@ -17,9 +17,10 @@ from service.models import (
     Search,
     Token,
     User,
+    WebSession,
     utcnow,
 )
-from service.security import hash_token, new_token, same_hash
+from service.security import hash_token, new_session_id, new_token, same_hash
 
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
@@ -64,6 +65,7 @@ def revoke_user(session: Session, *, name: str) -> int:
     if user is None:
         raise UserError(f"no user named {name!r}")
     user.is_active = False
+    session.execute(delete(WebSession).where(WebSession.user_id == user.id))
     result = session.execute(
         update(Token).where(Token.user_id == user.id, Token.revoked_at.is_(None)).values(revoked_at=utcnow())
     )
@@ -84,8 +86,7 @@ def list_users(session: Session) -> list[tuple[User, int]]:
     return [(user, int(n)) for user, n in rows]
 
 
-def authenticate(session: Session, *, token: str) -> User | None:
-    """The active user owning the live `token`, or None."""
+def _live_token(session: Session, token: str) -> tuple[Token, User] | None:
     if not token or len(token) > 256:
         return None
     digest = hash_token(token)
@@ -96,7 +97,77 @@ def authenticate(session: Session, *, token: str) -> User | None:
     ).first()
     if row is None or not same_hash(row[0].token_hash, digest):
         return None
+    return row[0], row[1]
+
+
+def authenticate(session: Session, *, token: str) -> User | None:
+    """The active user owning the live `token`, or None."""
+    found = _live_token(session, token)
+    return None if found is None else found[1]
+
+
+# ---- dashboard sessions -----------------------------------------------------------------------
+
+
+def open_web_session(
+    session: Session, *, token: str, ttl_s: float, max_per_user: int
+) -> tuple[str, User] | None:
+    """Trade a live API token for a new session id (returned in clear once; only its hash is
+    stored), valid `ttl_s` seconds; None when the token is not valid. A user keeps at most
+    `max_per_user` sessions: the oldest beyond that are ended."""
+    found = _live_token(session, token)
+    if found is None:
+        return None
+    token_row, user = found
+    now = utcnow()
+    session.execute(delete(WebSession).where(WebSession.expires_at <= now))
+    session_id = new_session_id()
+    session.add(
+        WebSession(
+            session_hash=hash_token(session_id),
+            user_id=user.id,
+            token_id=token_row.id,
+            created_at=now,
+            expires_at=now + timedelta(seconds=ttl_s),
+        )
+    )
+    session.flush()
+    keep = select(WebSession.id).where(WebSession.user_id == user.id)
+    keep = keep.order_by(WebSession.created_at.desc(), WebSession.id.desc()).limit(max_per_user)
+    session.execute(
+        delete(WebSession).where(WebSession.user_id == user.id, WebSession.id.not_in(keep.scalar_subquery()))
+    )
+    return session_id, user
+
+
+def session_user(session: Session, *, session_id: str) -> User | None:
+    """The user of a live session: not expired, logged in with a token that is still live, by a
+    user who is still active. None otherwise."""
+    if not session_id or len(session_id) > 256:
+        return None
+    digest = hash_token(session_id)
+    row = session.execute(
+        select(WebSession, User)
+        .join(User, User.id == WebSession.user_id)
+        .join(Token, Token.id == WebSession.token_id)
+        .where(
+            WebSession.session_hash == digest,
+            WebSession.expires_at > utcnow(),
+            Token.revoked_at.is_(None),
+            User.is_active.is_(True),
+        )
+    ).first()
+    if row is None or not same_hash(row[0].session_hash, digest):
+        return None
     return row[1]
+
+
+def end_web_session(session: Session, *, session_id: str) -> bool:
+    """Log out: the session is gone on the server; True when there was one."""
+    if not session_id or len(session_id) > 256:
+        return False
+    result = session.execute(delete(WebSession).where(WebSession.session_hash == hash_token(session_id)))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 # ---- searches ---------------------------------------------------------------------------------

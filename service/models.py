@@ -69,3 +69,21 @@ class Search(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a dispatcher started it
 
     owner: Mapped[User] = relationship()
+
+
+class WebSession(Base):
+    """A browser's dashboard session: the cookie holds a random id, the table its sha256 only.
+
+    It lives while the token that opened it lives, its user is active and `expires_at` is ahead;
+    logging out deletes the row, revoking the user deletes all of theirs."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+    user: Mapped[User] = relationship()

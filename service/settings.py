@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     results_cache_s: float = Field(1.0, ge=0, le=60)
     dashboard: bool = True  # serve optuna-dashboard at / (behind the same login)
     cookie_secure: bool = False  # set the login cookie's Secure flag (behind HTTPS)
+    # How long a dashboard login lasts: the session cookie's Max-Age and its expiry on the server.
+    session_ttl_s: int = Field(8 * 3600, ge=60, le=30 * 24 * 3600)
+    max_sessions_per_user: int = Field(20, ge=1, le=1000)  # the oldest beyond this are logged out
     # Access log of uvicorn (off by default: it costs throughput and the dispatcher logs enough).
     access_log: bool = False
 
