@@ -14,7 +14,13 @@ COPY workers ./workers
 COPY service ./service
 RUN pip install .
 
-# Volumes shared by the API and the workers (see docker-compose.yml).
-RUN mkdir -p /srv/spsa-nas/artifacts /srv/spsa-nas/datasets /srv/spsa-nas/data
+# Every container runs as this unprivileged user (fixed uid, so volumes keep their owner across
+# rebuilds). Its home holds Ray's and the latency gate's per-user files (~/.ray, ~/.cache).
+RUN groupadd --gid 10001 spsa && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/spsa spsa
+# Volumes shared by the API and the workers (see docker-compose.yml); a new named volume takes
+# its owner from these directories, so the user can write them.
+RUN mkdir -p /srv/spsa-nas/artifacts /srv/spsa-nas/datasets /srv/spsa-nas/data \
+    && chown -R 10001:10001 /srv/spsa-nas
+USER 10001:10001
 EXPOSE 8000
 CMD ["spsa-nas", "serve", "--host", "0.0.0.0", "--port", "8000"]

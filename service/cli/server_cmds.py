@@ -12,6 +12,10 @@ from typing import Any
 from service.cli import UsageError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# After SIGTERM, open requests have this long to finish before uvicorn cancels them; then the app's
+# lifespan stops the dispatcher (Dispatcher.stop). docker-compose.yml's stop_grace_period covers
+# both (tests/service/test_compose.py checks it).
+GRACEFUL_SHUTDOWN_S = 30
 
 
 def register(subparsers: Any) -> None:
@@ -108,7 +112,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         access_log=settings.access_log,
         log_level="info",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     return 0
 
