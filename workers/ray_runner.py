@@ -68,7 +68,7 @@ class RunnerOptions:
     lease_s: float = 60.0  # a RUNNING trial whose heartbeat stood still this long is lost
     poll_s: float = 1.0  # how often the coordinator looks at the storage
     cancel_grace_s: float = 30.0  # after a cancel, how long tasks may take to stop by themselves
-    lock_dir: str | None = None  # the host's latency lock files; None: <tmp>/spsa_nas_locks
+    lock_dir: str | None = None  # the host's latency lock files; None: latency_gate.default_lock_dir()
     pause_training_during_latency: bool = True  # trainers on the host pause while one measures
     resources: dict[str, float] = field(default_factory=dict)  # extra Ray custom resources per trial
     max_consecutive_failures: int | None = None  # stop after this many crashed trials in a row;
