@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test lint bench
+.PHONY: setup chromium run demo test lint bench
 
 setup: $(STAMP)
 
@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# Debian's headless chromium, for the browser test; silent when it is already installed.
+chromium:
+	@scripts/ensure-chromium.sh
 
 run: setup
 	$(VENV)/bin/spsa-nas serve
@@ -22,7 +26,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup
+test: setup chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
