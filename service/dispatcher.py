@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -96,8 +97,9 @@ class Dispatcher:
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop taking work, ask running searches to stop, give their leases back."""
         self._stop.set()
+        deadline = time.monotonic() + timeout_s  # one deadline for all: the threads stop together
         for thread in self._threads:
-            thread.join(timeout_s / max(1, len(self._threads)))
+            thread.join(max(0.0, deadline - time.monotonic()))
         if self._started_ray:
             import ray
 
