@@ -26,11 +26,10 @@ def confine(path: str, data_root: Path, *, must_exist: bool) -> str:
             "(no '..', no absolute path elsewhere, no symlink that leads out)"
         )
     if must_exist and not os.path.isdir(real):
-        available = (
-            sorted(p.name for p in Path(root).iterdir() if p.is_dir())[:20] if os.path.isdir(root) else []
-        )
+        # Never list what else is there: the data root is shared, its folders may be other users'.
         raise PathError(
-            f"{path!r} is not a directory under the server's data root; "
-            f"available: {', '.join(available) or '(none)'}"
+            f"{path!r} is not a directory under the server's data root: give the path, relative to "
+            "that root, of a dataset folder the server's operator has put there (SPSA_NAS_DATA_ROOT, "
+            "or the `datasets` volume of the compose setup)"
         )
     return os.path.relpath(real, root)

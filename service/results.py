@@ -14,7 +14,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.study import select_best
 from service.models import Search, utcnow
+from service.redact import redact_paths
 from service.schemas import BestSoFar, Progress, TrialPublic
+from service.settings import Settings
 
 # Trial user attrs that are metrics (docs/CONTRACTS.md); the spec and weights are served apart.
 METRIC_KEYS = (
@@ -152,11 +154,16 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def trial_metrics(trial: FrozenTrial) -> dict[str, Any]:
-    return {key: _json_safe(trial.user_attrs[key]) for key in METRIC_KEYS if key in trial.user_attrs}
+def trial_metrics(trial: FrozenTrial, *, settings: Settings) -> dict[str, Any]:
+    """The trial's metrics; `error` and `reason` without the server's paths (redact_paths)."""
+    metrics = {key: _json_safe(trial.user_attrs[key]) for key in METRIC_KEYS if key in trial.user_attrs}
+    for key in ("error", "reason"):
+        if isinstance(metrics.get(key), str):
+            metrics[key] = redact_paths(metrics[key], settings)
+    return metrics
 
 
-def trial_public(trial: FrozenTrial) -> TrialPublic:
+def trial_public(trial: FrozenTrial, *, settings: Settings) -> TrialPublic:
     duration = None
     if trial.datetime_start and trial.datetime_complete:
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -166,7 +173,7 @@ def trial_public(trial: FrozenTrial) -> TrialPublic:
         state=trial.state.name,  # type: ignore[arg-type]
         values=_finite(trial.values),
         params=_json_safe(dict(trial.params)),
-        metrics=trial_metrics(trial),
+        metrics=trial_metrics(trial, settings=settings),
         spec=spec if isinstance(spec, dict) else None,
         has_weights=bool(trial.user_attrs.get("weights_artifact")),
         datetime_start=trial.datetime_start,

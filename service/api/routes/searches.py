@@ -18,6 +18,7 @@ from service import crud, results
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
 from service.api.errors import NOT_FOUND, FieldError, QuotaError
 from service.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search
+from service.redact import redact_json, redact_paths
 from service.runtime import Runtime
 from service.schemas import (
     BestPublic,
@@ -72,10 +73,12 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
         created_at=search.created_at,
         started_at=search.started_at,
         finished_at=search.finished_at,
-        error=search.error,
-        config=config,
+        # Answers carry no server paths (exception messages, the data root in the config); the
+        # stored row and the logs keep them for the operator.
+        error=redact_paths(search.error, runtime.settings) if search.error else None,
+        config=redact_json(config, runtime.settings),
         progress=progress,
-        summary=json.loads(search.result) if search.result else None,
+        summary=redact_json(json.loads(search.result), runtime.settings) if search.result else None,
         links=_links(request, search, runtime),
     )
 
@@ -179,7 +182,8 @@ def read_trials(
     study = _study(runtime, _found(session, search_id, user))
     trials = study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in state) if state else None)
     return TrialsPublic(
-        data=[results.trial_public(t) for t in trials[skip : skip + limit]], count=len(trials)
+        data=[results.trial_public(t, settings=runtime.settings) for t in trials[skip : skip + limit]],
+        count=len(trials),
     )
 
 
@@ -190,7 +194,9 @@ def read_pareto(
     """The non-dominated trials (accuracy vs latency; the best trial for a score search)."""
     study = _study(runtime, _found(session, search_id, user))
     front = pareto_front(study)  # type: ignore[arg-type]
-    return TrialsPublic(data=[results.trial_public(t) for t in front], count=len(front))
+    return TrialsPublic(
+        data=[results.trial_public(t, settings=runtime.settings) for t in front], count=len(front)
+    )
 
 
 @router.post(
@@ -260,7 +266,7 @@ def read_best(
     return BestPublic(
         trial=chosen.number,
         spec=chosen.user_attrs["spec"],
-        metrics=results.trial_metrics(chosen),
+        metrics=results.trial_metrics(chosen, settings=runtime.settings),
         values=results._finite(chosen.values),
         links={"weights": f"{base}/weights{query}", "onnx": f"{base}/onnx{query}"},
     )
