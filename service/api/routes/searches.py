@@ -17,6 +17,7 @@ from search_spaces.study import create_study, pareto_front
 from service import crud, results
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
 from service.api.errors import NOT_FOUND, FieldError, QuotaError
+from service.artifacts import artifact_file
 from service.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search
 from service.redact import redact_json, redact_paths
 from service.runtime import Runtime
@@ -112,7 +113,7 @@ def create_search(
     try:
         create_study(config, runtime.storage)
     except ValueError as exc:  # e.g. a space/dataset combination the search engine refuses
-        raise FieldError([(("body",), str(exc))]) from None
+        raise FieldError([(("body",), redact_paths(str(exc), settings))]) from None
     search = crud.create_search(
         session,
         search_id=search_id,
@@ -273,9 +274,10 @@ def read_best(
 
 
 def _weights_path(runtime: Runtime, trial: FrozenTrial) -> Path:
-    artifact_id = trial.user_attrs.get("weights_artifact")
-    path = runtime.settings.artifact_path / str(artifact_id)
-    if not artifact_id or not path.is_file():
+    """The trial's weights file: its artifact id (untrusted: read from the database) must have the
+    shape the artifact store writes and resolve to a file directly under the artifact root."""
+    path = artifact_file(runtime.settings.artifact_path, trial.user_attrs.get("weights_artifact"))
+    if path is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"trial {trial.number} has no stored weights")
     return path
 
