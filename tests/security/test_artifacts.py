@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.live import Live, complete_trial, live_server  # noqa: F401  (the `live` fixture)
+from tests.security.live import Live, complete_trial
 from tests.security.rawhttp import send
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.security.live import Account, Live, live_server  # noqa: F401  (the `live` fixture)
+from tests.security.live import Account, Live
 from tests.security.rawhttp import send
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from sqlalchemy import update
 from service import crud
 from service.app import create_app
 from service.settings import Settings
-from tests.security.live import SESSION_COOKIE, Live, live_server  # noqa: F401  (the `live` fixture)
+from tests.security.live import SESSION_COOKIE, Live
 from tests.security.rawhttp import send
 from tests.service.helpers import cli
 
