@@ -11,9 +11,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from search_spaces.study import storage_for
-from service.db import make_engine, make_session_factory, migrate
-from service.results import StudyCache
-from service.settings import Settings
+from service.core.db import make_engine, make_session_factory, migrate
+from service.core.settings import Settings
+from service.searches.cache import StudyCache
 
 
 @dataclass

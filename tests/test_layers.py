@@ -17,7 +17,13 @@ FORBIDDEN = {
 }
 
 
+IMPORTERS = {"import_module", "__import__"}  # importlib.import_module(...), __import__(...)
+
+
 def _imports(path: Path) -> set[str]:
+    """Top-level packages a file imports: import statements, `import_module("x.y")` and
+    `__import__("x")` with a literal name, and the names listed in a `*_MODULES` constant (module
+    names imported later by a loop)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -25,7 +31,28 @@ def _imports(path: Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if called in IMPORTERS and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value.split(".")[0])
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id.endswith("_MODULES") for t in node.targets
+        ):
+            for item in ast.walk(node.value):
+                if isinstance(item, ast.Constant) and isinstance(item.value, str):
+                    names.add(item.value.split(".")[0])
     return names
+
+
+def test_the_import_finder_sees_dynamic_imports(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import importlib\nfrom importlib import import_module\n"
+        "importlib.import_module('ray.util')\nimport_module('fastapi')\n__import__('uvicorn')\n"
+        "PLUGIN_MODULES = ('service.cli.serve',)\n"
+    )
+    assert _imports(source) == {"importlib", "ray", "fastapi", "uvicorn", "service"}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

@@ -10,10 +10,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from service import crud
-from service.db import session_scope
-from service.models import User
+from service.core.db import session_scope
+from service.core.models import User
+from service.core.settings import Settings
 from service.runtime import Runtime
-from service.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="a token from `spsa-nas users add NAME`")
 

@@ -7,16 +7,16 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 
+from workers.cli import UsageError
+
 # Each module defines `register(subparsers)`, adding its subcommands with `set_defaults(run=...)`;
 # `run(args) -> int` returns the exit status. Modules are imported when the parser is built.
 SUBCOMMAND_MODULES = (
-    "service.cli.search_cmds",  # search, best, export, spaces
-    "service.cli.server_cmds",  # serve, users, remote
+    "workers.cli.engine",  # search, best, export, spaces: the search engine, no server needed
+    "service.cli.serve",  # serve
+    "service.cli.users",  # users add|token|revoke|list
+    "service.cli.remote",  # remote submit|status|cancel|best|download
 )
-
-
-class UsageError(Exception):
-    """A bad argument or input that the user can fix: printed as one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):

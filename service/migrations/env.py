@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
-from service.models import Base
+from service.core.models import Base
 
 # Optuna's RDB storage keeps its own Alembic version in `alembic_version` in the same database.
 VERSION_TABLE = "spsa_nas_alembic_version"
@@ -27,7 +27,7 @@ def _run(connection: Connection) -> None:
 
 def run_migrations_online() -> None:
     connection = context.config.attributes.get("connection")
-    if connection is not None:  # service.db.migrate passes its own connection
+    if connection is not None:  # service.core.db.migrate passes its own connection
         _run(connection)
         return
     url = context.config.get_main_option("sqlalchemy.url") or os.environ.get("SPSA_NAS_DATABASE_URL")

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 
 from service import crud
 from service.app import create_app
+from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
-from service.settings import Settings
 from tests.service.conftest import Service
 
 pytestmark = pytest.mark.slow

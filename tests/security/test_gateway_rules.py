@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from service.core.security import same_origin
 from service.dashboard import Caller, match_route, normalise_path
-from service.security import same_origin
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ import optuna
 import pytest
 from sqlalchemy import update
 
-from service.models import Search
-from service.redact import redact_json, redact_paths
-from service.settings import Settings
+from service.core.models import Search
+from service.core.redact import redact_json, redact_paths
+from service.core.settings import Settings
 from tests.service.conftest import Service, tiny_spec
 
 pytestmark = pytest.mark.postgres

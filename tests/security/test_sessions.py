@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from service import crud
 from service.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.security.live import SESSION_COOKIE, Live
 from tests.security.rawhttp import send
 from tests.service.helpers import cli
@@ -96,7 +96,7 @@ def _app(tmp_path: Path, **settings: object) -> TestClient:
 
 
 def test_secure_cookies_behind_tls_and_expiry(tmp_path: Path) -> None:
-    from service.models import WebSession, utcnow
+    from service.core.models import WebSession, utcnow
 
     with _app(tmp_path, cookie_secure=True, session_ttl_s=600) as client:
         runtime = client.app.state.runtime  # type: ignore[attr-defined]

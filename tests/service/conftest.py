@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 
 from service import crud
 from service.app import create_app
+from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
-from service.settings import Settings
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 

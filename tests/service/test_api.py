@@ -194,7 +194,7 @@ def test_cancel_queued_then_409_when_finished(service: Service) -> None:
 
 
 def test_cancel_running_goes_through_cancelling(service: Service) -> None:
-    from service.models import Search
+    from service.core.models import Search
 
     alice = service.user()
     search = service.submit(alice)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file, save
 
 from search_spaces.study import storage_for
-from service.db import make_engine, migrate
+from service.core.db import make_engine, migrate
 from spsa_nas import ArchSpec, build_model
 from tests.service.conftest import tiny_spec
 from tests.service.helpers import Server, cli

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from service.cli.server_cmds import GRACEFUL_SHUTDOWN_S
-from service.dispatcher import Dispatcher
-from service.settings import ENV_PREFIX, Settings, load_settings
+from service.cli.serve import GRACEFUL_SHUTDOWN_S
+from service.core.settings import ENV_PREFIX, Settings, load_settings
+from service.searches.dispatcher import Dispatcher
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = ("POSTGRES_PASSWORD", "RAY_AUTH_TOKEN")  # compose must refuse to start without them

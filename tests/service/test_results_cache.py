@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 
 from search_spaces.study import storage_for
-from service.results import StudyCache
+from service.searches.cache import StudyCache
 
 
 class CountingStorage:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import SettingsError, load_settings
+from service.core.settings import SettingsError, load_settings
 
 
 def test_defaults_live_in_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from sqlalchemy import text
 
 from service.api.deps import SessionDep
-from service.schemas import Health
+from service.api.schemas import Health
 
 router = APIRouter(tags=["health"])
 

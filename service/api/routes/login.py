@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service import crud
 from service.api.deps import SessionDep, SettingsDep
-from service.security import same_origin
+from service.core.security import same_origin
 
 router = APIRouter(include_in_schema=False)
 COOKIE = "spsa_nas_session"  # an opaque session id; the table web_sessions holds its hash

@@ -14,14 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import SearchConfig
 from search_spaces.study import create_study, pareto_front
-from service import crud, results
+from service import crud
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
 from service.api.errors import NOT_FOUND, FieldError, QuotaError
-from service.artifacts import artifact_file
-from service.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search
-from service.redact import redact_json, redact_paths
-from service.runtime import Runtime
-from service.schemas import (
+from service.api.schemas import (
     BestPublic,
     Links,
     Message,
@@ -33,7 +29,13 @@ from service.schemas import (
     TrialsPublic,
     TrialStateName,
 )
-from service.submit import build_config
+from service.core.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search
+from service.core.paths import artifact_file
+from service.core.redact import redact_json, redact_paths
+from service.runtime import Runtime
+from service.searches import results
+from service.searches.cache import StudyView
+from service.searches.submit import build_config
 
 log = logging.getLogger("spsa_nas.service")
 router = APIRouter(prefix="/searches", tags=["searches"])
@@ -162,7 +164,7 @@ def read_search(
     return _public(request, _found(session, search_id, user), runtime, with_progress=True)
 
 
-def _study(runtime: Runtime, search: Search) -> results.StudyView:
+def _study(runtime: Runtime, search: Search) -> StudyView:
     study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
     if study is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="the search's study is gone from the storage")

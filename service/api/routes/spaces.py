@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from search_spaces.space import builtin_spaces
 from service.api.deps import CurrentUser
-from service.schemas import SpacePublic, SpacesPublic
+from service.api.schemas import SpacePublic, SpacesPublic
 
 router = APIRouter(prefix="/spaces", tags=["spaces"])
 

@@ -7,9 +7,9 @@ from pydantic import ValidationError
 from search_spaces.config import SearchConfig
 from search_spaces.space import SpaceError, builtin_spaces, load_space
 from service.api.errors import FieldError
-from service.datasets import PathError, confine
-from service.schemas import SearchCreate
-from service.settings import Settings
+from service.api.schemas import SearchCreate
+from service.core.paths import PathError, confine
+from service.core.settings import Settings
 
 PATH_DATASETS = ("imagefolder", "cifar10", "cifar100")
 

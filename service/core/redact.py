@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 SERVER = "<server>"
 # The package sources (Ray task errors quote remote tracebacks, with their file names).

@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
-SERVICE_DIR = Path(__file__).resolve().parent
+SERVICE_DIR = Path(__file__).resolve().parents[1]  # service/: alembic.ini and migrations/ live there
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 

@@ -30,9 +30,9 @@ from search_spaces.study import (
     trial_counts,
 )
 from search_spaces.suggest import resolve_io
-from service.cli import UsageError
 from spsa_nas.config import DataConfig, DatasetName, LatencyConfig, TrainConfig
 from spsa_nas.spec import stage_table
+from workers.cli import UsageError
 
 DEFAULT_STORAGE = "sqlite:///runs/spsa-nas.db"
 DEFAULT_ARTIFACTS = "runs/artifacts"

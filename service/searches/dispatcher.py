@@ -21,7 +21,7 @@ from typing import Any
 
 from search_spaces.config import SearchConfig
 from service import crud
-from service.models import CANCELLED, CANCELLING, COMPLETED, FAILED, Search
+from service.core.models import CANCELLED, CANCELLING, COMPLETED, FAILED, Search
 from service.runtime import Runtime
 
 log = logging.getLogger("spsa_nas.dispatcher")

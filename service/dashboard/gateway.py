@@ -1,4 +1,4 @@
-"""optuna-dashboard behind the service's login: an allow-listed gateway and per-caller scoped storages.
+"""The dashboard gateway: authenticates, allow-lists routes, checks ownership, runs the caller's app.
 
 The gateway (ASGI) authenticates the caller (session cookie or bearer token), normalises the path,
 lets through only the dashboard routes and methods listed in ROUTES, checks that the study (and
@@ -12,21 +12,15 @@ only their own; nobody creates, renames, deletes or tells through the dashboard.
 
 from __future__ import annotations
 
-import posixpath
-import re
 import threading
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import quote
 
 from a2wsgi import WSGIMiddleware
-from optuna.distributions import BaseDistribution
-from optuna.storages import BaseStorage, RDBStorage
-from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import wsgi as dashboard_wsgi
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
@@ -35,23 +29,19 @@ from starlette.types import Receive, Scope, Send
 
 from service import crud
 from service.api.routes.login import COOKIE
-from service.artifacts import ARTIFACT_ID
-from service.models import User
+from service.core.models import User
+from service.core.security import same_origin
+from service.dashboard.routes import READ, Route, match_route, normalise_path
+from service.dashboard.storage import ScopedStorage
 from service.runtime import Runtime
-from service.security import same_origin
 
 CALLER_KEY = "spsa_nas.caller"  # ASGI scope key; an object, never a header
 ALLOWED_TTL_S = 2.0  # how stale a user's list of studies may be (a new search shows within this)
-READ = frozenset({"GET", "HEAD"})
 ARTIFACTS_PREFIX = "artifacts:"  # where Optuna and optuna-dashboard record an artifact's metadata
 DASHBOARD_ARTIFACTS_PREFIX = "dashboard:artifacts:"
 # Artifacts are served inline only with these types (images and plain data); any other type is
 # served as application/octet-stream. All are attachments, nosniff, and sandboxed.
 INLINE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "text/plain", "text/csv")
-
-
-class ReadOnlyStudyError(KeyError):
-    """Refused by the service: studies are created, renamed, deleted and told through the API only."""
 
 
 @dataclass(frozen=True)
@@ -64,183 +54,6 @@ class Caller:
     @property
     def key(self) -> tuple[str, int]:
         return ("admin" if self.is_admin else "user", self.user_id)
-
-
-@dataclass(frozen=True)
-class Route:
-    """A dashboard route the gateway lets through; `access` says what it needs of the study.
-
-    page: no study named; read: the caller may read the study; write: the caller owns it;
-    delete: the caller owns it and the named artifact belongs to that study (or trial)."""
-
-    methods: frozenset[str]
-    pattern: re.Pattern[str]
-    access: str
-
-
-def _route(methods: Iterable[str], pattern: str, access: str) -> Route:
-    pattern = pattern.replace("{study}", r"(?P<study>\d{1,12})").replace("{trial}", r"(?P<trial>\d{1,12})")
-    pattern = pattern.replace("{artifact}", f"(?P<artifact>{ARTIFACT_ID.pattern})")
-    return Route(frozenset(methods), re.compile(pattern), access)
-
-
-_SEGMENT = r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*"
-ROUTES: tuple[Route, ...] = (
-    _route(READ, "/", "page"),
-    _route(READ, rf"/dashboard(?:/{_SEGMENT})*", "page"),  # the single-page app's own routes
-    _route(READ, "/api/meta", "page"),
-    _route(READ, "/api/studies", "page"),  # lists the studies the caller may read
-    _route(READ, r"/favicon\.ico", "page"),
-    _route(READ, rf"/static(?:/{_SEGMENT})+", "page"),
-    _route(READ, "/api/studies/{study}", "read"),
-    _route(READ, "/api/studies/{study}/param_importances", "read"),
-    _route(READ, "/api/studies/{study}/plot/[a-z_]{1,32}", "read"),
-    _route(READ, "/csv/{study}", "read"),
-    _route(READ, "/artifacts/{study}/{artifact}", "read"),
-    _route(READ, "/artifacts/{study}/{trial}/{artifact}", "read"),
-    _route({"PUT"}, "/api/studies/{study}/note", "write"),
-    _route({"PUT"}, "/api/studies/{study}/{trial}/note", "write"),
-    _route({"POST"}, "/api/artifacts/{study}", "write"),
-    _route({"POST"}, "/api/artifacts/{study}/{trial}", "write"),
-    _route({"DELETE"}, "/api/artifacts/{study}/{artifact}", "delete"),
-    _route({"DELETE"}, "/api/artifacts/{study}/{trial}/{artifact}", "delete"),
-)
-_PATH_CHARS = re.compile(r"[A-Za-z0-9._~/-]*")
-
-
-def normalise_path(path: str) -> str | None:
-    """The one spelling of a (percent-decoded) request path that is checked and then served:
-    repeated and trailing slashes dropped, `.` and `..` resolved. None when it holds anything
-    but letters, digits and `._~-/` (a `%` left after decoding, a backslash, a NUL, ...)."""
-    if not path.startswith("/") or not _PATH_CHARS.fullmatch(path):
-        return None
-    normal = posixpath.normpath("/" + path.lstrip("/"))
-    return "/" + normal.lstrip("/")
-
-
-def match_route(method: str, path: str) -> tuple[Route, dict[str, str]] | None:
-    for route in ROUTES:
-        found = route.pattern.fullmatch(path)
-        if found and method in route.methods:
-            return route, {k: v for k, v in found.groupdict().items() if v is not None}
-    return None
-
-
-class ScopedStorage(BaseStorage):
-    """The Optuna storage as one caller's dashboard sees it.
-
-    `readable(study_id)` and `writable(study_id)` decide; a study or trial the caller may not read
-    raises KeyError (optuna-dashboard answers 404). Writes other than system attrs (notes and
-    artifact records) are refused for everyone: the service owns the studies' life cycle.
-    """
-
-    def __init__(
-        self,
-        inner: RDBStorage,
-        readable: Callable[[int], bool],
-        writable: Callable[[int], bool],
-        study_of_trial: Callable[[int], int | None],
-    ) -> None:
-        self._inner = inner
-        self._readable = readable
-        self._writable = writable
-        self._study_of_trial = study_of_trial
-
-    def _study(self, study_id: int) -> int:
-        if not self._readable(study_id):
-            raise KeyError(f"No study with study_id {study_id} exists.")
-        return study_id
-
-    def _trial(self, trial_id: int) -> int:
-        study_id = self._study_of_trial(trial_id)
-        if study_id is None or not self._readable(study_id):
-            raise KeyError(f"No trial with trial_id {trial_id} exists.")
-        return trial_id
-
-    def _writable_study(self, study_id: int) -> int:
-        if not self._writable(self._study(study_id)):
-            raise ReadOnlyStudyError("only the owner of a search writes notes and files on its study")
-        return study_id
-
-    # studies
-    def create_new_study(self, directions: Sequence[StudyDirection], study_name: str | None = None) -> int:
-        raise ReadOnlyStudyError("create searches through the API: POST /api/v1/searches")
-
-    def delete_study(self, study_id: int) -> None:
-        raise ReadOnlyStudyError("studies of searches cannot be deleted from the dashboard")
-
-    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
-        raise ReadOnlyStudyError("study user attributes are the service's")
-
-    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
-        self._inner.set_study_system_attr(self._writable_study(study_id), key, value)  # notes, files
-
-    def get_study_id_from_name(self, study_name: str) -> int:
-        return self._study(self._inner.get_study_id_from_name(study_name))
-
-    def get_study_name_from_id(self, study_id: int) -> str:
-        return self._inner.get_study_name_from_id(self._study(study_id))
-
-    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
-        return self._inner.get_study_directions(self._study(study_id))
-
-    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._inner.get_study_user_attrs(self._study(study_id))
-
-    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
-        return self._inner.get_study_system_attrs(self._study(study_id))
-
-    def get_all_studies(self) -> list[Any]:
-        studies = [s for s in self._inner.get_all_studies() if self._readable(s._study_id)]
-        return sorted(studies, key=lambda s: s._study_id)
-
-    # trials
-    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        raise ReadOnlyStudyError("trials are created by the search's workers")
-
-    def set_trial_param(
-        self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution
-    ) -> None:
-        raise ReadOnlyStudyError("trials are written by the search's workers")
-
-    def set_trial_state_values(
-        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
-    ) -> bool:
-        raise ReadOnlyStudyError("trials are told by the search's workers")
-
-    def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
-        raise ReadOnlyStudyError("trials are written by the search's workers")
-
-    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        raise ReadOnlyStudyError("trial user attributes are the search's results")
-
-    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
-        study_id = self._study_of_trial(self._trial(trial_id))
-        self._writable_study(int(study_id))  # type: ignore[arg-type]
-        self._inner.set_trial_system_attr(trial_id, key, value)  # files attached to a running trial
-
-    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        return self._inner.get_trial_id_from_study_id_trial_number(self._study(study_id), trial_number)
-
-    def get_trial(self, trial_id: int) -> FrozenTrial:
-        return self._inner.get_trial(self._trial(trial_id))
-
-    def get_all_trials(
-        self, study_id: int, deepcopy: bool = True, states: Container[TrialState] | None = None
-    ) -> list[FrozenTrial]:
-        return self._inner.get_all_trials(self._study(study_id), deepcopy=deepcopy, states=states)
-
-    def get_n_trials(self, study_id: int, state: tuple[TrialState, ...] | TrialState | None = None) -> int:
-        return self._inner.get_n_trials(self._study(study_id), state)
-
-    def get_best_trial(self, study_id: int) -> FrozenTrial:
-        return self._inner.get_best_trial(self._study(study_id))
-
-    def remove_session(self) -> None:
-        self._inner.remove_session()
-
-    def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
-        self._inner.check_trial_is_updatable(trial_id, trial_state)
 
 
 def _json(status_code: int, reason: str) -> JSONResponse:
@@ -464,4 +277,3 @@ class DashboardGateway:
             return
         inner = {**scope, "path": path, "raw_path": path.encode(), CALLER_KEY: caller}
         await self._wsgi(inner, receive, send)
-

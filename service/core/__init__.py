@@ -1,0 +1,1 @@
+"""The core of the service: settings, database, tables, secrets, paths, redaction."""

@@ -1,0 +1,47 @@
+"""Create/read/update of the service's rows: keyword-only functions over a Session, one module per
+table family (users and tokens, dashboard sessions, searches, the dispatcher's claims)."""
+
+from service.crud.claims import claim_next_search, finish_search, release_search, renew_lease
+from service.crud.searches import (
+    count_active_searches,
+    create_search,
+    get_search,
+    list_searches,
+    owned_study_names,
+    request_cancel,
+)
+from service.crud.sessions import end_web_session, open_web_session, session_user
+from service.crud.users import (
+    USER_NAME_RE,
+    UserError,
+    authenticate,
+    create_user,
+    get_user_by_name,
+    issue_token,
+    list_users,
+    revoke_user,
+)
+
+__all__ = [
+    "USER_NAME_RE",
+    "UserError",
+    "authenticate",
+    "claim_next_search",
+    "count_active_searches",
+    "create_search",
+    "create_user",
+    "end_web_session",
+    "finish_search",
+    "get_search",
+    "get_user_by_name",
+    "issue_token",
+    "list_searches",
+    "list_users",
+    "open_web_session",
+    "owned_study_names",
+    "release_search",
+    "renew_lease",
+    "request_cancel",
+    "revoke_user",
+    "session_user",
+]
