@@ -22,6 +22,8 @@ def synthetic_trial(
     ignore_stop: bool = False,
     record_windows: bool = False,
     record_priority: bool = False,
+    hold_numbers: tuple[int, ...] = (),
+    hold_file: str | None = None,
 ) -> None:
     """Suggest x in [-1, 1], 'measure' for `measure_s` under the latency lock, 'train' for `train_s`
     in `steps` steps (polling `ctx.should_stop` before each), then tell.
@@ -31,8 +33,17 @@ def synthetic_trial(
     record_windows: store the measurement window and the training-step windows (unix seconds) as
     user attrs `measure_window` and `step_windows`, to check the latency protocol.
     record_priority: store the CPU niceness the trial ran at as user attr `nice`.
+    hold_numbers, hold_file: trial numbers that, once x is suggested, set user attr `held` and wait
+    (never polling should_stop) until the file `hold_file` exists: a trial a test knows is RUNNING
+    and will stay so until the test releases it or kills its worker.
     """
+    if hold_numbers and hold_file is None:
+        raise ValueError("synthetic_trial: hold_numbers needs hold_file, the file that releases them")
     x = trial.suggest_float("x", -1.0, 1.0)
+    if trial.number in hold_numbers and hold_file is not None:
+        trial.set_user_attr("held", True)
+        while not os.path.exists(hold_file):
+            time.sleep(0.05)
     if record_priority:
         trial.set_user_attr("nice", os.getpriority(os.PRIO_PROCESS, 0))
     if measure_s > 0:

@@ -140,36 +140,63 @@ def test_joining_without_the_token_is_a_clear_error(ray_cluster: dict[str, Any],
     assert f"could not connect to Ray at '{ray_cluster['address']}'" in text and "RAY_AUTH_MODE" in text
 
 
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-4000:]
+
+
+def _kill_workers_of_running_trials(url: str, name: str) -> None:
+    """SIGKILL the Ray worker of every RUNNING trial of the study (if it exists yet)."""
+    try:
+        trials = _trials(url, name)
+    except KeyError:
+        return
+    for trial in trials:
+        if trial.state == TrialState.RUNNING and "worker_pid" in trial.user_attrs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
+
+
 def test_coordinator_killed_and_restarted_finishes_exactly_once(sqlite_url: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Trials 2 and 3 hold (RUNNING, x suggested, heartbeats going) until `gate` exists: the test
+    # kills the coordinator while they hold, so they cannot have finished, whatever the timing.
+    gate = tmp_path / "release-held-trials"
+    held_numbers = {2, 3}
     args = _args("restart", sqlite_url, tmp_path, cfg={"trials": 6})
-    first = _coordinator(args, env)  # a local Ray of its own, in its process group
+    args["synthetic"] = {"train_s": 0.5, "steps": 5, "hold_numbers": sorted(held_numbers),
+                         "hold_file": str(gate)}
+    log_path = tmp_path / "first-coordinator.log"
+    with open(log_path, "wb") as log:  # a file, not a pipe nobody reads: a full pipe would stall it
+        first = subprocess.Popen([sys.executable, str(SCRIPT), json.dumps(args)], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
+        # Two trials in flight at most: trials 2 and 3 are asked only after the tasks of 0 and 1
+        # ended, so once both hold, 0 and 1 are told and 2 and 3 are RUNNING until the gate opens.
         deadline = time.monotonic() + 180
         while True:
-            assert first.poll() is None, f"the first coordinator ended early: {first.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "the first coordinator never got trials running"
+            if first.poll() is not None:
+                raise AssertionError(f"the first coordinator ended early:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"trials {held_numbers} never both held:\n{_tail(log_path)}")
             try:
                 trials = _trials(sqlite_url, "restart")
-            except KeyError:
+            except KeyError:  # the study is not created yet
                 trials = []
-            done = [t for t in trials if t.state == TrialState.COMPLETE]
-            running = [t for t in trials if t.state == TrialState.RUNNING and t.params]
-            if done and running:
+            holding = {t.number for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("held")}
+            if holding == held_numbers:
                 break
             time.sleep(0.2)
     finally:
         kill_group(first)  # kill -9 the coordinator and the Ray it started, mid-search
-    # Ray's worker processes are not in the coordinator's process group and may outlive it for a
-    # moment; kill them too, as when the coordinator's machine dies.
-    for trial in _trials(sqlite_url, "restart"):
-        if trial.state == TrialState.RUNNING:
-            with contextlib.suppress(ProcessLookupError, KeyError):
-                os.kill(trial.user_attrs["worker_pid"], signal.SIGKILL)
-    # A worker may have told its trial COMPLETE between the coordinator's death and its own: that
-    # result stands. The trials still RUNNING now are the ones the restart must fail and retry.
-    interrupted = {t.number for t in _trials(sqlite_url, "restart") if t.state == TrialState.RUNNING}
-    assert interrupted
+        # Ray's worker processes are not in the coordinator's process group and may outlive it for
+        # a moment; kill them too, as when the coordinator's machine dies.
+        _kill_workers_of_running_trials(sqlite_url, "restart")
+    before = {t.number: t for t in _trials(sqlite_url, "restart")}
+    assert {n for n, t in before.items() if t.state == TrialState.COMPLETE} == {0, 1}, before
+    interrupted = {n for n, t in before.items() if t.state == TrialState.RUNNING}
+    assert interrupted == held_numbers
+    assert len(before) == 4  # nothing else was asked: two tasks in flight, both holding
+    gate.touch()  # their workers are dead; nothing after the restart holds
 
     summary = _summary(_coordinator(args, env))
     assert summary["status"] == "completed", summary
@@ -177,10 +204,12 @@ def test_coordinator_killed_and_restarted_finishes_exactly_once(sqlite_url: str,
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 6 and summary["finished"] == 6
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for number in (0, 1):  # finished before the kill: kept as they were, never run again
+        assert trials[number].state == TrialState.COMPLETE and trials[number].values == before[number].values
+        assert not [t for t in trials if t.user_attrs.get("retry_of") == number]
     for number in interrupted:
         lost = trials[number]
         assert lost.state == TrialState.FAIL and lost.user_attrs["worker_lost"] is True
         retries = [t for t in trials if t.user_attrs.get("retry_of") == number]
         assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
-        if "x" in lost.params:
-            assert retries[0].params == lost.params
+        assert "x" in lost.params and retries[0].params == lost.params
