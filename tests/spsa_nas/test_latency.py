@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -45,9 +47,32 @@ def test_measure_latency_protocol_and_fields() -> None:
     assert result.input_shape == (2, 3, 16, 16)
     assert 0 < result.min_ms <= result.median_ms <= result.p90_ms <= result.max_ms
     assert result.min_ms <= result.mean_ms <= result.max_ms
-    assert result.iqr_ms >= 0 and result.std_ms >= 0
+    spread = result.max_ms - result.min_ms  # the exact figures: test_statistics_are_those_of_the_timed_calls
+    assert 0 <= result.iqr_ms <= spread and 0 <= result.std_ms <= spread
     assert result.device == "cpu" and result.device_name and result.torch_version == torch.__version__
     assert result.threads == torch.get_num_threads()
+
+
+def test_statistics_are_those_of_the_timed_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a clock whose timed calls take 1..7 ms (shuffled), every figure is known exactly."""
+    import spsa_nas.latency as latency_module
+
+    durations_ns = [4_000_000, 1_000_000, 7_000_000, 2_000_000, 6_000_000, 3_000_000, 5_000_000]
+    readings: list[int] = []
+    for duration in durations_ns:  # each timed call reads the clock before and after
+        start = 10_000_000 * len(readings)
+        readings += [start, start + duration]
+    clock = iter(readings)
+    monkeypatch.setattr(latency_module.time, "perf_counter_ns", lambda: next(clock))
+    cfg = LatencyConfig(warmup=1, repeats=7, min_time_s=0.0)
+    result = measure_latency(nn.Conv2d(1, 2, 3), (1, 8, 8), cfg, "cpu")
+    assert next(clock, None) is None  # every reading was taken: 7 timed calls, no more
+    ms = np.arange(1.0, 8.0)
+    assert result.repeats == 7
+    assert (result.min_ms, result.median_ms, result.max_ms, result.mean_ms) == (1.0, 4.0, 7.0, 4.0)
+    assert result.p90_ms == pytest.approx(6.4)  # numpy's linear percentile of 1..7
+    assert result.iqr_ms == pytest.approx(5.5 - 2.5)
+    assert result.std_ms == pytest.approx(float(ms.std(ddof=1)))  # sample std: 2.16, not 2.0
 
 
 def test_result_record_round_trips_through_json() -> None:
@@ -116,7 +141,7 @@ def _spec(alpha: float = 1.0) -> ArchSpec:
 def test_latency_key_is_stable_and_sensitive() -> None:
     cfg = LatencyConfig()
     key = latency_key(_spec(), (3, 16, 16), cfg, "cpu")
-    assert len(key) == 64 and int(key, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{64}", key), key  # a sha256 hex digest
     assert key == latency_key(_spec(), (3, 16, 16), LatencyConfig(), "cpu")
     assert key == latency_key(_spec(), (1, 3, 16, 16), cfg, "cpu")  # the same timed input
     different = [

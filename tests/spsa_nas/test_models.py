@@ -269,7 +269,9 @@ def test_hybrid_models_are_finite_at_init_in_train_and_eval(backbone: str) -> No
     y = model(x)
     y.sum().backward()
     assert y.shape == (4, 5) and torch.isfinite(y).all()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters the loss does not reach: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())  # type: ignore[arg-type]
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.zeros(1, 3, 16, 16))).all()
