@@ -106,10 +106,14 @@ def test_services(compose: dict[str, Any]) -> None:
 
 def test_every_spsa_nas_variable_is_a_setting(compose: dict[str, Any]) -> None:
     fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    checked = []
     for name, service in compose["services"].items():
         for key in _env(service):
             if key.startswith(ENV_PREFIX):
                 assert key in fields, f"{name}: {key} is not a setting ({sorted(fields)})"
+                checked.append((name, key))
+    # the services that run spsa-nas are configured by such variables: the check saw them
+    assert {name for name, _ in checked} == {"api", "ray-head", "ray-worker"}
 
 
 def test_the_api_settings_validate(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
