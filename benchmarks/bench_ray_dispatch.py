@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from search_spaces.config import Resources, SearchConfig
+from search_spaces.study import create_study
 from workers.ray_runner import RunnerOptions, run_search
 from workers.synthetic import synthetic_trial
 
@@ -21,10 +22,11 @@ def _run(name: str, url: str, tmp: Path, *, trials: int, parallelism: int, train
     cfg = SearchConfig(study_name=name, sampler="random", trials=trials, parallelism=parallelism,
                        resources=Resources(num_cpus=1))
     trial_fn = functools.partial(synthetic_trial, train_s=train_s)
-    summary = run_search(cfg, url, artifact_dir=tmp / "artifacts", trial_fn=trial_fn, options=options)
-    if summary["finished"] != trials:
-        raise RuntimeError(f"{name}: {summary['finished']} of {trials} trials finished: {summary}")
-    wall = summary["wall_s"]
+    create_study(cfg, url)
+    report = run_search(name, url, artifact_dir=tmp / "artifacts", trial_fn=trial_fn, options=options)
+    if report.finished != trials or report.trial_s is None or report.task_s is None:
+        raise RuntimeError(f"{name}: {report.finished} of {trials} trials finished: {report}")
+    wall = report.elapsed_s
     return {
         "trials": trials,
         "parallelism": parallelism,
@@ -33,10 +35,10 @@ def _run(name: str, url: str, tmp: Path, *, trials: int, parallelism: int, train
         "trials_per_s": round(trials / wall, 3),
         "wall_per_trial_ms": round(1000 * wall / trials, 1),
         # time a worker slot spends outside the trial function, per trial (dispatch, ask, tell...)
-        "overhead_per_trial_ms": round(1000 * (wall * parallelism - summary["trial_s"]) / trials, 1),
-        "task_overhead_per_trial_ms": round(1000 * (summary["task_s"] - summary["trial_s"]) / trials, 1),
-        "fraction_in_trials": round(summary["trial_s"] / (wall * parallelism), 3),
-        "db_retries": summary["db_retries"],
+        "overhead_per_trial_ms": round(1000 * (wall * parallelism - report.trial_s) / trials, 1),
+        "task_overhead_per_trial_ms": round(1000 * (report.task_s - report.trial_s) / trials, 1),
+        "fraction_in_trials": round(report.trial_s / (wall * parallelism), 3),
+        "db_retries": report.db_retries,
     }
 
 

@@ -2,60 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import sqlite3
 import warnings
-from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
+from search_spaces.keys import CONFIG_ATTR, SPACE_ATTR
 from search_spaces.space import SearchSpace, load_space
+from search_spaces.storage import as_storage
 
-CONFIG_ATTR = "spsa_nas:config"
-SPACE_ATTR = "spsa_nas:space"
-SQLITE_BUSY_TIMEOUT_S = 60.0
+# What optuna-dashboard writes on the plots' axes (the study's metric names), per objective kind.
+METRIC_NAMES = {"pareto": ["validation accuracy", "latency (ms)"], "score": ["score"]}
 
 # Fields of SearchConfig that a resumed run may change: budgets and where the process runs.
 # Everything else (space, data, training, objective, sampler, seed, device) defines the study.
 _RUN_FIELDS = ("trials", "timeout_s", "parallelism", "resources", "max_retries", "space")
 _RUN_DATA_FIELDS = ("data_root", "download")
-
-
-def storage_for(url: str) -> RDBStorage:
-    """An Optuna RDB storage for `url`; SQLite files get WAL mode and a busy timeout.
-
-    WAL is a property of the database file (set once, before Optuna opens it), and the busy
-    timeout is the driver's connect argument, so both survive pickling the storage into another
-    process (RDBStorage re-creates its engine from the URL and engine_kwargs).
-    """
-    try:
-        parsed = make_url(url)
-    except Exception as exc:  # sqlalchemy raises ArgumentError for malformed URLs
-        raise ValueError(f"storage URL {url!r} is not a database URL (e.g. sqlite:///runs/spsa-nas.db, "
-                         f"postgresql+psycopg://user@host/db): {exc}") from None
-    engine_kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database
-        if database and database != ":memory:" and not database.startswith("file:"):
-            path = Path(database)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.closing(sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)) as conn:
-                conn.execute("PRAGMA journal_mode=WAL")
-        engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-    return RDBStorage(url, engine_kwargs=engine_kwargs)
-
-
-def _as_storage(storage: str | BaseStorage) -> BaseStorage:
-    return storage_for(storage) if isinstance(storage, str) else storage
 
 
 def directions(cfg: SearchConfig) -> list[str]:
@@ -124,12 +91,14 @@ def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: Search
                  ) -> optuna.Study:
     """Create the study `cfg.study_name`, or load it when it exists with the same configuration.
 
-    The configuration is stored as the study's user attrs `spsa_nas:config` (SearchConfig JSON)
-    and `spsa_nas:space` (the resolved space). A study created with another configuration (space,
-    data, training, objective, sampler, seed, device) is refused, never mixed; the budgets
-    (trials, timeout, parallelism, resources, retries) may change between runs.
+    The configuration is stored as the study's user attrs `spsa_nas:config` (SearchConfig JSON:
+    the one stored copy of a search's config) and `spsa_nas:space` (the resolved space); the
+    study's metric names (METRIC_NAMES) label optuna-dashboard's plots. A study created with
+    another configuration (space, data, training, objective, sampler, seed, device) is refused,
+    never mixed; the budgets (trials, timeout, parallelism, resources, retries) may change
+    between runs.
     """
-    storage = _as_storage(storage)
+    storage = as_storage(storage)
     space = space or load_space(cfg.space)
     pruner = make_pruner(cfg)
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=directions(cfg),
@@ -151,12 +120,16 @@ def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: Search
             study.sampler = make_sampler(cfg, seed_offset=existing)
     study.set_user_attr(CONFIG_ATTR, cfg.model_dump_json())
     study.set_user_attr(SPACE_ATTR, space.model_dump(mode="json", exclude_unset=True))
+    with warnings.catch_warnings():  # metric names are marked experimental; we rely on them knowingly
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if study.metric_names != METRIC_NAMES[cfg.objective.kind]:
+            study.set_metric_names(METRIC_NAMES[cfg.objective.kind])
     return study
 
 
 def load_study(name: str, storage: str | BaseStorage) -> optuna.Study:
     """An existing study (KeyError naming the studies there when it does not exist)."""
-    storage = _as_storage(storage)
+    storage = as_storage(storage)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
         raise KeyError(f"no study {name!r} in this storage; studies there: "
@@ -308,6 +281,7 @@ def finished(counts: dict[str, int]) -> int:
 
 
 __all__ = [
+    "METRIC_NAMES",
     "create_study",
     "describe_spec",
     "directions",
@@ -318,7 +292,6 @@ __all__ = [
     "objective_values",
     "pareto_front",
     "select_best",
-    "storage_for",
     "study_config",
     "study_space",
     "trial_counts",

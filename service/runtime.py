@@ -6,11 +6,10 @@ import threading
 from dataclasses import dataclass, field
 
 from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import RDBStorage
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from search_spaces.study import storage_for
+from search_spaces.storage import RetryingStorage, open_storage
 from service.core.db import make_engine, make_session_factory, migrate
 from service.core.settings import Settings
 from service.searches.cache import StudyCache
@@ -23,14 +22,14 @@ class Runtime:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    storage: RDBStorage
+    storage: RetryingStorage  # search_spaces.storage.open_storage: the workers' storage settings
     artifact_store: FileSystemArtifactStore
     studies: StudyCache
     export_lock: threading.Lock = field(default_factory=threading.Lock)  # one ONNX export at a time
 
     def close(self) -> None:
         self.engine.dispose()
-        self.storage.engine.dispose()
+        self.storage.close()
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -39,7 +38,7 @@ def build_runtime(settings: Settings) -> Runtime:
     settings.data_root_path.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.db_url)
     migrate(engine)
-    storage = storage_for(settings.db_url)
+    storage = open_storage(settings.db_url)
     return Runtime(
         settings=settings,
         engine=engine,

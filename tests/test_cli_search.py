@@ -75,6 +75,40 @@ def test_search_best_export_and_onnx(tmp_path: Path) -> None:
     assert logits[0].shape == (1, 10) and np.isfinite(logits[0]).all()
 
 
+@pytest.mark.slow
+def test_search_whose_trials_keep_failing_exits_1_with_the_error(tmp_path: Path) -> None:
+    """A dataset that passes the up-front check (its class folders exist) but holds no image: every
+    trial fails when it loads the data, and the run ends `failing` after three in a row."""
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_YAML)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "empty" / cls).mkdir(parents=True)
+    done = _cli("search", "--space", str(space), "--dataset", "imagefolder", "--data-root",
+                str(tmp_path / "data"), "--data-path", "empty", "--trials", "2", "--latency-repeats", "3",
+                "--latency-warmup", "1", "--device", "cpu", "--storage", f"sqlite:///{tmp_path}/db.sqlite",
+                "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "0/2 finished (0 complete, 0 pruned, 3 failed); outcome: failing" in done.stderr
+    assert "trials keep failing: DataError: imagefolder: Found no valid file" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_search_on_ray_reports_its_outcome(tmp_path: Path) -> None:
+    """--parallelism 2 runs the trials on a Ray of its own; the report is the same as the local one."""
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_YAML)
+    done = _cli("search", "--space", str(space), "--dataset", "digits", "--trials", "2", "--parallelism", "2",
+                "--train.epochs", "1", "--train-subset", "160", "--batch-size", "16",
+                "--latency-repeats", "3", "--latency-warmup", "1", "--device", "cpu",
+                "--resources.num-cpus", "0.5",
+                "--storage", f"sqlite:///{tmp_path}/db.sqlite", "--artifacts", str(tmp_path / "artifacts"),
+                cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "2/2 finished (2 complete, 0 pruned, 0 failed); outcome: done" in done.stderr
+    assert "Pareto front of cli-tiny-digits" in done.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -7,18 +7,19 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.config import SearchConfig
-from search_spaces.study import create_study, finished, storage_for, study_space, trial_counts
+from search_spaces.keys import ERROR_ATTR, RUNNER_ATTR
+from search_spaces.run import Outcome, RunReport
+from search_spaces.storage import open_storage
+from search_spaces.study import finished, load_study, study_config, study_space, trial_counts
 from spsa_nas.evaluate import EvalHooks
 from workers.trial import run_trial
 
-RUNNER_ATTR = "runner"
 MAX_CONSECUTIVE_FAILURES = 3  # then stop: the same error would repeat for every trial
 
 
@@ -51,45 +52,47 @@ def fail_stale_local_trials(study: optuna.Study) -> list[int]:
             continue
         pid = int(runner.get("pid", -1))
         if pid == os.getpid() or not _pid_alive(pid):
-            study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (the local run "
+            study._storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR, "interrupted (the local run "
                                                "that ran it stopped; failed on resume)")
             study.tell(trial.number, state=TrialState.FAIL)
             failed.append(trial.number)
     return failed
 
 
-def run_local(cfg: SearchConfig, storage_url: str, *, artifact_dir: str | Path,
+def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
               stop_event: StopEvent | None = None,
               progress: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-              device: str | None = None) -> dict[str, Any]:
-    """Run `cfg`'s search in this process until cfg.trials trials are finished (complete or pruned).
+              device: str | None = None) -> RunReport:
+    """Run the search of the study `study_name` in this process until its config's `trials` trials
+    are finished (complete or pruned).
 
-    Creates the study or resumes it (same configuration required: see
-    search_spaces.study.create_study); trials left RUNNING by an earlier local run that died are
-    told FAIL first. Stops early on `cfg.timeout_s` (of this run), on `stop_event` (the running
-    trial is told FAIL "cancelled"), or after 3 failures in a row. `progress(study, trial)` is
-    called after each trial. KeyboardInterrupt: the running trial is told FAIL and the exception
-    propagates; running again continues the study.
+    The study must exist (search_spaces.study.create_study); its config and space are read from
+    it once. Trials left RUNNING by an earlier local run that died are told FAIL first. Stops
+    early on the config's `timeout_s` (of this run), on `stop_event` (outcome "cancelled"; the
+    running trial is told FAIL "cancelled"), or after 3 failures in a row (outcome "failing").
+    `progress(study, trial)` is called after each trial. KeyboardInterrupt: the running trial is
+    told FAIL and the exception propagates; running again continues the study. KeyError when the
+    study does not exist.
     """
-    storage = storage_for(storage_url)
-    study = create_study(cfg, storage)
-    space = study_space(study)
+    study = load_study(study_name, open_storage(storage_url))
+    cfg, space = study_config(study), study_space(study)
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(artifact_dir))
     recovered = fail_stale_local_trials(study)
     extra = EvalHooks(should_stop=stop_event.is_set if stop_event is not None else None)
     marker = {"kind": "local", "host": socket.gethostname(), "pid": os.getpid()}
     start = time.monotonic()
-    ran, failures_in_row, last_error, stopped = 0, 0, None, "done"
+    ran, crashed, failures_in_row, last_error = 0, 0, 0, None
+    outcome: Outcome = "done"
     while True:
         if finished(trial_counts(study)) >= cfg.trials:
-            stopped = "done"
+            outcome = "done"
             break
         if cfg.timeout_s is not None and time.monotonic() - start >= cfg.timeout_s:
-            stopped = "timeout"
+            outcome = "timeout"
             break
         if stop_event is not None and stop_event.is_set():
-            stopped = "stopped"
+            outcome = "cancelled"
             break
         trial = study.ask()
         trial.set_user_attr(RUNNER_ATTR, marker)
@@ -100,21 +103,25 @@ def run_local(cfg: SearchConfig, storage_url: str, *, artifact_dir: str | Path,
             progress(study, frozen)
         if frozen.state == TrialState.FAIL:
             failures_in_row += 1
-            last_error = frozen.user_attrs.get("error")
+            if not (stop_event is not None and stop_event.is_set()):
+                crashed += 1
+                last_error = frozen.user_attrs.get(ERROR_ATTR)
             if failures_in_row >= MAX_CONSECUTIVE_FAILURES:
-                stopped = "failing"
+                outcome = "failing"
                 break
         else:
             failures_in_row = 0
     counts = trial_counts(study)
-    return {
-        "study_name": study.study_name,
-        "ran": ran,
-        "finished": finished(counts),
-        "trials": cfg.trials,
-        "counts": counts,
-        "recovered": recovered,
-        "elapsed_s": round(time.monotonic() - start, 3),
-        "stopped": stopped,
-        "last_error": last_error,
-    }
+    return RunReport(
+        outcome=outcome,
+        runner="local",
+        study_name=study.study_name,
+        trials_requested=cfg.trials,
+        finished=finished(counts),
+        counts=counts,
+        ran=ran,
+        crashed=crashed,
+        last_error=last_error,
+        elapsed_s=round(time.monotonic() - start, 3),
+        recovered=recovered,
+    )

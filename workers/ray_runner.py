@@ -19,24 +19,34 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import SearchConfig
-from workers.latency_gate import NodeGate
-from workers.lease import (
+from search_spaces.keys import (
     ATTEMPT_ATTR,
-    CANCEL_STUDY_ATTR,
     CANCELLED_ATTR,
+    ERROR_ATTR,
     REASON_ATTR,
     RETRY_OF_ATTR,
     TASK_ATTR,
+    TRACEBACK_ATTR,
     WORKER_LOST_ATTR,
-    Heartbeat,
-    LeaseTracker,
-    RetryingStorage,
-    open_storage,
+    run_cancel_attr,
 )
+from search_spaces.run import Outcome, RunReport
+from search_spaces.space import SearchSpace
+from search_spaces.storage import RetryingStorage, open_storage
+from search_spaces.study import (
+    finished,
+    load_study,
+    make_pruner,
+    make_sampler,
+    study_config,
+    study_space,
+    trial_counts,
+)
+from workers.latency_gate import NodeGate
+from workers.lease import Heartbeat, LeaseTracker
 
 logger = logging.getLogger(__name__)
 
-RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: cancels one run of the coordinator only
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -49,6 +59,7 @@ class TrialContext:
     """What a trial function gets besides the study and the trial."""
 
     cfg: SearchConfig
+    space: SearchSpace  # the space stored with the study: no file needed on the worker
     artifact_dir: str
     device: str  # "cuda" when Ray gave the task a GPU (cfg.device "auto"), else cfg.device or "cpu"
     should_stop: Callable[[], bool]  # poll between steps; also where training pauses for latency
@@ -92,7 +103,6 @@ def _default_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: TrialContex
     """The real trial: suggest an architecture, evaluate it, tell (workers.trial.run_trial)."""
     from optuna.artifacts import FileSystemArtifactStore
 
-    from search_spaces.study import study_space
     from spsa_nas.evaluate import EvalHooks
     from workers.trial import run_trial
 
@@ -101,7 +111,7 @@ def _default_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: TrialContex
         study,
         trial,
         ctx.cfg,
-        study_space(study),  # the space stored with the study: no file needed on the worker
+        ctx.space,
         artifact_store=FileSystemArtifactStore(ctx.artifact_dir),
         device=ctx.device,
         extra_hooks=EvalHooks(latency_lock=ctx.latency_lock, should_stop=ctx.should_stop),
@@ -126,42 +136,43 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
-def _trial_task(
-    storage_url: str,
-    study_name: str,
-    cfg_json: str,
-    artifact_dir: str,
-    token: str,
-    run_id: str,
-    trial_fn: TrialFn | None,
-    options: RunnerOptions,
-) -> dict[str, Any]:
-    """One Ray task: ask (or take an enqueued retry), run the trial, make sure it is told."""
+@dataclass(frozen=True)
+class _TaskSpec:
+    """What every task of one run shares (put into Ray's object store once per run)."""
+
+    storage_url: str
+    study_name: str
+    cfg: SearchConfig  # read from the study once, by the coordinator
+    space: SearchSpace
+    artifact_dir: str
+    run_id: str
+    trial_fn: TrialFn | None
+    options: RunnerOptions
+
+
+def _trial_task(spec: _TaskSpec, token: str, seed_offset: int) -> dict[str, Any]:
+    """One Ray task: ask (or take an enqueued retry), run the trial, make sure it is told.
+
+    `seed_offset` is distinct per task (of every run of the study), so that parallel tasks'
+    samplers, seeded from cfg.seed, do not all draw the same architecture."""
     task_start = time.perf_counter()
-    if options.nice is not None:
-        _lower_priority(options.nice)
-    storage = open_storage(storage_url)
+    if spec.options.nice is not None:
+        _lower_priority(spec.options.nice)
+    storage = open_storage(spec.storage_url)
     try:
-        return _run_one(storage, study_name, SearchConfig.model_validate_json(cfg_json), artifact_dir, token,
-                        run_id, trial_fn, options, task_start)
+        return _run_one(storage, spec, token, seed_offset, task_start)
     finally:
         storage.close()
 
 
 def _run_one(
-    storage: RetryingStorage,
-    study_name: str,
-    cfg: SearchConfig,
-    artifact_dir: str,
-    token: str,
-    run_id: str,
-    trial_fn: TrialFn | None,
-    options: RunnerOptions,
-    task_start: float,
+    storage: RetryingStorage, spec: _TaskSpec, token: str, seed_offset: int, task_start: float
 ) -> dict[str, Any]:
     import ray
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    cfg, options = spec.cfg, spec.options
+    study = optuna.load_study(study_name=spec.study_name, storage=storage,
+                              sampler=make_sampler(cfg, seed_offset=seed_offset), pruner=make_pruner(cfg))
     trial = study.ask()
     trial_id = trial._trial_id
     node_id = ray.get_runtime_context().get_node_id()
@@ -179,7 +190,7 @@ def _run_one(
         storage.set_trial_user_attr(trial_id, key, value)
 
     heartbeat = Heartbeat(storage, study._study_id, trial_id, options.heartbeat_s,
-                          extra_cancel_keys=(RUN_CANCEL_PREFIX + run_id,)).start()
+                          cancel_key=run_cancel_attr(spec.run_id)).start()
     gate = NodeGate(options.lock_dir, pause_training=options.pause_training_during_latency)
     marked: list[str] = []
 
@@ -195,12 +206,13 @@ def _run_one(
                 _set_attr_quietly(storage, trial_id, REASON_ATTR, "cancelled")
         return True
 
-    ctx = TrialContext(cfg=cfg, artifact_dir=artifact_dir, device=device, should_stop=should_stop,
-                       latency_lock=gate.latency_lock, node_id=node_id, hostname=hostname)
+    ctx = TrialContext(cfg=cfg, space=spec.space, artifact_dir=spec.artifact_dir, device=device,
+                       should_stop=should_stop, latency_lock=gate.latency_lock, node_id=node_id,
+                       hostname=hostname)
     trial_start = time.perf_counter()
     error: BaseException | None = None
     try:
-        (trial_fn or _default_trial_fn)(study, trial, ctx)
+        (spec.trial_fn or _default_trial_fn)(study, trial, ctx)
     except Exception as exc:  # the trial failed: record it, the search goes on
         error = exc
         tb = traceback.format_exc()
@@ -209,29 +221,31 @@ def _run_one(
         heartbeat.close()
         gate.close()
 
-    state = storage.get_trial(trial_id).state
-    if state == TrialState.RUNNING:
+    told = storage.get_trial(trial_id)
+    if told.state == TrialState.RUNNING:
         stopped = heartbeat.stop_reason == "cancelled"
         if error is None:
             error, tb = RuntimeError("the trial function returned without telling a result"), ""
-        attrs: dict[str, Any] = {"error": f"{type(error).__name__}: {error}", "traceback": tb}
+        attrs: dict[str, Any] = {ERROR_ATTR: f"{type(error).__name__}: {error}", TRACEBACK_ATTR: tb}
         if stopped:
             attrs.update({CANCELLED_ATTR: True, REASON_ATTR: "cancelled"})
         for key, value in attrs.items():
             _set_attr_quietly(storage, trial_id, key, value)
         with suppress(optuna.exceptions.UpdateFinishedTrialError):
             study.tell(trial, state=TrialState.FAIL)
-        state = storage.get_trial(trial_id).state
+        told = storage.get_trial(trial_id)
+    # A trial function that tells FAIL itself (run_trial does) raises nothing: its error is the attr.
+    error_text = f"{type(error).__name__}: {error}" if error is not None else told.user_attrs.get(ERROR_ATTR)
     return {
         "token": token,
         "trial_number": trial.number,
-        "state": state.name,
+        "state": told.state.name,
         "node_id": node_id,
         "trial_s": trial_s,
         "task_s": time.perf_counter() - task_start,
         "db_retries": storage.policy.retries,
         "stop_reason": heartbeat.stop_reason,
-        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "error": error_text,
     }
 
 
@@ -294,7 +308,7 @@ class _Run:
         if not _set_attr_quietly(self.storage, trial_id, WORKER_LOST_ATTR, True):
             return
         _set_attr_quietly(self.storage, trial_id, REASON_ATTR, f"worker lost: {why}")
-        _set_attr_quietly(self.storage, trial_id, "error", f"worker lost: {why}")
+        _set_attr_quietly(self.storage, trial_id, ERROR_ATTR, f"worker lost: {why}")
         try:
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -307,7 +321,7 @@ class _Run:
         trial_id = trial._trial_id
         _set_attr_quietly(self.storage, trial_id, CANCELLED_ATTR, True)
         _set_attr_quietly(self.storage, trial_id, REASON_ATTR, reason)
-        _set_attr_quietly(self.storage, trial_id, "error", reason)
+        _set_attr_quietly(self.storage, trial_id, ERROR_ATTR, reason)
         with suppress(optuna.exceptions.UpdateFinishedTrialError):
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
@@ -333,14 +347,9 @@ class _Run:
     def owned_by(self, token: str) -> list[FrozenTrial]:
         return [t for t in self.trials(TrialState.RUNNING) if t.user_attrs.get(TASK_ATTR) == token]
 
-    def cancel_requested(self, should_cancel: Callable[[], bool] | None) -> bool:
-        if should_cancel is not None and should_cancel():
-            return True
-        return self.storage.get_study_user_attrs(self.study._study_id).get(CANCEL_STUDY_ATTR) is True
-
 
 def run_search(
-    cfg: SearchConfig,
+    study_name: str,
     storage_url: str,
     *,
     artifact_dir: str | Path,
@@ -348,27 +357,38 @@ def run_search(
     should_cancel: Callable[[], bool] | None = None,
     trial_fn: TrialFn | None = None,
     options: RunnerOptions | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) a search on Ray until `cfg.trials` trials finished (COMPLETE or PRUNED), the
-    time budget `cfg.timeout_s` ran out, it was cancelled, or trials kept crashing.
+) -> RunReport:
+    """Run (or resume) the search of the study `study_name` on Ray until its config's `trials`
+    trials finished (COMPLETE or PRUNED), its `timeout_s` ran out, it was cancelled, or trials kept
+    crashing.
 
-    ray_address: an existing cluster ("host:port"); None: RAY_ADDRESS, else a local Ray started in
-    this process (and shut down at the end). A Ray already initialised by the caller is used as is.
+    The study must exist (search_spaces.study.create_study, which the CLI and the service call
+    when the search is submitted): its config and space are read from it once, here, and handed
+    to the tasks. ray_address: an existing cluster ("host:port"); None: RAY_ADDRESS, else a local
+    Ray started in this process (and shut down at the end). A Ray already initialised by the
+    caller is used as is. should_cancel(): polled every `options.poll_s`; True stops this run
+    (the coordinator then tells its tasks through the study attr run_cancel_attr(run id)).
     trial_fn(study, trial, ctx): runs one ask'd trial and tells it; default: workers.trial.run_trial.
-    Returns a summary: status ("completed", "timeout", "cancelled", "failed"), trial counts, timings.
+    KeyError when the study does not exist.
     """
     import ray
-
-    from search_spaces.study import create_study
 
     options = options or RunnerOptions()
     artifact_dir = str(Path(artifact_dir).resolve())
     start = time.monotonic()
     storage = open_storage(storage_url)
-    study = create_study(cfg, storage)  # once, before any worker starts
+    try:
+        study = load_study(study_name, storage)
+        cfg, space = study_config(study), study_space(study)
+    except BaseException:
+        storage.close()
+        raise
     run = _Run(study=study, storage=storage, cfg=cfg, options=options, run_id=uuid.uuid4().hex[:12])
     ray_mode = _connect_ray(ray_address)
-    cfg_json = cfg.model_dump_json()
+    spec = ray.put(_TaskSpec(storage_url=storage_url, study_name=study_name, cfg=cfg, space=space,
+                             artifact_dir=artifact_dir, run_id=run.run_id, trial_fn=trial_fn,
+                             options=options))
+    seed_base = len(run.trials())  # task seeds never repeat those of an earlier run of the study
     resources = cfg.resources
     task = ray.remote(_trial_task).options(
         num_cpus=resources.num_cpus,
@@ -376,21 +396,21 @@ def run_search(
         resources=dict(options.resources) or None,
         max_retries=0,  # a re-run would ask a new trial; lost trials are retried by the lease instead
         retry_exceptions=False,
-        name=f"spsa-nas-trial:{cfg.study_name}",
+        name=f"spsa-nas-trial:{study_name}",
     )
     max_streak = options.max_consecutive_failures or max(10, 2 * cfg.parallelism)
     tracker = LeaseTracker(options.lease_s)
     cancel_since: float | None = None
     forced = False
-    status = "completed"
+    outcome: Outcome = "done"
     try:
         run.reconcile_retries()
         while True:
             now = time.monotonic()
-            if cancel_since is None and run.cancel_requested(should_cancel):
+            if cancel_since is None and should_cancel is not None and should_cancel():
                 cancel_since = now
-                storage.set_study_user_attr(study._study_id, RUN_CANCEL_PREFIX + run.run_id, True)
-                logger.warning("search %s: cancelling %d running trials", cfg.study_name, len(run.in_flight))
+                storage.set_study_user_attr(study._study_id, run_cancel_attr(run.run_id), True)
+                logger.warning("search %s: cancelling %d running trials", study_name, len(run.in_flight))
             if cancel_since is not None and not forced and now - cancel_since >= options.cancel_grace_s:
                 forced = True
                 for ref in run.in_flight:
@@ -409,34 +429,33 @@ def run_search(
                         ray.cancel(ref, force=True)
             running = run.trials(TrialState.RUNNING)
             foreign = [t for t in running if t.user_attrs.get(TASK_ATTR) not in ours]
-            finished = len(run.trials(*FINISHED))
+            done = len(run.trials(*FINISHED))
             timed_out = cfg.timeout_s is not None and now - start >= cfg.timeout_s
             failing = run.crash_streak >= max_streak
             if cancel_since is None and not timed_out and not failing:
-                need = cfg.trials - finished - len(run.in_flight) - len(foreign)
+                need = cfg.trials - done - len(run.in_flight) - len(foreign)
                 for _ in range(max(0, min(need, cfg.parallelism - len(run.in_flight)))):
                     token = uuid.uuid4().hex
-                    ref = task.remote(storage_url, cfg.study_name, cfg_json, artifact_dir, token, run.run_id,
-                                      trial_fn, options)
+                    ref = task.remote(spec, token, seed_base + run.dispatched)
                     run.in_flight[ref] = token
                     run.tokens.add(token)
                     run.dispatched += 1
-            stopping = cancel_since is not None or timed_out or failing or finished >= cfg.trials
+            stopping = cancel_since is not None or timed_out or failing or done >= cfg.trials
             if not run.in_flight:
                 if stopping and (cancel_since is not None or not foreign):
-                    status = ("cancelled" if cancel_since is not None else "failed" if failing
-                              else "completed" if finished >= cfg.trials else "timeout")
+                    outcome = ("cancelled" if cancel_since is not None else "failing" if failing
+                               else "done" if done >= cfg.trials else "timeout")
                     break
                 time.sleep(options.poll_s)  # foreign trials (an earlier coordinator's) still running
                 continue
-            done, _ = ray.wait(list(run.in_flight), num_returns=len(run.in_flight), timeout=options.poll_s)
-            for ref in done:
+            ready, _ = ray.wait(list(run.in_flight), num_returns=len(run.in_flight), timeout=options.poll_s)
+            for ref in ready:
                 _collect(run, ref, ray, cancelled=cancel_since is not None)
         if cancel_since is not None:
             for trial in run.trials(TrialState.RUNNING):
                 if trial.user_attrs.get(TASK_ATTR) in run.tokens:
                     run.fail_cancelled(trial)
-        return _summary(run, status, time.monotonic() - start, ray_mode)
+        return _report(run, outcome, time.monotonic() - start, ray_mode)
     except KeyboardInterrupt:  # Ctrl-C of the CLI: stop the tasks, record their trials, re-raise
         for ref in run.in_flight:
             ray.cancel(ref, force=True)
@@ -481,25 +500,27 @@ def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
         run.crash_streak = 0
 
 
-def _summary(run: _Run, status: str, wall_s: float, ray_mode: str) -> dict[str, Any]:
+def _report(run: _Run, outcome: Outcome, wall_s: float, ray_mode: str) -> RunReport:
     trials = run.trials()
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    return {
-        "study_name": run.cfg.study_name,
-        "status": status,
-        "finished": counts["complete"] + counts["pruned"],
-        "trials_asked": run.cfg.trials,
-        "counts": counts,
-        "cancelled_trials": sum(bool(t.user_attrs.get(CANCELLED_ATTR)) for t in trials),
-        "worker_lost": run.worker_lost,
-        "retries_enqueued": run.retries_enqueued,
-        "crashed": run.crashed,
-        "last_error": run.last_error,
-        "duplicate_claims": run.duplicates,
-        "dispatched": run.dispatched,
-        "wall_s": wall_s,
-        "trial_s": run.trial_s,
-        "task_s": run.task_s,
-        "db_retries": run.storage.policy.retries + run.worker_db_retries,
-        "ray": ray_mode,  # "local" (started here), "cluster" (by address) or "caller" (already up)
-    }
+    counts = trial_counts(run.study)
+    return RunReport(
+        outcome=outcome,
+        runner="ray",
+        study_name=run.study.study_name,
+        trials_requested=run.cfg.trials,
+        finished=finished(counts),
+        counts=counts,
+        ran=run.dispatched,
+        crashed=run.crashed,
+        last_error=run.last_error,
+        elapsed_s=round(wall_s, 3),
+        run_id=run.run_id,
+        cancelled_trials=sum(bool(t.user_attrs.get(CANCELLED_ATTR)) for t in trials),
+        worker_lost=run.worker_lost,
+        retries_enqueued=run.retries_enqueued,
+        duplicate_claims=run.duplicates,
+        trial_s=run.trial_s,
+        task_s=run.task_s,
+        db_retries=run.storage.policy.retries + run.worker_db_retries,
+        ray=ray_mode,  # type: ignore[arg-type]  # "local", "cluster" or "caller" (_connect_ray)
+    )

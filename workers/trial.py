@@ -14,13 +14,12 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import SearchConfig
+from search_spaces.keys import ERROR_ATTR, LATENCY_KEY_ATTR, REASON_ATTR, TRACEBACK_ATTR
 from search_spaces.space import SearchSpace
 from search_spaces.study import mnas_score, objective_values
 from search_spaces.suggest import suggest_arch
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
 from spsa_nas.evaluate import Cancelled, EvalHooks, Measurement, evaluate_spec
-
-LATENCY_KEY_ATTR = "latency_key"
 
 
 class StudyLatencyCache:
@@ -61,8 +60,8 @@ def _chain(*hooks: Callable[..., None] | None) -> Callable[..., None] | None:
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, error: str, tb: str) -> FrozenTrial:
-    trial.set_user_attr("error", error)
-    trial.set_user_attr("traceback", tb)
+    trial.set_user_attr(ERROR_ATTR, error)
+    trial.set_user_attr(TRACEBACK_ATTR, tb)
     return study.tell(trial, state=TrialState.FAIL)
 
 
@@ -122,7 +121,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         if not result.feasible:
             for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):
                 trial.set_user_attr(key, metrics[key])
-            trial.set_user_attr("reason", f"median latency {result.latency.median_ms:.3f} ms is over "
+            trial.set_user_attr(REASON_ATTR, f"median latency {result.latency.median_ms:.3f} ms is over "
                                           f"the budget of {cfg.objective.latency_budget_ms:g} ms")
             return study.tell(trial, state=TrialState.PRUNED)
         values = objective_values(metrics, cfg)
@@ -142,7 +141,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         trial.set_user_attr("weights_artifact", artifact_id)
         return study.tell(trial, values)
     except optuna.TrialPruned as exc:
-        trial.set_user_attr("reason", str(exc) or "pruned")
+        trial.set_user_attr(REASON_ATTR, str(exc) or "pruned")
         return study.tell(trial, state=TrialState.PRUNED)
     except Cancelled:
         return _fail(study, trial, "cancelled", traceback.format_exc())

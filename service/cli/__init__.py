@@ -12,7 +12,9 @@ from workers.cli import UsageError
 # Each module defines `register(subparsers)`, adding its subcommands with `set_defaults(run=...)`;
 # `run(args) -> int` returns the exit status. Modules are imported when the parser is built.
 SUBCOMMAND_MODULES = (
-    "workers.cli.engine",  # search, best, export, spaces: the search engine, no server needed
+    "workers.cli.search",  # search: the search engine, no server needed
+    "workers.cli.results",  # best, export
+    "workers.cli.spaces",  # spaces
     "service.cli.serve",  # serve
     "service.cli.users",  # users add|token|revoke|list
     "service.cli.remote",  # remote submit|status|cancel|best|download

@@ -5,47 +5,32 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from search_spaces.storage import configure_engine, database_url, engine_options, prepare_database
+
 SERVICE_DIR = Path(__file__).resolve().parents[1]  # service/: alembic.ini and migrations/ live there
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 class DatabaseError(RuntimeError):
     """The database cannot be reached or migrated; the message says which URL and why."""
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL, a busy timeout and its directory created."""
+    """An engine for the service's tables at `url`, with the settings every engine of spsa-nas has
+    (search_spaces.storage): SQLite in WAL mode with its directory created, the one busy timeout
+    and foreign keys on; PostgreSQL with the pool settings."""
     try:
-        parsed = make_url(url)
-    except ArgumentError as exc:
+        parsed = database_url(url)
+        prepare_database(parsed)
+    except ValueError as exc:
         raise DatabaseError(f"invalid database URL {url!r}: {exc}") from None
-    kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":  # a local file: no connection goes stale
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-    else:
-        kwargs.update(pool_size=5, max_overflow=10, pool_pre_ping=True)
-    engine = create_engine(parsed, **kwargs)
-    if parsed.get_backend_name() == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+    engine = create_engine(parsed, **engine_options(parsed))
+    configure_engine(engine)
     return engine
 
 

@@ -57,9 +57,10 @@ class Search(Base):
     name: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the client's label
     study_name: Mapped[str] = mapped_column(String(128), unique=True)
     status: Mapped[str] = mapped_column(String(16), index=True, default=QUEUED)
-    config: Mapped[str] = mapped_column(Text)  # SearchConfig JSON, as the runner gets it
+    # The search's config lives with its study (user attr spsa_nas:config), read by the workers,
+    # the CLI, the dashboard and the API alike: stored once (migration 0003 dropped it here).
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    result: Mapped[str | None] = mapped_column(Text, nullable=True)  # the runner's summary (JSON)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)  # the run's RunReport (JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

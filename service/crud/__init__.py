@@ -1,7 +1,13 @@
 """Create/read/update of the service's rows: keyword-only functions over a Session, one module per
 table family (users and tokens, dashboard sessions, searches, the dispatcher's claims)."""
 
-from service.crud.claims import claim_next_search, finish_search, release_search, renew_lease
+from service.crud.claims import (
+    claim_next_search,
+    claimed_status,
+    finish_search,
+    release_search,
+    renew_lease,
+)
 from service.crud.searches import (
     count_active_searches,
     create_search,
@@ -27,6 +33,7 @@ __all__ = [
     "UserError",
     "authenticate",
     "claim_next_search",
+    "claimed_status",
     "count_active_searches",
     "create_search",
     "create_user",

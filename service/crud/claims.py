@@ -67,6 +67,12 @@ def renew_lease(session: Session, *, search_id: str, owner: str, lease_s: float)
     return session.scalar(select(Search.status).where(Search.id == search_id))
 
 
+def claimed_status(session: Session, *, search_id: str, owner: str) -> str | None:
+    """The status of a search `owner` holds (a read: the lease is left as it is); None when the
+    claim was lost. How a dispatcher learns of a cancel between two renewals."""
+    return session.scalar(select(Search.status).where(Search.id == search_id, Search.lease_owner == owner))
+
+
 def finish_search(
     session: Session,
     *,

@@ -9,15 +9,15 @@ from service.core.models import ACTIVE_STATES, CANCELLED, CANCELLING, QUEUED, RU
 
 
 def create_search(
-    session: Session, *, search_id: str, owner: User, name: str | None, study_name: str, config_json: str
+    session: Session, *, search_id: str, owner: User, name: str | None, study_name: str
 ) -> Search:
+    """A queued search of the study `study_name`, which holds its config (create_study)."""
     search = Search(
         id=search_id,
         owner_id=owner.id,
         name=name,
         study_name=study_name,
         status=QUEUED,
-        config=config_json,
         created_at=utcnow(),
         attempts=0,
     )

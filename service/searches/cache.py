@@ -1,8 +1,9 @@
-"""Snapshots of a search's study, cached: ids for good, trials for a few seconds (or for good once the
-search has ended), reloaded by one thread at a time."""
+"""Snapshots of a search's study, cached: ids and configs for good, trials for a few seconds (or for
+good once the search has ended), reloaded by one thread at a time."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Container
@@ -10,6 +11,8 @@ from typing import Any
 
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.keys import CONFIG_ATTR
 
 
 class StudyView:
@@ -45,6 +48,7 @@ class StudyCache:
         self.storage = storage
         self.ttl_s = ttl_s
         self._ids: dict[str, int] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
         self._views: dict[str, tuple[float, bool, StudyView]] = {}
         self._reloading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -59,6 +63,25 @@ class StudyCache:
         with self._lock:
             self._ids[study_name] = study_id
         return study_id
+
+    def config(self, study_name: str) -> dict[str, Any] | None:
+        """The search's config as its study stores it (the one copy, user attr CONFIG_ATTR), as
+        JSON data; None when the study is gone. Cached for good: the service never changes it."""
+        if study_name in self._configs:
+            return self._configs[study_name]
+        study_id = self.study_id(study_name)
+        if study_id is None:
+            return None
+        stored = self.storage.get_study_user_attrs(study_id).get(CONFIG_ATTR)
+        if stored is None:
+            return None
+        config = json.loads(stored) if isinstance(stored, str) else dict(stored)
+        with self._lock:
+            if len(self._configs) >= 4096:  # keep the most recent
+                for name in list(self._configs)[:1024]:
+                    del self._configs[name]
+            self._configs[study_name] = config
+        return config
 
     def view(self, study_name: str, *, final: bool = False) -> StudyView | None:
         """The study's snapshot (None when it does not exist); `final`: the search has ended.

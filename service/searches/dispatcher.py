@@ -1,14 +1,17 @@
 """The dispatcher: threads that take queued searches from the database and run them on Ray.
 
-A search is claimed with a lease (compare-and-set on its row) that a renewer thread extends while
+A search is claimed with a lease (compare-and-set on its row) that a watcher thread extends while
 it runs; a server that dies stops renewing, so after `lease_s` another (or the restarted) server
 takes the search over and the runner resumes its study: finished trials are kept, none is run
 twice. On shutdown the leases are given back at once, so a restart resumes without waiting.
+
+Cancellation is one fact, the row's status `cancelling` (set by the API), and the watcher is its
+one poller: it reads the status of the searches it runs every `dispatcher_poll_s` and tells the
+runner through `should_cancel`; the runner's coordinator tells its own workers.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,18 +20,16 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from typing import Any
 
-from search_spaces.config import SearchConfig
+from search_spaces.run import RunReport
 from service import crud
 from service.core.models import CANCELLED, CANCELLING, COMPLETED, FAILED, Search
 from service.runtime import Runtime
 
 log = logging.getLogger("spsa_nas.dispatcher")
-CANCEL_ATTR = "spsa_nas:cancel"
 
-# run_search(cfg, storage_url, *, artifact_dir, ray_address, should_cancel) -> summary dict
-Runner = Callable[..., dict[str, Any]]
+# run_search(study_name, storage_url, *, artifact_dir, ray_address, should_cancel) -> RunReport
+Runner = Callable[..., RunReport]
 
 
 def ray_runner(trial_lease_s: float, trial_nice: int = 0) -> Runner:
@@ -41,7 +42,7 @@ def ray_runner(trial_lease_s: float, trial_nice: int = 0) -> Runner:
 
 
 class Dispatcher:
-    """`settings.concurrent_searches` threads running searches, plus one lease renewer."""
+    """`settings.concurrent_searches` threads running searches, plus one watcher of their rows."""
 
     def __init__(self, runtime: Runtime, *, runner: Runner | None = None) -> None:
         self.runtime = runtime
@@ -89,9 +90,9 @@ class Dispatcher:
             thread = threading.Thread(target=self._work, name=f"spsa-nas-dispatcher-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        renewer = threading.Thread(target=self._renew, name="spsa-nas-lease-renewer", daemon=True)
-        renewer.start()
-        self._threads.append(renewer)
+        watcher = threading.Thread(target=self._watch, name="spsa-nas-search-watcher", daemon=True)
+        watcher.start()
+        self._threads.append(watcher)
         log.info("dispatcher %s: %d concurrent searches", self.owner, self.settings.concurrent_searches)
 
     def stop(self, timeout_s: float = 60.0) -> None:
@@ -136,17 +137,16 @@ class Dispatcher:
             if search.status == CANCELLING:
                 status = CANCELLED
             else:
-                cfg = SearchConfig.model_validate_json(search.config)
                 runner = self._runner or ray_runner(self.settings.trial_lease_s, self.settings.trial_nice)
-                summary = runner(
-                    cfg,
+                report = runner(
+                    search.study_name,  # the study holds the config: the runner reads it there
                     self.settings.db_url,
                     artifact_dir=str(self.settings.artifact_path),
                     ray_address=self.settings.ray_address,
                     should_cancel=lambda: self._should_cancel(search_id),
                 )
-                result = json.dumps(summary, default=str)
-                status = self._outcome(search_id, summary)
+                result = report.to_json()
+                status = self._outcome(search_id, report)
         except Exception as exc:
             if self._stop.is_set():  # interrupted by our own shutdown: resumable
                 status = None
@@ -173,50 +173,51 @@ class Dispatcher:
                 )
                 log.info("search %s: %s", search_id, status)
 
-    def _outcome(self, search_id: str, summary: dict[str, Any]) -> str | None:
+    def _outcome(self, search_id: str, report: RunReport) -> str | None:
         """completed / cancelled / failed, or None when we stopped because the server is stopping."""
         with self._held_lock:
             held = self._held.get(search_id)
-        if held == CANCELLING or self._cancel_flag(search_id):
+        if held == CANCELLING or self._cancelling(search_id):
             return CANCELLED
         if self._stop.is_set():
             return None
-        if summary.get("status") == "failed":
-            last = summary.get("last_error") or self._last_trial_error(str(summary.get("study_name")))
-            raise RuntimeError(f"trials kept failing; last error: {last}")
-        return COMPLETED  # "completed", or "timeout" (the search's time budget ran out)
+        if report.failing:
+            raise RuntimeError(f"trials kept failing; last error: {report.last_error}")
+        if report.outcome == "cancelled":
+            return CANCELLED
+        return COMPLETED  # "done", or "timeout" (the search's time budget ran out)
 
-    def _last_trial_error(self, study_name: str) -> str | None:
-        import optuna
-
-        try:
-            study = optuna.load_study(study_name=study_name, storage=self.runtime.storage)
-        except KeyError:
-            return None
-        for trial in reversed(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))):
-            if trial.user_attrs.get("error"):
-                return str(trial.user_attrs["error"])
-        return None
-
-    def _cancel_flag(self, search_id: str) -> bool:
+    def _cancelling(self, search_id: str) -> bool:
+        """The row's status once more, when the run has ended (a cancel may have come since the
+        watcher's last look)."""
         with self.runtime.sessions() as session:
             search = session.get(Search, search_id)
             return search is not None and search.status == CANCELLING
 
-    # --- leases ---------------------------------------------------------------------------------
-    def _renew(self) -> None:
-        interval = self.settings.lease_s / 3
-        while not self._stop.wait(interval):
+    # --- the watcher: leases and cancels ----------------------------------------------------------
+    def _watch(self) -> None:
+        """Every `dispatcher_poll_s`, read the status of the searches this process runs (the one
+        poller of a cancel); every `lease_s / 3`, renew their leases instead (which reads it too)."""
+        renew_every = self.settings.lease_s / 3
+        last_renewal = time.monotonic()
+        while not self._stop.wait(min(renew_every, self.settings.dispatcher_poll_s)):
+            renew = time.monotonic() - last_renewal >= renew_every
+            if renew:
+                last_renewal = time.monotonic()
             with self._held_lock:
                 held = list(self._held)
             for search_id in held:
                 try:
                     with self.runtime.sessions() as session:
-                        status = crud.renew_lease(
-                            session, search_id=search_id, owner=self.owner, lease_s=self.settings.lease_s
-                        )
+                        if renew:
+                            status = crud.renew_lease(
+                                session, search_id=search_id, owner=self.owner, lease_s=self.settings.lease_s
+                            )
+                        else:
+                            status = crud.claimed_status(session, search_id=search_id, owner=self.owner)
                 except Exception:
-                    log.exception("search %s: cannot renew its lease", search_id)
+                    log.exception("search %s: cannot %s", search_id,
+                                  "renew its lease" if renew else "read its status")
                     continue
                 with self._held_lock:
                     if search_id in self._held:

@@ -12,7 +12,7 @@ import httpx
 import optuna
 import pytest
 
-from search_spaces.study import storage_for
+from search_spaces.storage import open_storage
 from tests.service.conftest import tiny_spec
 from tests.service.helpers import Server, add_user
 
@@ -49,7 +49,7 @@ class Live:
         return self.server.url
 
     def storage(self) -> optuna.storages.BaseStorage:
-        return storage_for(f"sqlite:///{self.data_dir / 'spsa-nas.db'}")
+        return open_storage(f"sqlite:///{self.data_dir / 'spsa-nas.db'}")
 
     def study(self, account: Account) -> optuna.Study:
         return optuna.load_study(study_name=account.search["study_name"], storage=self.storage())

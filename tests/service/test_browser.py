@@ -11,7 +11,7 @@ import httpx
 import optuna
 import pytest
 
-from search_spaces.study import storage_for
+from search_spaces.storage import open_storage
 from tests.service.helpers import Server, add_user
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -51,7 +51,7 @@ def test_dashboard_shows_a_users_study_only_to_them(tmp_path: Path, chromium: ob
             f"{server.url}/api/v1/searches", json={"trials": 2}, headers={"Authorization": f"Bearer {alice}"}
         ).json()
         name, study_page = search["study_name"], search["links"]["dashboard"]
-        storage = storage_for(f"sqlite:///{data_dir / 'spsa-nas.db'}")
+        storage = open_storage(f"sqlite:///{data_dir / 'spsa-nas.db'}")
         study = optuna.load_study(study_name=name, storage=storage)
         trial = study.ask()
         trial.set_user_attr("val_acc", 0.875)

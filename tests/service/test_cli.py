@@ -10,7 +10,7 @@ import optuna
 import pytest
 from safetensors.torch import load_file, save
 
-from search_spaces.study import storage_for
+from search_spaces.storage import open_storage
 from service.core.db import make_engine, migrate
 from spsa_nas import ArchSpec, build_model
 from tests.service.conftest import tiny_spec
@@ -64,7 +64,7 @@ def test_remote_commands_talk_to_a_running_server(tmp_path: Path) -> None:
 
         # a finished trial, told with plain Optuna (the dispatcher is off in this server)
         study = optuna.load_study(
-            study_name=search["study_name"], storage=storage_for(f"sqlite:///{data_dir / 'spsa-nas.db'}")
+            study_name=search["study_name"], storage=open_storage(f"sqlite:///{data_dir / 'spsa-nas.db'}")
         )
         trial = study.ask()
         weights_file = tmp_path / "w.safetensors"
@@ -122,7 +122,7 @@ def test_migrations_are_idempotent_and_keep_data(tmp_path: Path) -> None:
         names = [r[0] for r in conn.exec_driver_sql("SELECT name FROM users")]
         version = conn.exec_driver_sql("SELECT version_num FROM spsa_nas_alembic_version").scalar()
         tables = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert names == ["keep"] and version == "0002"
+    assert names == ["keep"] and version == "0003"
     assert {"users", "tokens", "web_sessions", "searches", "spsa_nas_alembic_version"} <= tables
     assert "alembic_version" not in tables  # Optuna's own version table stays Optuna's
     engine.dispose()

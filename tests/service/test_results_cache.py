@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from search_spaces.study import storage_for
+from search_spaces.storage import open_storage
 from service.searches.cache import StudyCache
 
 
@@ -27,7 +27,7 @@ class CountingStorage:
 
 
 def _study(tmp_path: Path) -> CountingStorage:
-    storage = storage_for(f"sqlite:///{tmp_path / 'cache.db'}")
+    storage = open_storage(f"sqlite:///{tmp_path / 'cache.db'}")
     study = optuna.create_study(study_name="s", storage=storage)
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     return CountingStorage(storage)

@@ -7,6 +7,7 @@ import json
 import sys
 
 from search_spaces.config import SearchConfig
+from search_spaces.study import create_study
 from workers.ray_runner import RunnerOptions, run_search
 from workers.synthetic import synthetic_trial
 
@@ -16,10 +17,11 @@ def main(argv: list[str]) -> None:
     cfg = SearchConfig.model_validate(args["cfg"])
     synthetic = args.get("synthetic")
     trial_fn = functools.partial(synthetic_trial, **synthetic) if synthetic is not None else None
-    summary = run_search(cfg, args["storage_url"], artifact_dir=args["artifact_dir"],
-                         ray_address=args.get("ray_address"), trial_fn=trial_fn,
-                         options=RunnerOptions(**args.get("options", {})))
-    print("SUMMARY " + json.dumps(summary), flush=True)
+    create_study(cfg, args["storage_url"])  # or resume it: what the CLI does before a run
+    report = run_search(cfg.study_name, args["storage_url"], artifact_dir=args["artifact_dir"],
+                        ray_address=args.get("ray_address"), trial_fn=trial_fn,
+                        options=RunnerOptions(**args.get("options", {})))
+    print("SUMMARY " + report.to_json(), flush=True)
 
 
 if __name__ == "__main__":

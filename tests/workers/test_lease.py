@@ -14,15 +14,12 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from workers_test_utils import open_and_list
 
+from search_spaces.keys import HEARTBEAT_ATTR, run_cancel_attr
+from search_spaces.storage import RetryingStorage, RetryPolicy
 from workers.latency_gate import NodeGate
-from workers.lease import (
-    CANCEL_STUDY_ATTR,
-    HEARTBEAT_ATTR,
-    Heartbeat,
-    LeaseTracker,
-    RetryingStorage,
-    RetryPolicy,
-)
+from workers.lease import Heartbeat, LeaseTracker
+
+CANCEL_ATTR = run_cancel_attr("run-1")  # what the coordinator of run "run-1" writes to cancel it
 
 
 def _study(url: str, *, timeout_s: float = 60.0) -> tuple[optuna.Study, RetryingStorage]:
@@ -85,7 +82,7 @@ def test_retrying_storage_gives_up_after_its_attempts(tmp_path: Path) -> None:
 def test_heartbeat_refreshes_sees_cancel_and_lost_lease(tmp_path: Path) -> None:
     study, storage = _study(f"sqlite:///{tmp_path / 's.db'}")
     trial = study.ask()
-    beat = Heartbeat(storage, study._study_id, trial._trial_id, 0.05).start()
+    beat = Heartbeat(storage, study._study_id, trial._trial_id, 0.05, cancel_key=CANCEL_ATTR).start()
     try:
         first = storage.get_trial(trial._trial_id).user_attrs[HEARTBEAT_ATTR]["seq"]
         deadline = time.monotonic() + 30
@@ -93,7 +90,7 @@ def test_heartbeat_refreshes_sees_cancel_and_lost_lease(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the heartbeat thread did not refresh the lease"
             time.sleep(0.05)
         assert beat.stop_reason is None
-        study.set_user_attr(CANCEL_STUDY_ATTR, True)
+        study.set_user_attr(CANCEL_ATTR, True)
         while beat.stop_reason is None:
             assert time.monotonic() < deadline, "the heartbeat did not see the cancel flag"
             time.sleep(0.05)
@@ -101,7 +98,7 @@ def test_heartbeat_refreshes_sees_cancel_and_lost_lease(tmp_path: Path) -> None:
     finally:
         beat.close()
 
-    study.set_user_attr(CANCEL_STUDY_ATTR, False)
+    study.set_user_attr(CANCEL_ATTR, False)
     other = study.ask()
     lost = Heartbeat(storage, study._study_id, other._trial_id, 0.05).start()
     storage.set_trial_state_values(other._trial_id, TrialState.FAIL)  # the coordinator's verdict

@@ -18,8 +18,11 @@ import pytest
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import Resources, SearchConfig
+from search_spaces.keys import run_cancel_attr
+from search_spaces.run import RunReport
+from search_spaces.storage import open_storage
+from search_spaces.study import create_study
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
-from workers.lease import CANCEL_STUDY_ATTR, open_storage
 from workers.ray_runner import RunnerOptions, run_search
 from workers.synthetic import synthetic_trial
 
@@ -49,11 +52,19 @@ def _cfg(name: str, **overrides: Any) -> SearchConfig:
     return SearchConfig(**base)
 
 
+def _study(url: str, name: str, **overrides: Any) -> str:
+    """Create the study of `_cfg(name, **overrides)` (what the CLI and the service do before a run)."""
+    storage = open_storage(url)
+    create_study(_cfg(name, **overrides), storage)
+    storage.close()
+    return name
+
+
 def _trials(url: str, name: str) -> list[FrozenTrial]:
     return optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
 
 
-def _in_thread(fn: Callable[[], dict[str, Any]]) -> tuple[threading.Thread, dict[str, Any]]:
+def _in_thread(fn: Callable[[], RunReport]) -> tuple[threading.Thread, dict[str, Any]]:
     out: dict[str, Any] = {}
 
     def target() -> None:
@@ -67,7 +78,7 @@ def _in_thread(fn: Callable[[], dict[str, Any]]) -> tuple[threading.Thread, dict
     return thread, out
 
 
-def _finish(thread: threading.Thread, out: dict[str, Any], timeout: float = 300) -> dict[str, Any]:
+def _finish(thread: threading.Thread, out: dict[str, Any], timeout: float = 300) -> RunReport:
     thread.join(timeout)
     assert not thread.is_alive(), f"run_search did not return within {timeout} s"
     if "error" in out:
@@ -101,10 +112,11 @@ def test_embedded_real_search(ray_local: None, sqlite_url: str, tmp_path: Path) 
                train=TrainConfig(epochs=1, batch_size=16),
                latency=LatencyConfig(warmup=1, repeats=3))
     artifacts = tmp_path / "artifacts"
-    summary = run_search(cfg, sqlite_url, artifact_dir=artifacts, options=FAST)
-    assert summary["status"] == "completed", summary
-    assert summary["finished"] == 3 and summary["counts"]["fail"] == 0, summary
-    assert summary["ray"] == "caller"  # the session's Ray was used, and left running
+    create_study(cfg, sqlite_url)
+    summary = run_search("real", sqlite_url, artifact_dir=artifacts, options=FAST)
+    assert summary.outcome == "done", summary
+    assert summary.finished == 3 and summary.counts["fail"] == 0, summary
+    assert summary.ray == "caller"  # the session's Ray was used, and left running
     trials = _trials(sqlite_url, "real")
     assert len(trials) == 3
     for trial in trials:
@@ -119,8 +131,9 @@ def test_embedded_real_search(ray_local: None, sqlite_url: str, tmp_path: Path) 
 def test_trial_exception_is_fail_with_traceback_and_search_goes_on(ray_local: None, sqlite_url: str,
                                                                     tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, fail_numbers=(0, 2))
-    summary = run_search(_cfg("crash"), sqlite_url, artifact_dir=tmp_path, trial_fn=trial_fn, options=FAST)
-    assert summary["status"] == "completed" and summary["finished"] == 4, summary
+    summary = run_search(_study(sqlite_url, "crash"), sqlite_url, artifact_dir=tmp_path, trial_fn=trial_fn,
+                         options=FAST)
+    assert summary.outcome == "done" and summary.finished == 4, summary
     failed = [t for t in _trials(sqlite_url, "crash") if t.state == TrialState.FAIL]
     assert sorted(t.number for t in failed) == [0, 2]
     for trial in failed:
@@ -134,9 +147,9 @@ def test_trials_run_at_the_niceness_asked_for(ray_local: None, sqlite_url: str, 
     # most the shared session Ray's workers may already have.
     trial_fn = functools.partial(synthetic_trial, record_priority=True)
     options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, nice=19)
-    summary = run_search(_cfg("nice", trials=2), sqlite_url, artifact_dir=tmp_path,
+    summary = run_search(_study(sqlite_url, "nice", trials=2), sqlite_url, artifact_dir=tmp_path,
                          trial_fn=trial_fn, options=options)
-    assert summary["finished"] == 2, summary
+    assert summary.finished == 2, summary
     assert [t.user_attrs["nice"] for t in _trials(sqlite_url, "nice")] == [19, 19]
     assert os.getpriority(os.PRIO_PROCESS, 0) < 19  # the coordinator itself is left alone
     with pytest.raises(ValueError, match="nice must be between 0 and 19"):
@@ -146,13 +159,13 @@ def test_trials_run_at_the_niceness_asked_for(ray_local: None, sqlite_url: str, 
 def test_search_stops_when_every_trial_crashes(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, fail_numbers=tuple(range(1000)))
     options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, max_consecutive_failures=3)
-    summary = run_search(_cfg("doomed", parallelism=1), sqlite_url, artifact_dir=tmp_path,
+    summary = run_search(_study(sqlite_url, "doomed", parallelism=1), sqlite_url, artifact_dir=tmp_path,
                          trial_fn=trial_fn, options=options)
-    assert summary["status"] == "failed" and summary["crashed"] == 3 and summary["finished"] == 0
-    assert "synthetic failure" in summary["last_error"]
+    assert summary.outcome == "failing" and summary.crashed == 3 and summary.finished == 0
+    assert "synthetic failure" in summary.last_error
 
 
-def _check_lost_and_retried(url: str, name: str, victim: FrozenTrial, summary: dict[str, Any],
+def _check_lost_and_retried(url: str, name: str, victim: FrozenTrial, summary: RunReport,
                             trials_asked: int) -> FrozenTrial:
     trials = _trials(url, name)
     lost = trials[victim.number]
@@ -162,8 +175,8 @@ def _check_lost_and_retried(url: str, name: str, victim: FrozenTrial, summary: d
     assert len(retries) == 1
     assert retries[0].state == TrialState.COMPLETE and retries[0].params == lost.params
     assert retries[0].user_attrs["attempt"] == 1
-    assert summary["status"] == "completed" and summary["duplicate_claims"] == 0, summary
-    assert summary["finished"] == trials_asked
+    assert summary.outcome == "done" and summary.duplicate_claims == 0, summary
+    assert summary.finished == trials_asked
     assert sum(t.state == TrialState.COMPLETE for t in trials) == trials_asked
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     return lost
@@ -173,14 +186,14 @@ def _check_lost_and_retried(url: str, name: str, victim: FrozenTrial, summary: d
 def test_worker_killed_mid_trial_is_failed_retried_and_search_finishes(
         ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, train_s=3.0, steps=30)
-    thread, out = _in_thread(lambda: run_search(_cfg("kill"), sqlite_url, artifact_dir=tmp_path,
+    thread, out = _in_thread(lambda: run_search(_study(sqlite_url, "kill"), sqlite_url, artifact_dir=tmp_path,
                                                 trial_fn=trial_fn, options=FAST))
     victim = _wait_running(sqlite_url, "kill", out)[0]
     os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
     killed_at = time.time()
     summary = _finish(thread, out)
     lost = _check_lost_and_retried(sqlite_url, "kill", victim, summary, 4)
-    assert summary["worker_lost"] == 1 and summary["retries_enqueued"] == 1
+    assert summary.worker_lost == 1 and summary.retries_enqueued == 1
     # failed within the lease (here Ray reports the dead worker even sooner)
     assert lost.datetime_complete.timestamp() - killed_at <= FAST.lease_s + 5 * FAST.poll_s + 2
 
@@ -189,8 +202,8 @@ def test_worker_killed_mid_trial_is_failed_retried_and_search_finishes(
 def test_frozen_worker_loses_its_lease(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
     """SIGSTOP: the process lives (Ray sees nothing) but its heartbeat stops; the lease expires."""
     trial_fn = functools.partial(synthetic_trial, train_s=3.0, steps=30)
-    thread, out = _in_thread(lambda: run_search(_cfg("frozen"), sqlite_url, artifact_dir=tmp_path,
-                                                trial_fn=trial_fn, options=FAST))
+    thread, out = _in_thread(lambda: run_search(_study(sqlite_url, "frozen"), sqlite_url,
+                                                artifact_dir=tmp_path, trial_fn=trial_fn, options=FAST))
     victim = _wait_running(sqlite_url, "frozen", out)[0]
     pid = victim.user_attrs["worker_pid"]
     os.kill(pid, signal.SIGSTOP)
@@ -203,26 +216,34 @@ def test_frozen_worker_loses_its_lease(ray_local: None, sqlite_url: str, tmp_pat
     assert "no heartbeat" in lost.user_attrs["reason"]
 
 
-def _check_cancelled(url: str, name: str, summary: dict[str, Any]) -> None:
-    assert summary["status"] == "cancelled", summary
+def _check_cancelled(url: str, name: str, summary: RunReport) -> None:
+    assert summary.outcome == "cancelled", summary
     trials = _trials(url, name)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     stopped = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(stopped) >= 2 and summary["cancelled_trials"] == len(stopped)
+    assert len(stopped) >= 2 and summary.cancelled_trials == len(stopped)
     for trial in stopped:
         assert trial.user_attrs["cancelled"] is True and trial.user_attrs["reason"] == "cancelled"
 
 
 @pytest.mark.slow
-def test_cancel_by_study_attr_stops_running_trials(ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+def test_cancel_reaches_running_trials_through_the_runs_study_attr(ray_local: None, sqlite_url: str,
+                                                                    tmp_path: Path) -> None:
+    """should_cancel is the one input; the coordinator tells its tasks (which see only the
+    database) through the study attr of its run, and they stop by themselves: the grace before
+    killing them is longer than the test waits."""
     trial_fn = functools.partial(synthetic_trial, train_s=120.0, steps=1200)
-    thread, out = _in_thread(lambda: run_search(_cfg("cancel", trials=20), sqlite_url, artifact_dir=tmp_path,
-                                                trial_fn=trial_fn, options=FAST))
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, cancel_grace_s=600.0)
+    cancel = threading.Event()
+    thread, out = _in_thread(lambda: run_search(_study(sqlite_url, "cancel", trials=20), sqlite_url,
+                                                artifact_dir=tmp_path, trial_fn=trial_fn, options=options,
+                                                should_cancel=cancel.is_set))
     _wait_running(sqlite_url, "cancel", out, count=2)
-    study = optuna.load_study(study_name="cancel", storage=open_storage(sqlite_url))
-    study.set_user_attr(CANCEL_STUDY_ATTR, True)
-    summary = _finish(thread, out, timeout=60)  # far below the trials' 120 s
+    cancel.set()
+    summary = _finish(thread, out, timeout=60)  # far below the trials' 120 s and the 600 s grace
     _check_cancelled(sqlite_url, "cancel", summary)
+    study = optuna.load_study(study_name="cancel", storage=open_storage(sqlite_url))
+    assert summary.run_id and study.user_attrs[run_cancel_attr(summary.run_id)] is True
 
 
 @pytest.mark.slow
@@ -230,15 +251,16 @@ def test_cancel_kills_trials_that_ignore_it(ray_local: None, sqlite_url: str, tm
     trial_fn = functools.partial(synthetic_trial, train_s=120.0, steps=1, ignore_stop=True)
     options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, cancel_grace_s=1.0)
     cancel = threading.Event()
-    thread, out = _in_thread(lambda: run_search(_cfg("force", trials=20), sqlite_url, artifact_dir=tmp_path,
-                                                trial_fn=trial_fn, options=options,
+    thread, out = _in_thread(lambda: run_search(_study(sqlite_url, "force", trials=20), sqlite_url,
+                                                artifact_dir=tmp_path, trial_fn=trial_fn, options=options,
                                                 should_cancel=cancel.is_set))
     _wait_running(sqlite_url, "force", out, count=2)
     cancel.set()
     summary = _finish(thread, out, timeout=60)
     _check_cancelled(sqlite_url, "force", summary)
     study = optuna.load_study(study_name="force", storage=open_storage(sqlite_url))
-    assert CANCEL_STUDY_ATTR not in study.user_attrs  # should_cancel cancels this run, not the study
+    cancel_attrs = [key for key in study.user_attrs if key.startswith("spsa_nas:cancel")]
+    assert cancel_attrs == [run_cancel_attr(summary.run_id)]  # this run is cancelled, not the study
 
 
 def _overlap(a: list[float], b: list[float]) -> bool:
@@ -250,9 +272,9 @@ def test_latency_measurements_have_the_host_to_themselves(ray_local: None, sqlit
                                                           tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, measure_s=0.3, train_s=1.5, steps=15, record_windows=True)
     options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, lock_dir=str(tmp_path / "locks"))
-    summary = run_search(_cfg("latency", trials=6, parallelism=3), sqlite_url, artifact_dir=tmp_path,
-                         trial_fn=trial_fn, options=options)
-    assert summary["finished"] == 6, summary
+    summary = run_search(_study(sqlite_url, "latency", trials=6, parallelism=3), sqlite_url,
+                         artifact_dir=tmp_path, trial_fn=trial_fn, options=options)
+    assert summary.finished == 6, summary
     trials = _trials(sqlite_url, "latency")
     assert len({t.user_attrs["worker_pid"] for t in trials}) >= 2  # trials really ran side by side
     for trial in trials:
@@ -269,9 +291,9 @@ def test_latency_measurements_have_the_host_to_themselves(ray_local: None, sqlit
 def test_time_budget_stops_new_trials_and_lets_running_ones_finish(ray_local: None, sqlite_url: str,
                                                                     tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, train_s=0.5, steps=5)
-    summary = run_search(_cfg("budget", trials=1000, timeout_s=3.0), sqlite_url, artifact_dir=tmp_path,
-                         trial_fn=trial_fn, options=FAST)
-    assert summary["status"] == "timeout", summary
+    summary = run_search(_study(sqlite_url, "budget", trials=1000, timeout_s=3.0), sqlite_url,
+                         artifact_dir=tmp_path, trial_fn=trial_fn, options=FAST)
+    assert summary.outcome == "timeout", summary
     trials = _trials(sqlite_url, "budget")
-    assert 0 < summary["finished"] < 1000 and summary["finished"] == len(trials)
+    assert 0 < summary.finished < 1000 and summary.finished == len(trials)
     assert all(t.state == TrialState.COMPLETE for t in trials)  # none cut off, none left RUNNING

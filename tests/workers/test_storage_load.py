@@ -10,8 +10,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search_spaces.config import Resources, SearchConfig
+from search_spaces.storage import open_storage
 from search_spaces.study import create_study
-from workers.lease import open_storage
 from workers.ray_runner import RunnerOptions, run_search
 from workers.synthetic import synthetic_trial
 
@@ -27,16 +27,17 @@ def test_eight_workers_many_short_trials(backend: str, ray_local: None, tmp_path
     # a heartbeat every 0.2 s adds ~40 writes/s on top of the trials' own ask/attrs/tell
     options = RunnerOptions(heartbeat_s=0.2, lease_s=10.0, poll_s=0.1)
     trial_fn = functools.partial(synthetic_trial, train_s=0.2, steps=4)
-    summary = run_search(cfg, url, artifact_dir=tmp_path, trial_fn=trial_fn, options=options)
-    print(f"{backend}: {summary['finished']} trials in {summary['wall_s']:.1f} s, "
-          f"{summary['db_retries']} database retries")
+    create_study(cfg, url)
+    summary = run_search(cfg.study_name, url, artifact_dir=tmp_path, trial_fn=trial_fn, options=options)
+    print(f"{backend}: {summary.finished} trials in {summary.elapsed_s:.1f} s, "
+          f"{summary.db_retries} database retries")
     storage = open_storage(url)
     trials = optuna.load_study(study_name=cfg.study_name, storage=storage).get_trials()
     storage.close()
     errors = [t.user_attrs.get("error") for t in trials if t.state != TrialState.COMPLETE]
     assert not errors, f"trials failed under load: {errors[:3]}"
-    assert summary["status"] == "completed" and summary["finished"] == 48 == len(trials)
-    assert summary["crashed"] == 0 and summary["worker_lost"] == 0 and summary["duplicate_claims"] == 0
+    assert summary.outcome == "done" and summary.finished == 48 == len(trials)
+    assert summary.crashed == 0 and summary.worker_lost == 0 and summary.duplicate_claims == 0
     assert len({t.user_attrs["worker_pid"] for t in trials}) >= 4  # the work was spread over workers
     if backend == "postgres":  # every task gave its connections back (Ray reuses worker processes)
         assert _connections(url) == 0
@@ -62,9 +63,9 @@ def test_eight_workers_take_each_enqueued_trial_once(backend: str, ray_local: No
     study = create_study(cfg, open_storage(url))
     for i in range(48):
         study.enqueue_trial({"x": i / 64})
-    summary = run_search(cfg, url, artifact_dir=tmp_path, trial_fn=synthetic_trial,
+    summary = run_search(cfg.study_name, url, artifact_dir=tmp_path, trial_fn=synthetic_trial,
                          options=RunnerOptions(heartbeat_s=0.5, lease_s=10.0, poll_s=0.05))
-    assert summary["duplicate_claims"] == 0 and summary["crashed"] == 0, summary
+    assert summary.duplicate_claims == 0 and summary.crashed == 0, summary
     trials = optuna.load_study(study_name=cfg.study_name, storage=open_storage(url)).get_trials()
     assert len(trials) == 48 and all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted(t.params["x"] for t in trials) == [i / 64 for i in range(48)]

@@ -13,13 +13,15 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
+from search_spaces.keys import RUNNER_ATTR
 from search_spaces.space import load_space
-from search_spaces.study import create_study, mnas_score, storage_for, trial_counts
+from search_spaces.storage import open_storage
+from search_spaces.study import create_study, mnas_score, trial_counts
 from spsa_nas import build_model
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.evaluate import EvalHooks
 from spsa_nas.spec import ArchSpec
-from workers.local import RUNNER_ATTR, run_local
+from workers.local import run_local
 from workers.trial import run_trial
 
 pytestmark = pytest.mark.slow
@@ -132,12 +134,12 @@ def test_run_local_finishes_and_resumes_after_a_dead_run(url: str, tmp_path: Pat
     stale.set_user_attr(RUNNER_ATTR, {"kind": "local", "host": __import__("socket").gethostname(),
                                       "pid": dead.pid})
     seen: list[int] = []
-    summary = run_local(cfg, url, artifact_dir=tmp_path / "art",
+    summary = run_local("t", url, artifact_dir=tmp_path / "art",
                         progress=lambda s, t: seen.append(t.number))
-    assert summary["recovered"] == [stale.number]
-    assert summary["stopped"] == "done" and summary["finished"] == 2 and summary["ran"] == 2
+    assert summary.recovered == [stale.number]
+    assert summary.outcome == "done" and summary.finished == 2 and summary.ran == 2
     assert seen == [1, 2]
-    study = optuna.load_study(study_name="t", storage=storage_for(url))
+    study = optuna.load_study(study_name="t", storage=open_storage(url))
     assert study.get_trials()[0].state == TrialState.FAIL
     assert trial_counts(study) == {"complete": 2, "pruned": 0, "fail": 1, "running": 0, "waiting": 0}
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
@@ -145,6 +147,7 @@ def test_run_local_finishes_and_resumes_after_a_dead_run(url: str, tmp_path: Pat
         assert t.values == [pytest.approx(score)]
         assert t.intermediate_values == {1: pytest.approx(score)}  # one epoch, reported
     # the same call again: nothing left to do; more trials: it continues the same study
-    assert run_local(cfg, url, artifact_dir=tmp_path / "art")["ran"] == 0
-    more = run_local(cfg.model_copy(update={"trials": 3}), url, artifact_dir=tmp_path / "art")
-    assert more["ran"] == 1 and more["finished"] == 3
+    assert run_local("t", url, artifact_dir=tmp_path / "art").ran == 0
+    create_study(cfg.model_copy(update={"trials": 3}), url)
+    more = run_local("t", url, artifact_dir=tmp_path / "art")
+    assert more.ran == 1 and more.finished == 3

@@ -25,7 +25,7 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def open_and_list(url: str) -> int:
     """In a child process: open the storage at `url` (creating its schema if needed); its retries."""
-    from workers.lease import open_storage
+    from search_spaces.storage import open_storage
 
     storage = open_storage(url)
     storage.get_all_studies()

@@ -1,5 +1,5 @@
-"""The search engine's command line (`spsa-nas search|best|export|spaces`), and the error every
-`spsa-nas` subcommand raises for input a user can fix."""
+"""The search engine's command line (`spsa-nas search|best|export|spaces`: search.py, results.py,
+spaces.py), and the error every `spsa-nas` subcommand raises for input a user can fix."""
 
 
 class UsageError(Exception):

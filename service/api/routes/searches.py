@@ -12,7 +12,6 @@ from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.config import SearchConfig
 from search_spaces.study import create_study, pareto_front
 from service import crud
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
@@ -39,7 +38,6 @@ from service.searches.submit import build_config
 
 log = logging.getLogger("spsa_nas.service")
 router = APIRouter(prefix="/searches", tags=["searches"])
-CANCEL_ATTR = "spsa_nas:cancel"  # the study user attr the runners poll
 NOT_FOUND_RESPONSE = {404: {"model": Message, "description": "no such search, or not yours"}}
 SearchId = Annotated[str, "a search id"]
 
@@ -62,7 +60,7 @@ def _found(session: SessionDep, search_id: str, user: CurrentUser) -> Search:
 
 
 def _public(request: Request, search: Search, runtime: Runtime, *, with_progress: bool) -> SearchPublic:
-    config = json.loads(search.config)
+    config = runtime.studies.config(search.study_name) or {}  # stored once: with the study
     progress = None
     if with_progress:
         study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
@@ -122,7 +120,6 @@ def create_search(
         owner=user,
         name=body.name,
         study_name=config.study_name,
-        config_json=config.model_dump_json(),
     )
     session.commit()
     log.info("search %s queued by %s", search.id, user.name)
@@ -215,9 +212,7 @@ def cancel_search(
     if search.status in FINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {search.status}")
     if search.status in (QUEUED, RUNNING, CANCELLING):
-        study_id = runtime.studies.study_id(search.study_name)
-        if study_id is not None:
-            runtime.storage.set_study_user_attr(study_id, CANCEL_ATTR, True)
+        # One fact: the row's status. The dispatcher running the search polls it and stops the run.
         crud.request_cancel(session, search=search)
         session.commit()
     return _public(request, search, runtime, with_progress=False)
@@ -351,7 +346,3 @@ def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:
     partial = target.with_suffix(".partial.onnx")
     export_onnx(model, partial)
     partial.replace(target)
-
-
-def config_of(search: Search) -> SearchConfig:
-    return SearchConfig.model_validate_json(search.config)

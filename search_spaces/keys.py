@@ -1,0 +1,50 @@
+"""The names spsa-nas stores in an Optuna study: study and trial user-attr keys, one place for all."""
+
+from __future__ import annotations
+
+# Study user attrs.
+CONFIG_ATTR = "spsa_nas:config"  # the SearchConfig JSON: the one stored copy of a search's config
+SPACE_ATTR = "spsa_nas:space"  # the resolved search space (workers need no file)
+RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: True asks the tasks of that run to stop; written
+# only by the run's coordinator, read by its tasks' heartbeats (cluster workers see only the database)
+
+
+def run_cancel_attr(run_id: str) -> str:
+    """The study user attr by which the coordinator of run `run_id` tells its tasks to stop."""
+    if not run_id:
+        raise ValueError("run_cancel_attr needs a non-empty run id")
+    return RUN_CANCEL_PREFIX + run_id
+
+
+# Trial user attrs of the result (docs/CONTRACTS.md lists the metrics beside them).
+ERROR_ATTR = "error"  # why a trial failed, one line
+TRACEBACK_ATTR = "traceback"
+REASON_ATTR = "reason"  # why a trial failed or was pruned, in words
+LATENCY_KEY_ATTR = "latency_key"  # the latency cache's key of the trial's measurement
+
+# Trial user attrs of the runners.
+RUNNER_ATTR = "runner"  # local runner: {"kind": "local", "host", "pid"} of the process running it
+TASK_ATTR = "spsa_nas:task"  # Ray runner: the token of the task that owns the trial
+HEARTBEAT_ATTR = "spsa_nas:heartbeat"  # {"seq": n, "time": unix seconds}, refreshed by the owner
+RETRY_OF_ATTR = "retry_of"  # number of the trial this one re-runs (its worker was lost)
+ATTEMPT_ATTR = "attempt"  # 0 for a fresh trial, k for the k-th re-run of the same parameters
+WORKER_LOST_ATTR = "worker_lost"  # True on a trial failed because its worker vanished
+CANCELLED_ATTR = "cancelled"  # True on a trial stopped by a cancellation
+
+__all__ = [
+    "ATTEMPT_ATTR",
+    "CANCELLED_ATTR",
+    "CONFIG_ATTR",
+    "ERROR_ATTR",
+    "HEARTBEAT_ATTR",
+    "LATENCY_KEY_ATTR",
+    "REASON_ATTR",
+    "RETRY_OF_ATTR",
+    "RUNNER_ATTR",
+    "RUN_CANCEL_PREFIX",
+    "SPACE_ATTR",
+    "TASK_ATTR",
+    "TRACEBACK_ATTR",
+    "WORKER_LOST_ATTR",
+    "run_cancel_attr",
+]

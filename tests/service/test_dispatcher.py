@@ -1,0 +1,146 @@
+"""The dispatcher with a stand-in runner: cancel travels as the row's status only, a run's RunReport
+becomes the search's status and summary, and the runner finds the config in the study."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from fastapi.testclient import TestClient
+
+from search_spaces.run import Outcome, RunReport
+from search_spaces.study import load_study, study_config
+from service import crud
+from service.app import create_app
+from service.core.settings import Settings
+from service.runtime import Runtime, build_runtime
+from service.searches.dispatcher import Dispatcher
+
+LEASE_S = 300.0  # leases are renewed every 100 s: a cancel seen sooner was seen by the status poll
+POLL_S = 0.05
+
+
+class StandInRunner:
+    """Called like workers.ray_runner.run_search; ends with `outcome` once released, or
+    "cancelled" as soon as should_cancel() says so."""
+
+    def __init__(self, outcome: Outcome = "done", last_error: str | None = None) -> None:
+        self.outcome = outcome
+        self.last_error = last_error
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.cancel_seen_at: float | None = None
+        self.configs: list[Any] = []
+
+    def __call__(self, study_name: str, storage_url: str, *, artifact_dir: str, ray_address: str | None,
+                 should_cancel: Callable[[], bool]) -> RunReport:
+        self.configs.append(study_config(load_study(study_name, storage_url)))
+        self.started.set()
+        outcome: Outcome = self.outcome
+        deadline = time.monotonic() + 60
+        while not self.release.is_set():
+            if should_cancel():
+                self.cancel_seen_at, outcome = time.monotonic(), "cancelled"
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError("the stand-in runner was neither released nor cancelled in 60 s")
+            time.sleep(0.01)
+        counts = {"complete": 0, "pruned": 0, "fail": 3 if outcome == "failing" else 0, "running": 0,
+                  "waiting": 0}
+        return RunReport(outcome=outcome, runner="ray", study_name=study_name, trials_requested=3,
+                         finished=0, counts=counts, ran=3, crashed=counts["fail"],
+                         last_error=self.last_error, elapsed_s=0.1, run_id="r1", duplicate_claims=0)
+
+
+@dataclasses.dataclass
+class Setup:
+    client: TestClient
+    runtime: Runtime
+    headers: dict[str, str]
+
+    def dispatch(self, runner: StandInRunner) -> Dispatcher:
+        settings = self.runtime.settings.model_copy(update={"concurrent_searches": 1})
+        dispatcher = Dispatcher(dataclasses.replace(self.runtime, settings=settings), runner=runner)
+        dispatcher.start()
+        return dispatcher
+
+    def wait_status(self, search: dict[str, Any], wanted: str, timeout_s: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body = self.client.get(search["links"]["self"], headers=self.headers).json()
+            if body["status"] == wanted:
+                return body
+            assert time.monotonic() < deadline, f"the search never became {wanted}: {body}"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    """An app without its own dispatcher over a database of this test only (a dispatcher takes any
+    queued search there)."""
+    settings = Settings(data_dir=tmp_path, concurrent_searches=0, lease_s=LEASE_S, dispatcher_poll_s=POLL_S)
+    runtime = build_runtime(settings)
+    with runtime.sessions() as session:
+        _, token = crud.create_user(session, name="alice")
+        session.commit()
+    with TestClient(create_app(settings, runtime=runtime)) as client:
+        yield Setup(client, runtime, {"Authorization": f"Bearer {token}"})
+    runtime.close()
+
+
+def _submit(setup: Setup) -> dict[str, Any]:
+    response = setup.client.post("/api/v1/searches", headers=setup.headers,
+                                 json={"space": "quick", "dataset": {"name": "digits"}, "trials": 3})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_cancel_is_the_rows_status_polled_by_the_dispatcher(setup: Setup) -> None:
+    runner = StandInRunner()
+    dispatcher = setup.dispatch(runner)
+    try:
+        search = _submit(setup)
+        assert runner.started.wait(30), "the dispatcher never ran the search"
+        cancelled_at = time.monotonic()
+        answer = setup.client.post(f"{search['links']['self']}/cancel", headers=setup.headers).json()
+        assert answer["status"] == "cancelling"
+        body = setup.wait_status(search, "cancelled")
+    finally:
+        dispatcher.stop()
+    assert runner.cancel_seen_at is not None and runner.cancel_seen_at - cancelled_at < LEASE_S / 3
+    assert body["summary"]["outcome"] == "cancelled"
+    # the runner read the config from the study (its one copy); the API wrote no cancel attr there
+    assert runner.configs[0].trials == 3 and runner.configs[0].study_name == search["study_name"]
+    study = optuna.load_study(study_name=search["study_name"], storage=setup.runtime.storage)
+    assert not [key for key in study.user_attrs if key.startswith("spsa_nas:cancel")]
+
+
+def test_a_run_whose_trials_kept_failing_fails_the_search_with_the_error(setup: Setup) -> None:
+    runner = StandInRunner(outcome="failing", last_error="DataError: no images")
+    runner.release.set()
+    dispatcher = setup.dispatch(runner)
+    try:
+        body = setup.wait_status(_submit(setup), "failed")
+    finally:
+        dispatcher.stop()
+    assert body["error"] == "RuntimeError: trials kept failing; last error: DataError: no images"
+    report = RunReport.model_validate(body["summary"])  # the summary is the run's RunReport
+    assert report.outcome == "failing" and report.last_error == "DataError: no images"
+
+
+def test_a_finished_run_completes_the_search_with_its_report(setup: Setup) -> None:
+    runner = StandInRunner(outcome="done")
+    runner.release.set()
+    dispatcher = setup.dispatch(runner)
+    try:
+        body = setup.wait_status(_submit(setup), "completed")
+    finally:
+        dispatcher.stop()
+    assert RunReport.model_validate(body["summary"]).outcome == "done"
+    assert body["config"]["trials"] == 3 and body["config"]["study_name"] == body["study_name"]
