@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from service.api.errors import install_handlers
 from service.api.limits import BodySizeLimit
-from service.api.routes import health, login, searches, spaces
+from service.api.routes import downloads, health, login, searches, spaces
+from service.api.schemas import Message, with_quotas
 from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
 
@@ -41,14 +44,21 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
         title="spsa-nas",
         version="0.1.0",
         lifespan=lifespan,
+        # operationId = the route function's name (create_search, read_best, ...): what generated
+        # clients call their methods, and what the links of a created search name
+        generate_unique_id_function=lambda route: route.name,
         description="Neural-architecture search around SPSA: submit searches, watch them, "
         "download the best architecture. Authenticate with `Authorization: Bearer "
         "<token>` (tokens: `spsa-nas users add NAME`). optuna-dashboard: /login.",
     )
     app.state.runtime = runtime
     install_handlers(app)
-    api = APIRouter(prefix=API_PREFIX)
+    api = APIRouter(
+        prefix=API_PREFIX,
+        responses={401: {"model": Message, "description": "missing or invalid bearer token"}},
+    )
     api.include_router(searches.router)
+    api.include_router(downloads.router)
     api.include_router(spaces.router)
     app.include_router(api)
     app.include_router(health.router)
@@ -56,6 +66,24 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     if settings.dashboard:
         from service.dashboard import DashboardGateway
 
-        app.mount("/", DashboardGateway(runtime))  # after our routes: it owns the rest of the paths
+        # Every path none of our routes has (not a mount at `/`: a path of ours asked with a
+        # method it lacks must answer 405 with `Allow`, as the schema promises, not reach the dashboard).
+        app.router.default = DashboardGateway(runtime)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document, with this server's quotas as the maxima of a search's body."""
+        if app.openapi_schema is None:
+            document = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            app.openapi_schema = with_quotas(
+                document,
+                max_trials=settings.max_trials,
+                max_epochs=settings.max_epochs,
+                max_parallelism=settings.max_parallelism,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -2,47 +2,185 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.json_schema import SkipJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
+from pydantic_core import core_schema
 
-from search_spaces.config import ObjectiveConfig, Resources
+from search_spaces.config import ObjectiveConfig, Resources, SearchConfig
+from search_spaces.space import SearchSpace, builtin_spaces
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 
 SearchStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]
 TrialStateName = Literal["RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING"]
 
 
-class DatasetCreate(DataConfig):
+def _utc(value: datetime) -> datetime:
+    """A naive datetime is UTC (what the service's tables hold); an aware one is moved to UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# Answered with its zone (`...Z`), as the schema's `date-time` format requires.
+UTCDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The REST body of a search: SearchConfig's own fields, restricted. Its nested models are strict
+# (no "5" for 5, no 1 for true): the body accepts what its schema says, nothing more.
+
+
+def _strict(model: type[BaseModel], **schema_extra: Any) -> type[BaseModel]:
+    """`model` as a strict request body (same fields, validators and name), its JSON schema
+    completed by `schema_extra` (rules between fields)."""
+    config = ConfigDict(**{**model.model_config, "strict": True})  # type: ignore[typeddict-item]
+    if schema_extra:
+        config["json_schema_extra"] = schema_extra
+    return type(model.__name__, (model,), {"model_config": config, "__doc__": model.__doc__})
+
+
+class DatasetCreate(_strict(DataConfig)):  # type: ignore[misc]
     """The dataset of a search; `path` is relative to the server's data root, which the server sets."""
 
     data_root: SkipJsonSchema[None] = Field(None, description="set by the server, never by a client")
 
+    @staticmethod
+    def _schema(schema: dict[str, Any]) -> None:
+        """A path is never empty, and imagefolder needs one."""
+        schema["properties"]["path"]["anyOf"][0]["minLength"] = 1
+        schema["if"] = {"properties": {"name": {"const": "imagefolder"}}, "required": ["name"]}
+        schema["then"] = {"properties": {"path": {"type": "string"}}, "required": ["path"]}
 
-class SearchCreate(BaseModel):
-    """A search to run. Only what differs from the defaults needs to be given."""
+    model_config = ConfigDict(json_schema_extra=_schema)
 
-    model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, max_length=128, description="a label of your choice")
-    space: str | dict[str, Any] = Field(
-        "quick", description="a built-in space name (GET /api/v1/spaces) or an inline space"
-    )
-    dataset: DatasetCreate = DatasetCreate()
-    trials: int = Field(8, ge=1, le=100_000, description="finished trials (complete or pruned) to reach")
-    timeout_s: float | None = Field(None, gt=0, description="wall-clock budget of the whole search")
-    objective: ObjectiveConfig = ObjectiveConfig()
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
-    pruner: Literal["none", "median", "hyperband"] = "none"
-    train: TrainConfig = TrainConfig()
-    latency: LatencyConfig = LatencyConfig()
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    parallelism: int = Field(1, ge=1, le=1024, description="trials in flight at once")
-    resources: Resources = Resources()
-    max_retries: int = Field(2, ge=0, le=100)
+ObjectiveCreate = _strict(  # kind "score" needs latency_target_ms
+    ObjectiveConfig,
+    **{
+        "if": {"properties": {"kind": {"const": "score"}}, "required": ["kind"]},
+        "then": {"properties": {"latency_target_ms": {"type": "number"}}, "required": ["latency_target_ms"]},
+    },
+)
+
+
+class _BuiltinSpaceName:
+    """JSON schema of a built-in space's name: the names this server has, as an enum."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "enum": sorted(builtin_spaces()), "title": "Built-in space"}
+
+
+class _InlineSpace:
+    """JSON schema of an inline space: SearchSpace's (the search engine checks it further)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(SearchSpace.__pydantic_core_schema__)
+
+
+SERVER_ONLY = frozenset({"study_name"})  # the server names the study
+# What the REST body changes of SearchConfig's fields: a type (strict models; data_root out of
+# the dataset) and constraints and descriptions added to SearchConfig's own.
+_REST_TYPES: dict[str, Any] = {
+    "space": Annotated[str, _BuiltinSpaceName] | Annotated[dict[str, Any], _InlineSpace],
+    "dataset": DatasetCreate,
+    "objective": ObjectiveCreate,
+    "train": _strict(TrainConfig),
+    "latency": _strict(LatencyConfig),
+    "resources": _strict(Resources),
+}
+_REST_FIELDS: dict[str, FieldInfo] = {
+    "space": Field(description="a built-in space name (GET /api/v1/spaces) or an inline space"),
+    "trials": Field(description="finished trials (complete or pruned) to reach"),
+    "timeout_s": Field(description="wall-clock budget of the whole search"),
+    "device": Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$", description="auto: cuda where a GPU is"),
+    "seed": Field(ge=0, le=2**32 - 1),
+    "parallelism": Field(description="trials in flight at once"),
+    "max_retries": Field(description="re-runs of a trial whose worker died"),
+}
+# Rules between fields that the schema states (JSON Schema if/then): a pruner needs the score.
+_RULES = {
+    "if": {"properties": {"pruner": {"enum": ["median", "hyperband"]}}, "required": ["pruner"]},
+    "then": {
+        "properties": {"objective": {"properties": {"kind": {"const": "score"}}, "required": ["kind"]}},
+        "required": ["objective"],
+    },
+}
+# What no JSON schema can say; the server answers 422 naming the field.
+CHECKED_BEYOND_THE_SCHEMA = (
+    "An inline `space` is checked by the search engine (SPSA heads must divide a stage's channels, "
+    "known backbones, stems and attentions, ...); `train.warmup_epochs` must be smaller than "
+    "`train.epochs`; `dataset.path` must lie under the server's data root (for imagefolder, an "
+    "existing directory); `trials`, `train.epochs` and `parallelism` are capped by the server's "
+    "quotas (the maxima below)."
+)
+
+
+def _json_numbers(value: Any) -> Any:
+    """`value` with JSON's view of numbers: 16.0 is the integer 16 (JSON Schema's `integer`
+    accepts it; strict validation would not)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _json_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(item) for item in value]
+    return value
+
+
+def _rest_field(name: str, info: FieldInfo) -> tuple[Any, FieldInfo]:
+    annotation = _REST_TYPES.get(name, info.annotation)
+    field = FieldInfo.merge_field_infos(info, _REST_FIELDS[name]) if name in _REST_FIELDS else info
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = FieldInfo.merge_field_infos(field, Field(annotation()))  # its own defaults, strict
+    return annotation, field
+
+
+SearchCreate: type[BaseModel] = create_model(
+    "SearchCreate",
+    __config__=ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_RULES),
+    __doc__=f"A search to run: SearchConfig's fields but the study name, which the server sets. Only "
+    f"what differs from the defaults needs to be given. {CHECKED_BEYOND_THE_SCHEMA}",
+    __validators__={"_json_numbers": model_validator(mode="before")(_json_numbers)},
+    name=(str | None, Field(None, max_length=128, description="a label of your choice")),
+    **{
+        name: _rest_field(name, info)
+        for name, info in SearchConfig.model_fields.items()
+        if name not in SERVER_ONLY
+    },
+)
+
+
+def with_quotas(
+    openapi: dict[str, Any], *, max_trials: int, max_epochs: int, max_parallelism: int
+) -> dict[str, Any]:
+    """`openapi` (the app's document) with this server's quotas as the body's maxima, so a client
+    sees them before it sends a search over them."""
+    components = openapi.get("components", {}).get("schemas", {})
+    for model, field, quota in (
+        ("SearchCreate", "trials", max_trials),
+        ("TrainConfig", "epochs", max_epochs),
+        ("SearchCreate", "parallelism", max_parallelism),
+    ):
+        schema = components[model]["properties"][field]
+        schema["maximum"] = min(schema.get("maximum", quota), quota)
+    return openapi
 
 
 class Links(BaseModel):
@@ -77,14 +215,25 @@ class SearchPublic(BaseModel):
     owner: str
     status: SearchStatus
     study_name: str
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UTCDatetime
+    started_at: UTCDatetime | None
+    finished_at: UTCDatetime | None
     error: str | None
-    config: dict[str, Any] = Field(description="the full search configuration, defaults included")
+    config: dict[str, Any] = Field(
+        description="the full search configuration, defaults included; without the server's data root"
+    )
     progress: Progress | None = Field(None, description="trial counts, best so far, timings")
     summary: dict[str, Any] | None = Field(None, description="the runner's report once the search ended")
     links: Links
+
+    @field_validator("config")
+    @classmethod
+    def _no_server_paths(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Clients get no server paths: the dataset's `data_root` (set by the server) is left out."""
+        dataset = config.get("dataset")
+        if isinstance(dataset, dict) and "data_root" in dataset:
+            config = {**config, "dataset": {k: v for k, v in dataset.items() if k != "data_root"}}
+        return config
 
 
 class SearchSummary(BaseModel):
@@ -92,8 +241,8 @@ class SearchSummary(BaseModel):
     name: str | None
     owner: str
     status: SearchStatus
-    created_at: datetime
-    finished_at: datetime | None
+    created_at: UTCDatetime
+    finished_at: UTCDatetime | None
     links: Links
 
 
@@ -110,8 +259,8 @@ class TrialPublic(BaseModel):
     metrics: dict[str, Any] = Field(description="val_acc, top1, top5, latency_ms, params, flops, ...")
     spec: dict[str, Any] | None = Field(description="the ArchSpec JSON of the trial's architecture")
     has_weights: bool
-    datetime_start: datetime | None
-    datetime_complete: datetime | None
+    datetime_start: UTCDatetime | None
+    datetime_complete: UTCDatetime | None
     duration_s: float | None
 
 
@@ -140,6 +289,18 @@ class SpacesPublic(BaseModel):
 
 class Message(BaseModel):
     detail: str
+
+
+class FieldProblemPublic(BaseModel):
+    loc: list[str | int] = Field(description="where: `body`, then the field's path")
+    msg: str
+    type: str
+
+
+class ValidationErrorPublic(BaseModel):
+    """A 422: what is wrong with which field."""
+
+    detail: list[FieldProblemPublic]
 
 
 class Health(BaseModel):

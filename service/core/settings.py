@@ -13,6 +13,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from spsa_nas.errors import field_problems
+
 ENV_PREFIX = "SPSA_NAS_"
 SETTINGS_FILE_ENV = "SPSA_NAS_SETTINGS_FILE"  # path of an optional YAML settings file
 
@@ -150,11 +152,11 @@ def load_settings(settings_file: str | Path | None = None, **overrides: Any) -> 
 def format_settings_error(exc: ValidationError, path: str | Path | None = None) -> str:
     """One line per bad setting, naming its environment variable (and the file, if any)."""
     lines = ["invalid settings:"]
-    for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "(settings)"
+    for problem in field_problems(exc):
+        field = problem.dotted or "(settings)"
         where = f"{ENV_PREFIX}{field.upper()}" + (f" / {field} in {path}" if path else "")
-        message = error["msg"]
-        if error["type"] == "extra_forbidden":
+        message = problem.msg
+        if problem.type == "extra_forbidden":
             message = f"unknown setting; valid: {', '.join(sorted(Settings.model_fields))}"
-        lines.append(f"  {where}: {message} (got {error.get('input')!r})")
+        lines.append(f"  {where}: {message} (got {problem.input!r})")
     return "\n".join(lines)

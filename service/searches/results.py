@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from collections import Counter
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.study import select_best
+from search_spaces.study import finished, select_best, trial_counts
 from service.api.schemas import BestSoFar, Progress, TrialPublic
 from service.core.models import Search, utcnow
 from service.core.redact import redact_paths
@@ -32,7 +34,6 @@ METRIC_KEYS = (
     "reason",
     "error",
 )
-
 
 
 def _finite(values: list[float] | None) -> list[float] | None:
@@ -60,6 +61,12 @@ def trial_metrics(trial: FrozenTrial, *, settings: Settings) -> dict[str, Any]:
     return metrics
 
 
+def _optuna_time(value: datetime | None) -> datetime | None:
+    """An Optuna timestamp in UTC: Optuna writes naive local times (the workers' zone; the
+    service assumes its own)."""
+    return value.astimezone(UTC) if value is not None else None
+
+
 def trial_public(trial: FrozenTrial, *, settings: Settings) -> TrialPublic:
     duration = None
     if trial.datetime_start and trial.datetime_complete:
@@ -73,8 +80,8 @@ def trial_public(trial: FrozenTrial, *, settings: Settings) -> TrialPublic:
         metrics=trial_metrics(trial, settings=settings),
         spec=spec if isinstance(spec, dict) else None,
         has_weights=bool(trial.user_attrs.get("weights_artifact")),
-        datetime_start=trial.datetime_start,
-        datetime_complete=trial.datetime_complete,
+        datetime_start=_optuna_time(trial.datetime_start),
+        datetime_complete=_optuna_time(trial.datetime_complete),
         duration_s=duration,
     )
 
@@ -90,19 +97,18 @@ def best_so_far(
 
 
 def progress(search: Search, study: StudyView | None, trials_requested: int) -> Progress:
-    trials = study.get_trials(deepcopy=False) if study is not None else []
-    counts = {state: 0 for state in TrialState}
-    durations = []
-    for trial in trials:
-        counts[trial.state] += 1
-        if (
-            trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-            and trial.datetime_start
-            and trial.datetime_complete
-        ):
-            durations.append((trial.datetime_complete - trial.datetime_start).total_seconds())
+    """Trial counts by state, the best trial so far and timings of a search."""
+    # no study (not created yet, or gone): every count is 0
+    counts: Mapping[str, int] = trial_counts(study) if study is not None else Counter()  # type: ignore[arg-type]
+    durations = [
+        (trial.datetime_complete - trial.datetime_start).total_seconds()
+        for trial in (study.get_trials(deepcopy=False) if study is not None else [])
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        and trial.datetime_start
+        and trial.datetime_complete
+    ]
     best = None
-    if study is not None and counts[TrialState.COMPLETE]:
+    if study is not None and counts["complete"]:
         chosen = best_so_far(study)
         if chosen is not None:
             best = BestSoFar(
@@ -115,12 +121,12 @@ def progress(search: Search, study: StudyView | None, trials_requested: int) -> 
     elapsed = (end - search.started_at).total_seconds() if search.started_at else None
     return Progress(
         trials_requested=trials_requested,
-        finished=counts[TrialState.COMPLETE] + counts[TrialState.PRUNED],
-        complete=counts[TrialState.COMPLETE],
-        pruned=counts[TrialState.PRUNED],
-        failed=counts[TrialState.FAIL],
-        running=counts[TrialState.RUNNING],
-        waiting=counts[TrialState.WAITING],
+        finished=finished(counts),
+        complete=counts["complete"],
+        pruned=counts["pruned"],
+        failed=counts["fail"],
+        running=counts["running"],
+        waiting=counts["waiting"],
         best=best,
         elapsed_s=elapsed,
         mean_trial_s=sum(durations) / len(durations) if durations else None,

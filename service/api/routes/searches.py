@@ -1,17 +1,17 @@
-"""/api/v1/searches: submit, list, watch, cancel a search; its trials, Pareto front and best model."""
+"""/api/v1/searches: submit, list, watch, cancel a search; its trials, Pareto front and best model
+(its downloads: routes/downloads.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import uuid
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from fastapi.responses import FileResponse
 from optuna.trial import FrozenTrial, TrialState
 
+from search_spaces.config import SearchConfig
 from search_spaces.study import create_study, pareto_front
 from service import crud
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
@@ -27,19 +27,35 @@ from service.api.schemas import (
     SearchSummary,
     TrialsPublic,
     TrialStateName,
+    ValidationErrorPublic,
 )
-from service.core.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search
-from service.core.paths import artifact_file
+from service.core.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search, User
 from service.core.redact import redact_json, redact_paths
 from service.runtime import Runtime
 from service.searches import results
 from service.searches.cache import StudyView
-from service.searches.submit import build_config
+from service.searches.submit import build_config, study_name_for
 
 log = logging.getLogger("spsa_nas.service")
 router = APIRouter(prefix="/searches", tags=["searches"])
-NOT_FOUND_RESPONSE = {404: {"model": Message, "description": "no such search, or not yours"}}
+CANCEL_ATTR = "spsa_nas:cancel"  # the study user attr the runners poll
+NOT_FOUND_RESPONSE: dict[int | str, dict] = {
+    404: {"model": Message, "description": "no such search, or not yours"}
+}
 SearchId = Annotated[str, "a search id"]
+# OpenAPI links of a created search: where its id goes next (operationId: the route's name)
+CREATED_LINKS = {
+    operation: {"operationId": operation, "parameters": {"search_id": "$response.body#/id"}}
+    for operation in (
+        "read_search",
+        "read_trials",
+        "read_pareto",
+        "read_best",
+        "download_weights",
+        "download_onnx",
+        "cancel_search",
+    )
+}
 
 
 def _links(request: Request, search: Search, runtime: Runtime) -> Links:
@@ -52,7 +68,8 @@ def _links(request: Request, search: Search, runtime: Runtime) -> Links:
     )
 
 
-def _found(session: SessionDep, search_id: str, user: CurrentUser) -> Search:
+def find_search(session: SessionDep, search_id: str, user: CurrentUser) -> Search:
+    """The caller's search (any search for an admin), or 404 alike for a missing and a foreign id."""
     search = crud.get_search(session, search_id=search_id, user=user)
     if search is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=NOT_FOUND)
@@ -60,7 +77,7 @@ def _found(session: SessionDep, search_id: str, user: CurrentUser) -> Search:
 
 
 def _public(request: Request, search: Search, runtime: Runtime, *, with_progress: bool) -> SearchPublic:
-    config = runtime.studies.config(search.study_name) or {}  # stored once: with the study
+    config = json.loads(search.config)
     progress = None
     if with_progress:
         study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
@@ -84,12 +101,28 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
     )
 
 
+def _new_search_ids(user: User, body: SearchCreate, runtime: Runtime) -> tuple[str, str]:
+    """A new search id and its study's name (owner, space, dataset and the id's first 8 hex
+    digits: what a person recognises in optuna-dashboard); drawn again if the name is taken."""
+    for _ in range(8):
+        search_id = str(uuid.uuid4())
+        name = study_name_for(
+            owner=user.name, space=body.space, dataset=body.dataset.name, search_id=search_id
+        )
+        if runtime.studies.study_id(name) is None:
+            return search_id, name
+    raise RuntimeError("no free study name after 8 draws")  # 32 random bits each: never in practice
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=SearchPublic,
     responses={
-        422: {"description": "a field is wrong or over a quota"},
+        201: {"links": CREATED_LINKS},
+        400: {"model": Message, "description": "the body is not JSON (e.g. not UTF-8)"},
+        413: {"model": Message, "description": "the body is over the server's size limit"},
+        422: {"model": ValidationErrorPublic, "description": "a field is wrong or over a quota"},
         429: {"model": Message, "description": "too many active searches"},
     },
 )
@@ -102,8 +135,8 @@ def create_search(
     settings: SettingsDep,
 ) -> SearchPublic:
     """Queue a search; the dispatcher starts it. Answers with its id, status and links."""
-    search_id = str(uuid.uuid4())
-    config = build_config(body, settings=settings, study_name=f"spsa-nas-{search_id}")
+    search_id, study_name = _new_search_ids(user, body, runtime)
+    config = build_config(body, settings=settings, study_name=study_name)
     active = crud.count_active_searches(session, owner_id=user.id)
     if active >= settings.max_active_searches_per_user:
         raise QuotaError(
@@ -120,6 +153,7 @@ def create_search(
         owner=user,
         name=body.name,
         study_name=config.study_name,
+        config_json=config.model_dump_json(),
     )
     session.commit()
     log.info("search %s queued by %s", search.id, user.name)
@@ -158,7 +192,7 @@ def read_search(
     request: Request, search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
 ) -> SearchPublic:
     """Status and progress: trial counts, best so far, timings."""
-    return _public(request, _found(session, search_id, user), runtime, with_progress=True)
+    return _public(request, find_search(session, search_id, user), runtime, with_progress=True)
 
 
 def _study(runtime: Runtime, search: Search) -> StudyView:
@@ -179,7 +213,7 @@ def read_trials(
     state: Annotated[list[TrialStateName] | None, Query(description="filter by trial state")] = None,
 ) -> TrialsPublic:
     """The search's trials in order of their number."""
-    study = _study(runtime, _found(session, search_id, user))
+    study = _study(runtime, find_search(session, search_id, user))
     trials = study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in state) if state else None)
     return TrialsPublic(
         data=[results.trial_public(t, settings=runtime.settings) for t in trials[skip : skip + limit]],
@@ -192,7 +226,7 @@ def read_pareto(
     search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
 ) -> TrialsPublic:
     """The non-dominated trials (accuracy vs latency; the best trial for a score search)."""
-    study = _study(runtime, _found(session, search_id, user))
+    study = _study(runtime, find_search(session, search_id, user))
     front = pareto_front(study)  # type: ignore[arg-type]
     return TrialsPublic(
         data=[results.trial_public(t, settings=runtime.settings) for t in front], count=len(front)
@@ -208,19 +242,22 @@ def cancel_search(
     request: Request, search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
 ) -> SearchPublic:
     """Stop a search: a queued one at once, a running one after its trials in flight stop."""
-    search = _found(session, search_id, user)
+    search = find_search(session, search_id, user)
     if search.status in FINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {search.status}")
     if search.status in (QUEUED, RUNNING, CANCELLING):
-        # One fact: the row's status. The dispatcher running the search polls it and stops the run.
+        study_id = runtime.studies.study_id(search.study_name)
+        if study_id is not None:
+            runtime.storage.set_study_user_attr(study_id, CANCEL_ATTR, True)
         crud.request_cancel(session, search=search)
         session.commit()
     return _public(request, search, runtime, with_progress=False)
 
 
-def _best(
+def best_trial(
     runtime: Runtime, search: Search, latency_budget_ms: float | None, trial: int | None
 ) -> FrozenTrial:
+    """The trial `best` picks: `trial` itself, else the best under the budget (404 when none has a spec)."""
     study = _study(runtime, search)
     if trial is not None and not any(t.number == trial for t in study.get_trials(deepcopy=False)):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"the search has no trial {trial}")
@@ -257,8 +294,8 @@ def read_best(
     trial: TrialQuery = None,
 ) -> BestPublic:
     """The chosen architecture: its ArchSpec JSON, metrics, and where to download it."""
-    search = _found(session, search_id, user)
-    chosen = _best(runtime, search, latency_budget_ms, trial)
+    search = find_search(session, search_id, user)
+    chosen = best_trial(runtime, search, latency_budget_ms, trial)
     base = f"/api/v1/searches/{search.id}/best"
     query = f"?trial={chosen.number}"
     return BestPublic(
@@ -270,79 +307,5 @@ def read_best(
     )
 
 
-def _weights_path(runtime: Runtime, trial: FrozenTrial) -> Path:
-    """The trial's weights file: its artifact id (untrusted: read from the database) must have the
-    shape the artifact store writes and resolve to a file directly under the artifact root."""
-    path = artifact_file(runtime.settings.artifact_path, trial.user_attrs.get("weights_artifact"))
-    if path is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"trial {trial.number} has no stored weights")
-    return path
-
-
-@router.get(
-    "/{search_id}/best/weights",
-    responses={
-        **NOT_FOUND_RESPONSE,
-        200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"},
-    },
-    response_class=FileResponse,
-)
-def download_weights(
-    search_id: SearchId,
-    session: SessionDep,
-    user: CurrentUser,
-    runtime: RuntimeDep,
-    latency_budget_ms: BudgetQuery = None,
-    trial: TrialQuery = None,
-) -> FileResponse:
-    """The best trial's trained weights (safetensors); load them with spsa_nas.build_model(spec, weights)."""
-    search = _found(session, search_id, user)
-    chosen = _best(runtime, search, latency_budget_ms, trial)
-    return FileResponse(
-        _weights_path(runtime, chosen),
-        media_type="application/octet-stream",
-        filename=f"{search.id}-trial{chosen.number}.safetensors",
-    )
-
-
-@router.get(
-    "/{search_id}/best/onnx",
-    responses={
-        **NOT_FOUND_RESPONSE,
-        200: {"content": {"application/octet-stream": {}}, "description": "ONNX file"},
-    },
-    response_class=FileResponse,
-)
-def download_onnx(
-    search_id: SearchId,
-    session: SessionDep,
-    user: CurrentUser,
-    runtime: RuntimeDep,
-    latency_budget_ms: BudgetQuery = None,
-    trial: TrialQuery = None,
-) -> FileResponse:
-    """The best trial's model exported to ONNX (built on first request, then cached)."""
-    search = _found(session, search_id, user)
-    chosen = _best(runtime, search, latency_budget_ms, trial)
-    weights = _weights_path(runtime, chosen)
-    target = runtime.settings.artifact_path / "onnx" / f"{search.study_name}-trial{chosen.number}.onnx"
-    with runtime.export_lock:
-        if not target.is_file():
-            _export_onnx(chosen.user_attrs["spec"], weights, target)
-    return FileResponse(
-        target, media_type="application/octet-stream", filename=f"{search.id}-trial{chosen.number}.onnx"
-    )
-
-
-def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:
-    from safetensors.torch import load_file
-
-    from spsa_nas import ArchSpec, build_model
-    from spsa_nas.export import export_onnx
-
-    spec = ArchSpec.model_validate(spec_json)
-    model = build_model(spec, weights=load_file(str(weights))).eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial.onnx")
-    export_onnx(model, partial)
-    partial.replace(target)
+def config_of(search: Search) -> SearchConfig:
+    return SearchConfig.model_validate_json(search.config)
