@@ -13,7 +13,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -249,7 +249,10 @@ def _run_one(
     }
 
 
-def _connect_ray(ray_address: str | None) -> str:
+RayMode = Literal["local", "cluster", "caller"]
+
+
+def _connect_ray(ray_address: str | None) -> RayMode:
     """Initialise Ray unless the caller already did. Returns "caller" (already initialised: left as
     is), "local" (a Ray started here, in-process) or "cluster" (connected to an existing one); the
     latter two are shut down (disconnected) at the end."""
@@ -500,7 +503,7 @@ def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:
         run.crash_streak = 0
 
 
-def _report(run: _Run, outcome: Outcome, wall_s: float, ray_mode: str) -> RunReport:
+def _report(run: _Run, outcome: Outcome, wall_s: float, ray_mode: RayMode) -> RunReport:
     trials = run.trials()
     counts = trial_counts(run.study)
     return RunReport(
@@ -522,5 +525,5 @@ def _report(run: _Run, outcome: Outcome, wall_s: float, ray_mode: str) -> RunRep
         trial_s=run.trial_s,
         task_s=run.task_s,
         db_retries=run.storage.policy.retries + run.worker_db_retries,
-        ray=ray_mode,  # type: ignore[arg-type]  # "local", "cluster" or "caller" (_connect_ray)
+        ray=ray_mode,
     )
