@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.config import SearchConfig
 from search_spaces.study import create_study, pareto_front
 from service import crud
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
@@ -38,7 +37,6 @@ from service.searches.submit import build_config, study_name_for
 
 log = logging.getLogger("spsa_nas.service")
 router = APIRouter(prefix="/searches", tags=["searches"])
-CANCEL_ATTR = "spsa_nas:cancel"  # the study user attr the runners poll
 NOT_FOUND_RESPONSE: dict[int | str, dict] = {
     404: {"model": Message, "description": "no such search, or not yours"}
 }
@@ -77,7 +75,7 @@ def find_search(session: SessionDep, search_id: str, user: CurrentUser) -> Searc
 
 
 def _public(request: Request, search: Search, runtime: Runtime, *, with_progress: bool) -> SearchPublic:
-    config = json.loads(search.config)
+    config = runtime.studies.config(search.study_name) or {}  # stored once: with the study
     progress = None
     if with_progress:
         study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
@@ -153,7 +151,6 @@ def create_search(
         owner=user,
         name=body.name,
         study_name=config.study_name,
-        config_json=config.model_dump_json(),
     )
     session.commit()
     log.info("search %s queued by %s", search.id, user.name)
@@ -246,9 +243,7 @@ def cancel_search(
     if search.status in FINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {search.status}")
     if search.status in (QUEUED, RUNNING, CANCELLING):
-        study_id = runtime.studies.study_id(search.study_name)
-        if study_id is not None:
-            runtime.storage.set_study_user_attr(study_id, CANCEL_ATTR, True)
+        # One fact: the row's status. The dispatcher running the search polls it and stops the run.
         crud.request_cancel(session, search=search)
         session.commit()
     return _public(request, search, runtime, with_progress=False)
@@ -305,7 +300,3 @@ def read_best(
         values=results._finite(chosen.values),
         links={"weights": f"{base}/weights{query}", "onnx": f"{base}/onnx{query}"},
     )
-
-
-def config_of(search: Search) -> SearchConfig:
-    return SearchConfig.model_validate_json(search.config)
