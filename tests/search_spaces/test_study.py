@@ -11,6 +11,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
+from search_spaces.storage import open_storage
 from search_spaces.study import (
     CONFIG_ATTR,
     create_study,
@@ -19,7 +20,6 @@ from search_spaces.study import (
     objective_values,
     pareto_front,
     select_best,
-    storage_for,
     study_config,
     study_space,
     trial_counts,
@@ -42,15 +42,15 @@ def _add(study: optuna.Study, acc: float, lat: float, *, state: TrialState = Tri
 
 
 def test_sqlite_storage_is_wal_with_busy_timeout(url: str, tmp_path: Path) -> None:
-    storage = storage_for(url)
+    storage = open_storage(url)
     optuna.create_study(storage=storage, study_name="x")
     with sqlite3.connect(tmp_path / "db" / "study.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert storage.engine.dialect.name == "sqlite"
-    with storage.engine.connect() as conn:
+    assert storage.storage.engine.dialect.name == "sqlite"
+    with storage.storage.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 30_000
     with pytest.raises(ValueError, match="not a database URL"):
-        storage_for("not a url")
+        open_storage("not a url")
 
 
 def test_create_study_stores_config_and_refuses_a_different_one(url: str) -> None:

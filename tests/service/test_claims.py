@@ -77,7 +77,7 @@ def _add_search(
     with sessions() as session:
         owner, _ = crud.create_user(session, name=f"u{uuid.uuid4().hex[:8]}")
         search = crud.create_search(
-            session, search_id=search_id, owner=owner, name=None, study_name=search_id, config_json="{}"
+            session, search_id=search_id, owner=owner, name=None, study_name=search_id
         )
         search.created_at = utcnow() - timedelta(seconds=age_s)
         search.status = status

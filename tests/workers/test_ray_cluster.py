@@ -21,7 +21,7 @@ import pytest
 from optuna.trial import TrialState
 from workers_test_utils import free_port, kill_group
 
-from workers.lease import open_storage
+from search_spaces.storage import open_storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -106,7 +106,7 @@ def test_search_runs_on_both_nodes_of_an_external_cluster(ray_cluster: dict[str,
     env = ray_cluster["env"]
     summary = _summary(_coordinator(_args("cluster", sqlite_url, tmp_path,
                                           ray_address=ray_cluster["address"]), env))
-    assert summary["status"] == "completed" and summary["finished"] == 4, summary
+    assert summary["outcome"] == "done" and summary["finished"] == 4, summary
     assert summary["ray"] == "cluster"
     trials = _trials(sqlite_url, "cluster")
     nodes = {t.user_attrs["node_id"] for t in trials}
@@ -199,7 +199,7 @@ def test_coordinator_killed_and_restarted_finishes_exactly_once(sqlite_url: str,
     gate.touch()  # their workers are dead; nothing after the restart holds
 
     summary = _summary(_coordinator(args, env))
-    assert summary["status"] == "completed", summary
+    assert summary["outcome"] == "done", summary
     trials = _trials(sqlite_url, "restart")
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 6 and summary["finished"] == 6
