@@ -114,14 +114,19 @@ _REST_FIELDS: dict[str, FieldInfo] = {
     "parallelism": Field(description="trials in flight at once"),
     "max_retries": Field(description="re-runs of a trial whose worker died"),
 }
-# Rules between fields that the schema states (JSON Schema if/then): a pruner needs the score.
-_RULES = {
-    "if": {"properties": {"pruner": {"enum": ["median", "hyperband"]}}, "required": ["pruner"]},
-    "then": {
+
+
+def _search_schema(schema: dict[str, Any]) -> None:
+    """The rules between fields the schema can state (JSON Schema if/then: a pruner needs the
+    score objective), and no server field in the dataset's default."""
+    schema["if"] = {"properties": {"pruner": {"enum": ["median", "hyperband"]}}, "required": ["pruner"]}
+    schema["then"] = {
         "properties": {"objective": {"properties": {"kind": {"const": "score"}}, "required": ["kind"]}},
         "required": ["objective"],
-    },
-}
+    }
+    schema["properties"]["dataset"]["default"].pop("data_root", None)
+
+
 # What no JSON schema can say; the server answers 422 naming the field.
 CHECKED_BEYOND_THE_SCHEMA = (
     "An inline `space` is checked by the search engine (SPSA heads must divide a stage's channels, "
@@ -154,7 +159,7 @@ def _rest_field(name: str, info: FieldInfo) -> tuple[Any, FieldInfo]:
 
 SearchCreate: type[BaseModel] = create_model(
     "SearchCreate",
-    __config__=ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_RULES),
+    __config__=ConfigDict(extra="forbid", frozen=True, strict=True, json_schema_extra=_search_schema),
     __doc__=f"A search to run: SearchConfig's fields but the study name, which the server sets. Only "
     f"what differs from the defaults needs to be given. {CHECKED_BEYOND_THE_SCHEMA}",
     __validators__={"_json_numbers": model_validator(mode="before")(_json_numbers)},

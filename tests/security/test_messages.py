@@ -56,6 +56,25 @@ def test_refused_dataset_paths_answer_without_server_paths(service: Service, pat
         assert server_path not in response.text
 
 
+def test_no_answer_about_a_search_carries_the_data_root(service: Service) -> None:
+    """The server sets the dataset's data root; it stays in the study, out of every answer."""
+    alice = service.user()
+    created = service.client.post("/api/v1/searches", headers=alice, json={"dataset": {"name": "digits"}})
+    assert created.status_code == 201, created.text
+    base = created.json()["links"]["self"]
+    answers = [
+        created,
+        service.client.get(base, headers=alice),
+        service.client.get("/api/v1/searches", headers=alice),
+        service.client.post(f"{base}/cancel", headers=alice),
+    ]
+    for response in answers:
+        assert response.status_code in (200, 201), response.text
+        assert "data_root" not in response.text
+        for path in _server_paths(service):
+            assert path not in response.text
+
+
 def _failed_trial_error(service: Service) -> str:
     s = service.settings
     return (
@@ -163,9 +182,7 @@ def test_redact_paths_hides_home_python_and_temporary_dirs(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp-link"))
     settings = Settings(data_dir=tmp_path / "d")
     home = Path.home()
-    text = (
-        f"{home}/.cache/x; {sys.prefix}/lib/site.py; {tmp_path}/tmp-link/ray/session; {real_tmp}/w"
-    )
+    text = f"{home}/.cache/x; {sys.prefix}/lib/site.py; {tmp_path}/tmp-link/ray/session; {real_tmp}/w"
     assert redact_paths(text, settings) == (
         "<server>/.cache/x; <server>/lib/site.py; <server>/ray/session; <server>/w"
     )

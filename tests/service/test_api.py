@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import uuid
+from datetime import UTC, datetime, timedelta
 
 import optuna
 import pytest
@@ -224,6 +226,9 @@ def _loc(response) -> list[list]:  # type: ignore[no-untyped-def]
         ({"space": {"name": "x", "backbone": "resnet18", "all_stages": {"heads": [3]}}}, ["body", "space"]),
         ({"unknown_field": 1}, ["body", "unknown_field"]),
         ({"device": "tpu"}, ["body", "device"]),
+        ({"trials": "5"}, ["body", "trials"]),  # strict, as the schema says: a string is no integer
+        ({"train": {"channels_last": 1}}, ["body", "train", "channels_last"]),
+        ({"pruner": "median"}, ["body"]),  # a pruner needs the score objective
     ],
 )
 def test_bad_bodies_answer_422_with_the_field(service: Service, body: dict, loc: list) -> None:
@@ -234,16 +239,21 @@ def test_bad_bodies_answer_422_with_the_field(service: Service, body: dict, loc:
     assert loc in _loc(response)
 
 
-def test_invalid_inline_space_message_names_the_problem(service: Service) -> None:
-    alice = service.user()
-    space = {
+def _inline_space(**all_stages: list) -> dict:
+    """A small ResNet-18 space named `mine` with these stage choices."""
+    return {
         "name": "mine",
         "backbone": "resnet18",
         "stem": "cifar",
         "input_size": 16,
         "width": 0.25,
-        "all_stages": {"spsa": [True], "heads": [3], "alpha": [1], "channel_attn": ["bogus"]},
+        "all_stages": all_stages,
     }
+
+
+def test_invalid_inline_space_message_names_the_problem(service: Service) -> None:
+    alice = service.user()
+    space = _inline_space(spsa=[True], heads=[3], alpha=[1], channel_attn=["bogus"])
     response = service.client.post("/api/v1/searches", headers=alice, json={"space": space})
     assert response.status_code == 422
     messages = " ".join(e["msg"] for e in response.json()["detail"])
@@ -252,14 +262,7 @@ def test_invalid_inline_space_message_names_the_problem(service: Service) -> Non
 
 def test_valid_inline_space_is_accepted(service: Service) -> None:
     alice = service.user()
-    space = {
-        "name": "mine",
-        "backbone": "resnet18",
-        "stem": "cifar",
-        "input_size": 16,
-        "width": 0.25,
-        "all_stages": {"spsa": [False, True], "heads": [1, 2], "alpha": [1], "channel_attn": ["none", "eca"]},
-    }
+    space = _inline_space(spsa=[False, True], heads=[1, 2], alpha=[1], channel_attn=["none", "eca"])
     search = service.submit(alice, space=space)
     assert service.study(search).user_attrs["spsa_nas:space"]["name"] == "mine"
 
@@ -336,3 +339,81 @@ def test_the_study_is_in_the_same_database(service: Service) -> None:
     alice = service.user()
     search = service.submit(alice)
     assert storage.get_study_id_from_name(search["study_name"]) >= 0
+
+
+def test_whole_numbers_written_as_floats_are_integers(service: Service) -> None:
+    search = service.submit(service.user(), trials=4.0, train={"epochs": 2.0})  # JSON: 4.0 is 4
+    assert search["config"]["trials"] == 4 and search["config"]["train"]["epochs"] == 2
+
+
+def test_times_are_utc_with_their_zone(service: Service) -> None:
+    alice = service.user()
+    search = service.submit(alice)
+    service.fill(search, [(0.5, 1.0)])
+    body = service.client.get(search["links"]["self"], headers=alice).json()
+    trial = service.client.get(search["links"]["trials"], headers=alice).json()["data"][0]
+    listed = service.client.get("/api/v1/searches", headers=alice).json()["data"][0]
+    for value in (
+        body["created_at"],
+        listed["created_at"],
+        trial["datetime_start"],
+        trial["datetime_complete"],
+    ):
+        assert datetime.fromisoformat(value).utcoffset() == timedelta(0), value
+    # the naive UTC the database holds, answered as UTC: close to now, not hours off
+    assert abs(datetime.fromisoformat(body["created_at"]) - datetime.now(UTC)) < timedelta(minutes=5)
+    assert abs(datetime.fromisoformat(trial["datetime_complete"]) - datetime.now(UTC)) < timedelta(minutes=5)
+
+
+def test_study_names_say_owner_space_and_dataset(service: Service) -> None:
+    from search_spaces.config import STUDY_NAME_RE
+
+    name = f"ann.lee@example.org-{uuid.uuid4().hex[:6]}"
+    ann = service.user(name)
+    search = service.submit(ann, space="resnet18_cifar", dataset={"name": "synthetic"})
+    owner = name.replace("@", "-")
+    assert search["study_name"] == f"{owner}-resnet18_cifar-synthetic-{search['id'].replace('-', '')[:8]}"
+    assert STUDY_NAME_RE.match(search["study_name"])
+    inline = service.submit(ann, space=_inline_space(spsa=[False, True]))
+    assert inline["study_name"].startswith(f"{owner}-mine-digits-")
+    assert service.study(inline).user_attrs  # the study exists under that name
+    assert service.client.get(f"/api/v1/searches/{search['study_name']}", headers=ann).status_code == 404
+
+
+def test_a_method_a_path_lacks_answers_405_with_allow(service: Service) -> None:
+    alice = service.user()
+    search = service.submit(alice)
+    for method, path, allow in (
+        ("TRACE", "/api/v1/searches", "GET, HEAD, POST"),
+        ("DELETE", search["links"]["self"], "GET, HEAD"),
+        ("PUT", f"{search['links']['self']}/cancel", "POST"),
+        ("TRACE", "/healthz", "GET, HEAD"),
+    ):
+        response = service.client.request(method, path, headers=alice)
+        assert response.status_code == 405, (method, path, response.text)
+        assert response.headers["allow"] == allow, (method, path)
+    assert service.client.get("/api/v1/nothing-here", headers=alice).status_code != 405  # not ours
+
+
+def test_a_body_that_is_not_json_text_answers_400_as_documented(service: Service) -> None:
+    alice = service.user()
+    response = service.client.post(
+        "/api/v1/searches", headers={**alice, "Content-Type": "application/json"}, content=b'{"name": "\xff"}'
+    )
+    assert response.status_code == 400 and response.json()["detail"]
+    responses = service.client.get("/openapi.json").json()["paths"]["/api/v1/searches"]["post"]["responses"]
+    assert {"400", "401", "413", "422", "429"} <= set(responses)
+
+
+def test_the_search_body_is_search_config_without_server_fields() -> None:
+    """One declaration: the REST body has SearchConfig's fields and defaults, less what the server
+    sets (the study name; the dataset's data root), plus the client's label."""
+    from search_spaces.config import SearchConfig
+    from service.api.schemas import SearchCreate
+
+    assert set(SearchCreate.model_fields) == set(SearchConfig.model_fields) - {"study_name"} | {"name"}
+    body = SearchCreate().model_dump(exclude={"name"})
+    config = SearchConfig().model_dump(exclude={"study_name"})
+    assert body["dataset"].pop("data_root") is None and config["dataset"].pop("data_root") is None
+    assert body == config
+    assert SearchCreate.model_fields["trials"].metadata == SearchConfig.model_fields["trials"].metadata

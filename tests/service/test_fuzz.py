@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_the_schema_states_this_servers_quotas(fuzz_app: Any) -> None:
     assert schemas["SearchCreate"]["properties"]["trials"]["maximum"] == 20
     assert schemas["TrainConfig"]["properties"]["epochs"]["maximum"] == 3
     assert schemas["SearchCreate"]["properties"]["parallelism"]["maximum"] == 16  # the default quota
+    assert "study_name" not in schemas["SearchCreate"]["properties"]  # the server names the study
+    assert "data_root" not in json.dumps(fuzz_app.openapi())  # nor any field only the server sets
 
 
 def test_no_server_errors(operations: list[Any], fuzz_headers: dict[str, str]) -> None:
