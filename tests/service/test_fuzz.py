@@ -17,6 +17,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import FailureGroup, positive_data_acceptance
 
 from service import crud
+from service.api.routes.searches import CREATED_LINKS
 from service.app import create_app
 from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
@@ -29,14 +30,8 @@ EXAMPLES = 25  # per operation and mode (positive, negative)
 # say them): an inline space, warmup_epochs < epochs, a dataset path under the data root. A
 # schema-valid body may be refused with 422 for these, and for nothing else.
 CHECKED_BEYOND_THE_SCHEMA = {("body", "space"), ("body", "train"), ("body", "dataset", "path")}
-ID_OPERATIONS = {
-    "read_search",
-    "read_trials",
-    "read_pareto",
-    "read_best",
-    "download_weights",
-    "download_onnx",
-}
+# the operations a created search's links lead to, but cancel (which may also answer 409)
+ID_OPERATIONS = set(CREATED_LINKS) - {"cancel_search"}
 FUZZ = dict(
     deadline=None,
     suppress_health_check=list(HealthCheck),

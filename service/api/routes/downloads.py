@@ -8,16 +8,8 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 from optuna.trial import FrozenTrial
 
-from service.api.deps import CurrentUser, RuntimeDep, SessionDep
-from service.api.routes.searches import (
-    NOT_FOUND_RESPONSE,
-    BudgetQuery,
-    SearchId,
-    TrialQuery,
-    best_trial,
-    find_search,
-)
-from service.core.models import Search
+from service.api.deps import RuntimeDep
+from service.api.routes.searches import NOT_FOUND_RESPONSE, BestChoice, Choice
 from service.core.paths import artifact_file
 from service.runtime import Runtime
 
@@ -37,58 +29,29 @@ def _weights_path(runtime: Runtime, trial: FrozenTrial) -> Path:
     return path
 
 
-def _chosen(
-    runtime: Runtime,
-    session: SessionDep,
-    user: CurrentUser,
-    search_id: str,
-    latency_budget_ms: float | None,
-    trial: int | None,
-) -> tuple[Search, FrozenTrial, Path]:
-    """The caller's search, the trial `best` picks with these parameters, and its weights file."""
-    search = find_search(session, search_id, user)
-    chosen = best_trial(runtime, search, latency_budget_ms, trial)
-    return search, chosen, _weights_path(runtime, chosen)
-
-
-def _file(path: Path, search: Search, trial: FrozenTrial, suffix: str) -> FileResponse:
-    return FileResponse(
-        path, media_type="application/octet-stream", filename=f"{search.id}-trial{trial.number}.{suffix}"
-    )
+def _file(path: Path, choice: Choice, suffix: str) -> FileResponse:
+    filename = f"{choice.search.id}-trial{choice.trial.number}.{suffix}"
+    return FileResponse(path, media_type="application/octet-stream", filename=filename)
 
 
 @router.get(
     "/{search_id}/best/weights", responses=_file_responses("safetensors file"), response_class=FileResponse
 )
-def download_weights(
-    search_id: SearchId,
-    session: SessionDep,
-    user: CurrentUser,
-    runtime: RuntimeDep,
-    latency_budget_ms: BudgetQuery = None,
-    trial: TrialQuery = None,
-) -> FileResponse:
+def download_weights(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
     """The best trial's trained weights (safetensors); load them with spsa_nas.build_model(spec, weights)."""
-    search, chosen, weights = _chosen(runtime, session, user, search_id, latency_budget_ms, trial)
-    return _file(weights, search, chosen, "safetensors")
+    return _file(_weights_path(runtime, choice.trial), choice, "safetensors")
 
 
 @router.get("/{search_id}/best/onnx", responses=_file_responses("ONNX file"), response_class=FileResponse)
-def download_onnx(
-    search_id: SearchId,
-    session: SessionDep,
-    user: CurrentUser,
-    runtime: RuntimeDep,
-    latency_budget_ms: BudgetQuery = None,
-    trial: TrialQuery = None,
-) -> FileResponse:
+def download_onnx(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
     """The best trial's model exported to ONNX (built on first request, then cached)."""
-    search, chosen, weights = _chosen(runtime, session, user, search_id, latency_budget_ms, trial)
-    target = runtime.settings.artifact_path / "onnx" / f"{search.study_name}-trial{chosen.number}.onnx"
+    weights = _weights_path(runtime, choice.trial)
+    name = f"{choice.search.study_name}-trial{choice.trial.number}.onnx"
+    target = runtime.settings.artifact_path / "onnx" / name
     with runtime.export_lock:
         if not target.is_file():
-            _export_onnx(chosen.user_attrs["spec"], weights, target)
-    return _file(target, search, chosen, "onnx")
+            _export_onnx(choice.trial.user_attrs["spec"], weights, target)
+    return _file(target, choice, "onnx")
 
 
 def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.study import create_study, pareto_front
@@ -74,6 +75,19 @@ def find_search(session: SessionDep, search_id: str, user: CurrentUser) -> Searc
     return search
 
 
+def _summary_fields(request: Request, search: Search, runtime: Runtime) -> dict[str, Any]:
+    """What a search's line in the list (SearchSummary) says; its full answer says more."""
+    return {
+        "id": search.id,
+        "name": search.name,
+        "owner": search.owner.name,
+        "status": search.status,
+        "created_at": search.created_at,
+        "finished_at": search.finished_at,
+        "links": _links(request, search, runtime),
+    }
+
+
 def _public(request: Request, search: Search, runtime: Runtime, *, with_progress: bool) -> SearchPublic:
     config = runtime.studies.config(search.study_name) or {}  # stored once: with the study
     progress = None
@@ -81,21 +95,15 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
         study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
         progress = results.progress(search, study, int(config.get("trials", 0)))
     return SearchPublic(
-        id=search.id,
-        name=search.name,
-        owner=search.owner.name,
-        status=search.status,  # type: ignore[arg-type]
+        **_summary_fields(request, search, runtime),
         study_name=search.study_name,
-        created_at=search.created_at,
         started_at=search.started_at,
-        finished_at=search.finished_at,
         # Answers carry no server paths (exception messages, the data root in the config); the
         # stored row and the logs keep them for the operator.
         error=redact_paths(search.error, runtime.settings) if search.error else None,
         config=redact_json(config, runtime.settings),
         progress=progress,
         summary=redact_json(json.loads(search.result), runtime.settings) if search.result else None,
-        links=_links(request, search, runtime),
     )
 
 
@@ -169,18 +177,7 @@ def list_searches(
 ) -> SearchesPublic:
     """Your searches (all searches for an admin), newest first."""
     rows, count = crud.list_searches(session, user=user, skip=skip, limit=limit, status=status_)
-    data = [
-        SearchSummary(
-            id=s.id,
-            name=s.name,
-            owner=s.owner.name,
-            status=s.status,  # type: ignore[arg-type]
-            created_at=s.created_at,
-            finished_at=s.finished_at,
-            links=_links(request, s, runtime),
-        )
-        for s in rows
-    ]
+    data = [SearchSummary(**_summary_fields(request, s, runtime)) for s in rows]
     return SearchesPublic(data=data, count=count)
 
 
@@ -279,18 +276,35 @@ BudgetQuery = Annotated[
 TrialQuery = Annotated[int | None, Query(ge=0, le=10_000_000, description="pick this trial number")]
 
 
-@router.get("/{search_id}/best", response_model=BestPublic, responses=NOT_FOUND_RESPONSE)
-def read_best(
+@dataclass(frozen=True)
+class Choice:
+    """A search of the caller's and the trial `best` picks in it."""
+
+    search: Search
+    trial: FrozenTrial
+
+
+def choose_best(
     search_id: SearchId,
     session: SessionDep,
     user: CurrentUser,
     runtime: RuntimeDep,
     latency_budget_ms: BudgetQuery = None,
     trial: TrialQuery = None,
-) -> BestPublic:
-    """The chosen architecture: its ArchSpec JSON, metrics, and where to download it."""
+) -> Choice:
+    """The parameters of `best` and its downloads, resolved: 404 for a search not the caller's
+    or no trial to pick."""
     search = find_search(session, search_id, user)
-    chosen = best_trial(runtime, search, latency_budget_ms, trial)
+    return Choice(search, best_trial(runtime, search, latency_budget_ms, trial))
+
+
+BestChoice = Annotated[Choice, Depends(choose_best)]
+
+
+@router.get("/{search_id}/best", response_model=BestPublic, responses=NOT_FOUND_RESPONSE)
+def read_best(choice: BestChoice, runtime: RuntimeDep) -> BestPublic:
+    """The chosen architecture: its ArchSpec JSON, metrics, and where to download it."""
+    search, chosen = choice.search, choice.trial
     base = f"/api/v1/searches/{search.id}/best"
     query = f"?trial={chosen.number}"
     return BestPublic(
