@@ -20,6 +20,7 @@ from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import core_schema
 
 from search_spaces.config import ObjectiveConfig, Resources, SearchConfig
+from search_spaces.run import RunReport
 from search_spaces.space import SearchSpace, builtin_spaces
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 
@@ -228,7 +229,7 @@ class SearchPublic(BaseModel):
         description="the full search configuration, defaults included; without the server's data root"
     )
     progress: Progress | None = Field(None, description="trial counts, best so far, timings")
-    summary: dict[str, Any] | None = Field(None, description="the runner's report once the search ended")
+    summary: RunReport | None = Field(None, description="the runner's report once the search ended")
     links: Links
 
     @field_validator("config")

@@ -6,7 +6,7 @@ from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 from optuna.distributions import BaseDistribution
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -25,7 +25,7 @@ class ScopedStorage(BaseStorage):
 
     def __init__(
         self,
-        inner: RDBStorage,
+        inner: BaseStorage,
         readable: Callable[[int], bool],
         writable: Callable[[int], bool],
         study_of_trial: Callable[[int], int | None],

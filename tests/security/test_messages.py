@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -12,6 +11,7 @@ import optuna
 import pytest
 from sqlalchemy import update
 
+from search_spaces.run import RunReport
 from service.core.models import Search
 from service.core.redact import redact_json, redact_paths
 from service.core.settings import Settings
@@ -137,7 +137,18 @@ def test_a_failed_search_answers_without_server_paths(service: Service) -> None:
             .values(
                 status="failed",
                 error=f"RuntimeError: trials kept failing; last error: {error}",
-                result=json.dumps({"status": "failed", "last_error": error}),
+                result=RunReport(
+                    outcome="failing",
+                    runner="local",
+                    study_name=search["study_name"],
+                    trials_requested=3,
+                    finished=0,
+                    counts={"fail": 3},
+                    ran=3,
+                    crashed=3,
+                    last_error=error,
+                    elapsed_s=1.0,
+                ).to_json(),
             )
         )
         session.commit()

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
 
+from search_spaces.run import RunReport
 from search_spaces.study import create_study, pareto_front
 from service import crud
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
@@ -103,8 +105,20 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
         error=redact_paths(search.error, runtime.settings) if search.error else None,
         config=redact_json(config, runtime.settings),
         progress=progress,
-        summary=redact_json(json.loads(search.result), runtime.settings) if search.result else None,
+        summary=_report(search, runtime),
     )
+
+
+def _report(search: Search, runtime: Runtime) -> RunReport | None:
+    """The runner's report stored when the search ended (None before that, and for a row written
+    before reports were typed), with no server paths in it."""
+    if not search.result:
+        return None
+    try:
+        return RunReport.model_validate(redact_json(json.loads(search.result), runtime.settings))
+    except (ValueError, ValidationError):
+        log.warning("search %s: its stored result is not a RunReport; answered without it", search.id)
+        return None
 
 
 def _new_search_ids(user: User, body: SearchCreate, runtime: Runtime) -> tuple[str, str]:
