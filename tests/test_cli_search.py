@@ -57,7 +57,9 @@ def test_search_best_export_and_onnx(tmp_path: Path) -> None:
     assert best.returncode == 0, best.stderr
     report = json.loads(best.stdout)
     chosen = report["best"]
-    assert report["study"] == "cli-tiny-digits" and report["counts"]["complete"] >= 1
+    counts = report["counts"]
+    assert report["study"] == "cli-tiny-digits" and counts["complete"] + counts["pruned"] == 3
+    assert counts["complete"] >= 1 and counts["fail"] == 0  # a best exists; nothing crashed
     front_accs = [row["val_acc"] for row in report["pareto_front"]]
     assert chosen["val_acc"] == max(front_accs)
 

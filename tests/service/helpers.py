@@ -1,96 +1,15 @@
-"""Helpers of the service tests that start a real `spsa-nas serve` process."""
+"""Helpers of the service tests: the server process (service.testing) and waiting for a state."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-SPSA_NAS = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+from service.testing import SPSA_NAS, Server, add_user, cli, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*SPSA_NAS, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
-    )
-
-
-def add_user(data_dir: Path, name: str, *, admin: bool = False) -> str:
-    result = cli("users", "add", name, "--data-dir", str(data_dir), *(["--admin"] if admin else []))
-    if result.returncode != 0:
-        raise RuntimeError(f"spsa-nas users add failed: {result.stderr}")
-    return result.stdout.strip()
-
-
-class Server:
-    """`spsa-nas serve` as a real process in its own session (so a kill takes Ray with it)."""
-
-    def __init__(self, data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
-        self.log_path = data_dir.parent / f"serve-{self.port}.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 180) -> Server:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("a")
-        self.process = subprocess.Popen(
-            [*SPSA_NAS, "serve", "--data-dir", str(self.data_dir), "--port", str(self.port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"spsa-nas serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise RuntimeError(f"spsa-nas serve did not answer within {timeout_s} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
-
-    def stop(self, timeout_s: float = 90) -> int | None:
-        """SIGTERM (graceful), then SIGKILL of the whole session if it lingers."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.terminate()
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        """SIGKILL the server and everything it started (Ray included): a crash."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
+__all__ = ["SPSA_NAS", "Server", "add_user", "cli", "free_port", "wait_for"]
 
 
 def wait_for(

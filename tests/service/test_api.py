@@ -338,7 +338,7 @@ def test_the_study_is_in_the_same_database(service: Service) -> None:
     storage = optuna.storages.RDBStorage(service.settings.db_url)
     alice = service.user()
     search = service.submit(alice)
-    assert storage.get_study_id_from_name(search["study_name"]) >= 0
+    assert search["study_name"] in {s.study_name for s in storage.get_all_studies()}
 
 
 def test_whole_numbers_written_as_floats_are_integers(service: Service) -> None:
