@@ -27,7 +27,9 @@ def test_eight_workers_many_short_trials(backend: str, ray_local: None, tmp_path
     # a heartbeat every 0.2 s adds ~40 writes/s on top of the trials' own ask/attrs/tell
     options = RunnerOptions(heartbeat_s=0.2, lease_s=10.0, poll_s=0.1)
     trial_fn = functools.partial(synthetic_trial, train_s=0.2, steps=4)
-    create_study(cfg, url)
+    setup = open_storage(url)
+    create_study(cfg, setup)
+    setup.close()  # the test's own connections: only the tasks' are counted below
     summary = run_search(cfg.study_name, url, artifact_dir=tmp_path, trial_fn=trial_fn, options=options)
     print(f"{backend}: {summary.finished} trials in {summary.elapsed_s:.1f} s, "
           f"{summary.db_retries} database retries")
