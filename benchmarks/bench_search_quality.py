@@ -30,7 +30,7 @@ import optuna
 import torch
 
 from search_spaces.config import SearchConfig
-from search_spaces.space import load_space
+from search_spaces.loading import load_space
 from search_spaces.study import create_study
 from search_spaces.suggest import suggest_arch
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig

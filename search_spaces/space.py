@@ -1,24 +1,13 @@
-"""Declarative search spaces: the YAML schema (SearchSpace), its loader and the built-in spaces."""
+"""The search-space schema: SearchSpace, its stage choices and alpha ranges, and SpaceError."""
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from spsa_nas.spec import (
     ATTN_ORDERS,
@@ -31,9 +20,9 @@ from spsa_nas.spec import (
     stage_table,
 )
 
-BUILTIN_DIR = Path(__file__).with_name("builtin")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+#: Where in a space a value sits: field names and list indices (or stage numbers), from the top.
 Path_ = tuple[str | int, ...]
 
 
@@ -45,8 +34,9 @@ class SpaceError(ValueError):
         self.problems = problems or [message]
 
 
-class _Problem(ValueError):  # noqa: N818 - internal carrier, becomes SpaceError
-    """A semantic problem found by a validator, with the field path it belongs to."""
+class SpaceProblem(ValueError):  # noqa: N818 - internal carrier, becomes SpaceError
+    """A semantic problem found by a validator, with the field path it belongs to; the loader
+    (search_spaces.loading) turns it into a SpaceError line naming file, line and field."""
 
     def __init__(self, path: Path_, message: str) -> None:
         super().__init__(message)
@@ -71,14 +61,14 @@ class AlphaRange(_Model):
         for name in ("low", "high"):
             value = getattr(self, name)
             if not (math.isfinite(value) and 0 < value <= MAX_ALPHA):
-                raise _Problem((name,), f"{value:g} is out of (0, {MAX_ALPHA:g}]")
+                raise SpaceProblem((name,), f"{value:g} is out of (0, {MAX_ALPHA:g}]")
         if self.low >= self.high:
-            raise _Problem(("high",), f"high ({self.high:g}) must be greater than low ({self.low:g})")
+            raise SpaceProblem(("high",), f"high ({self.high:g}) must be greater than low ({self.low:g})")
         if self.step is not None:
             if self.log:
-                raise _Problem(("step",), "step cannot be combined with log: true")
+                raise SpaceProblem(("step",), "step cannot be combined with log: true")
             if not self.step > 0:
-                raise _Problem(("step",), f"step must be positive, got {self.step:g}")
+                raise SpaceProblem(("step",), f"step must be positive, got {self.step:g}")
         return self
 
     def values(self) -> list[float] | None:
@@ -91,11 +81,11 @@ class AlphaRange(_Model):
 
 def _unique(values: list[Any], path: str) -> list[Any]:
     if not values:
-        raise _Problem((), f"{path} needs at least one value")
+        raise SpaceProblem((), f"{path} needs at least one value")
     seen: list[Any] = []
     for value in values:
         if value in seen:
-            raise _Problem((), f"{value!r} is listed twice")
+            raise SpaceProblem((), f"{value!r} is listed twice")
         seen.append(value)
     return values
 
@@ -119,7 +109,7 @@ class StageChoices(_Model):
     def _heads(cls, value: list[int]) -> list[int]:
         for i, heads in enumerate(value):
             if heads < 1:
-                raise _Problem((i,), f"{heads} heads: must be a positive integer")
+                raise SpaceProblem((i,), f"{heads} heads: must be a positive integer")
         return _unique(value, "heads")
 
     @field_validator("alpha", mode="before")
@@ -128,8 +118,8 @@ class StageChoices(_Model):
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = [value]  # a single number is a one-element set
         if not isinstance(value, list | tuple | dict | AlphaRange):
-            raise _Problem((), "alpha must be a list of values like [0.5, 1, 2] or a range "
-                               "{low: 0.5, high: 2, log: true}")
+            raise SpaceProblem((), "alpha must be a list of values like [0.5, 1, 2] or a range "
+                                    "{low: 0.5, high: 2, log: true}")
         return value
 
     @field_validator("alpha")
@@ -139,7 +129,7 @@ class StageChoices(_Model):
             return value
         for i, alpha in enumerate(value):
             if not (math.isfinite(alpha) and 0 < alpha <= MAX_ALPHA):
-                raise _Problem((i,), f"{alpha:g} is out of (0, {MAX_ALPHA:g}]")
+                raise SpaceProblem((i,), f"{alpha:g} is out of (0, {MAX_ALPHA:g}]")
         return _unique(value, "alpha")
 
     @field_validator("channel_attn")
@@ -147,8 +137,8 @@ class StageChoices(_Model):
     def _attn(cls, value: list[str]) -> list[str]:
         for i, name in enumerate(value):
             if name not in CHANNEL_ATTENTIONS:
-                raise _Problem((i,), f"unknown channel attention {name!r}; valid: "
-                                     f"{', '.join(CHANNEL_ATTENTIONS)}")
+                raise SpaceProblem((i,), f"unknown channel attention {name!r}; valid: "
+                                          f"{', '.join(CHANNEL_ATTENTIONS)}")
         return _unique(value, "channel_attn")
 
     @field_validator("attn_order")
@@ -156,7 +146,7 @@ class StageChoices(_Model):
     def _order(cls, value: list[str]) -> list[str]:
         for i, name in enumerate(value):
             if name not in ATTN_ORDERS:
-                raise _Problem((i,), f"unknown attn_order {name!r}; valid: {', '.join(ATTN_ORDERS)}")
+                raise SpaceProblem((i,), f"unknown attn_order {name!r}; valid: {', '.join(ATTN_ORDERS)}")
         return _unique(value, "attn_order")
 
     def alpha_values(self) -> list[float] | None:
@@ -206,7 +196,7 @@ class SearchSpace(_Model):
     @classmethod
     def _name(cls, value: str) -> str:
         if not _NAME_RE.match(value):
-            raise _Problem((), f"{value!r}: 1-64 letters, digits, _ . -, starting with a letter or digit")
+            raise SpaceProblem((), f"{value!r}: 1-64 letters, digits, _ . -, starting with a letter or digit")
         return value
 
     @field_validator("backbone")
@@ -215,8 +205,8 @@ class SearchSpace(_Model):
         names = [value] if isinstance(value, str) else value
         for i, name in enumerate(names):
             if name not in BACKBONES:
-                raise _Problem(() if isinstance(value, str) else (i,),
-                               f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
+                raise SpaceProblem(() if isinstance(value, str) else (i,),
+                                    f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}")
         if isinstance(value, list):
             _unique(value, "backbone")
         return value
@@ -225,7 +215,7 @@ class SearchSpace(_Model):
     @classmethod
     def _stem(cls, value: str) -> str:
         if value not in STEMS:
-            raise _Problem((), f"unknown stem {value!r}; valid: {', '.join(STEMS)}")
+            raise SpaceProblem((), f"unknown stem {value!r}; valid: {', '.join(STEMS)}")
         return value
 
     @field_validator("width")
@@ -234,8 +224,8 @@ class SearchSpace(_Model):
         widths = [value] if isinstance(value, int | float) else value
         for i, width in enumerate(widths):
             if not (math.isfinite(width) and 0 < width <= 4):
-                raise _Problem(() if isinstance(value, int | float) else (i,),
-                               f"width {width:g} is out of (0, 4]")
+                raise SpaceProblem(() if isinstance(value, int | float) else (i,),
+                                    f"width {width:g} is out of (0, 4]")
         if isinstance(value, list):
             _unique(value, "width")
         return value
@@ -265,8 +255,8 @@ class SearchSpace(_Model):
     @model_validator(mode="after")
     def _resolve(self) -> SearchSpace:
         if self.all_stages is None and self.stages is None:
-            raise _Problem(("stages",), "give `all_stages` (a template for every stage), `stages` "
-                                        "(a list with one entry per stage), or both")
+            raise SpaceProblem(("stages",), "give `all_stages` (a template for every stage), `stages` "
+                                             "(a list with one entry per stage), or both")
         template = self.all_stages or StageChoices()
         notes: list[str] = []
         resolved: dict[str, tuple[ResolvedStage, ...]] = {}
@@ -276,15 +266,15 @@ class SearchSpace(_Model):
             overrides: dict[int, tuple[Path_, StageChoices]] = {}
             if isinstance(self.stages, list):
                 if len(self.stages) != n:
-                    raise _Problem(("stages",), f"{backbone} has {n} stages "
-                                                f"({', '.join(s.name for s in table)}), got "
-                                                f"{len(self.stages)} entries")
+                    raise SpaceProblem(("stages",), f"{backbone} has {n} stages "
+                                                     f"({', '.join(s.name for s in table)}), got "
+                                                     f"{len(self.stages)} entries")
                 overrides = {i: (("stages", i), c) for i, c in enumerate(self.stages)}
             elif isinstance(self.stages, dict):
                 for number, choice in self.stages.items():
                     if not 1 <= number <= n:
-                        raise _Problem(("stages", number), f"stage {number} does not exist in "
-                                                           f"{backbone}; valid: 1-{n}")
+                        raise SpaceProblem(("stages", number), f"stage {number} does not exist in "
+                                                                f"{backbone}; valid: 1-{n}")
                     overrides[number - 1] = (("stages", number), choice)
             sizes = feature_sizes(backbone, self.stem, self.input_size)
             stages = []
@@ -313,10 +303,10 @@ class SearchSpace(_Model):
             for k, h in enumerate(heads):
                 if h not in valid:
                     shown = ", ".join(map(str, valid[:16])) + (", ..." if len(valid) > 16 else "")
-                    raise _Problem((*path, k), f"{h} heads do not divide the {info.channels} channels "
-                                               f"of {backbone} stage {index + 1} ({info.name}) at "
-                                               f"width {width:g} into groups of >= 2; valid heads: "
-                                               f"{shown}")
+                    raise SpaceProblem((*path, k), f"{h} heads do not divide the {info.channels} channels "
+                                                    f"of {backbone} stage {index + 1} ({info.name}) at "
+                                                    f"width {width:g} into groups of >= 2; valid heads: "
+                                                    f"{shown}")
 
     def size(self) -> int | None:
         """Number of distinct architectures, or None when a range of alpha is continuous."""
@@ -342,167 +332,3 @@ class SearchSpace(_Model):
         """One line: backbones, widths, input, stem."""
         widths = "/".join(f"{w:g}" for w in self.widths)
         return (f"{'/'.join(self.backbones)} w{widths} {self.input_size}px {self.stem} stem")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading, with file/line/field in every error
-
-
-def _line_map(node: yaml.Node, path: Path_ = ()) -> Iterator[tuple[Path_, int]]:
-    """(field path, 1-based line) for every node of a composed YAML document."""
-    yield path, node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            raw = key.value
-            key_path: str | int = int(raw) if isinstance(raw, str) and raw.isdigit() else raw
-            yield (*path, key_path), key.start_mark.line + 1
-            for sub_path, line in _line_map(value, (*path, key_path)):
-                if sub_path != (*path, key_path):
-                    yield sub_path, line
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            yield from _line_map(item, (*path, i))
-
-
-_FIELDS = {
-    "space": set(SearchSpace.model_fields),
-    "stage": set(StageChoices.model_fields),
-    "alpha": set(AlphaRange.model_fields),
-}
-
-
-def _clean_loc(loc: tuple[Any, ...], data: Any) -> Path_:
-    """A pydantic error location without the union-member tags, following the data."""
-    path: list[str | int] = []
-    node = data
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            path.append(part)
-            node = node[part]
-        elif isinstance(node, dict) and isinstance(part, int | str) and str(part).isdigit() \
-                and int(part) in node:
-            path.append(int(part))
-            node = node[int(part)]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            path.append(part)
-            node = node[part]
-        elif isinstance(part, str) and any(part in fields for fields in _FIELDS.values()):
-            path.append(part)  # a field that is missing in the data
-            node = None
-    return tuple(path)
-
-
-def _valid_fields(path: Path_) -> set[str]:
-    if "alpha" in path[:-1]:
-        return _FIELDS["alpha"]
-    if path and path[0] in ("stages", "all_stages"):
-        return _FIELDS["stage"]
-    return _FIELDS["space"]
-
-
-_SHAPE_ERRORS = {"list_type", "dict_type", "model_type", "model_attributes_type"}
-
-
-def _problems(exc: ValidationError, data: Any) -> list[tuple[Path_, str]]:
-    errors = [(err, _clean_loc(tuple(err["loc"]), data)) for err in exc.errors(include_url=False)]
-    found: list[tuple[Path_, str]] = []
-    for err, path in errors:
-        if err["type"] in _SHAPE_ERRORS and any(
-            other is not err and other["type"] not in _SHAPE_ERRORS and p[: len(path)] == path
-            for other, p in errors
-        ):
-            continue  # the other member of a union (list vs range, list vs mapping) fits better
-        cause = (err.get("ctx") or {}).get("error")
-        if isinstance(cause, _Problem):
-            path = (*path, *cause.path)
-            message = cause.message
-        elif err["type"] == "extra_forbidden":
-            message = (f"unknown field {path[-1]!r}; valid: "
-                       f"{', '.join(sorted(_valid_fields(path)))}")
-        elif err["type"] == "missing":
-            message = "required field is missing"
-        else:
-            message = f"{err['msg']} (got {err.get('input')!r})"
-        if all(p != path for p, _ in found):  # union branches repeat the same place
-            found.append((path, message))
-    return found
-
-
-def _dotted(path: Path_) -> str:
-    return ".".join(str(p) for p in path) or "<top level>"
-
-
-def parse_space(data: Any, *, source: str | None = None, lines: dict[Path_, int] | None = None
-                ) -> SearchSpace:
-    """Validate `data` (a dict) as a SearchSpace; errors name source, line and field."""
-    where = source or "<inline space>"
-    if not isinstance(data, dict):
-        raise SpaceError(f"{where}: a search space is a mapping with fields "
-                         f"{', '.join(SearchSpace.model_fields)}; got {type(data).__name__}")
-    try:
-        return SearchSpace.model_validate(data)
-    except ValidationError as exc:
-        messages = []
-        for path, message in _problems(exc, data):
-            line = None
-            if lines:
-                for k in range(len(path), -1, -1):
-                    if path[:k] in lines:
-                        line = lines[path[:k]]
-                        break
-            prefix = f"{where}:{line}" if line else where
-            messages.append(f"{prefix}: {_dotted(path)}: {message}")
-        raise SpaceError("; ".join(messages), messages) from None
-
-
-def parse_space_yaml(text: str, *, source: str) -> SearchSpace:
-    """Parse and validate YAML text; `source` names it (a file path) in errors."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpaceError(f"{source}{line}: not valid YAML: {problem}") from None
-    lines = dict(_line_map(node)) if node is not None else {}
-    return parse_space(data, source=source, lines=lines)
-
-
-def _builtin_paths() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
-
-
-def builtin_spaces() -> dict[str, SearchSpace]:
-    """The built-in spaces, by name."""
-    spaces = {}
-    for name, path in _builtin_paths().items():
-        space = parse_space_yaml(path.read_text(), source=str(path))
-        if space.name != name:
-            raise SpaceError(f"{path}: name {space.name!r} differs from the file name {name!r}")
-        spaces[name] = space
-    return spaces
-
-
-def load_space(spec: str | Path | dict[str, Any] | SearchSpace, *, source: str | None = None
-               ) -> SearchSpace:
-    """A space from a built-in name, a YAML file path, or a dict (an inline space)."""
-    if isinstance(spec, SearchSpace):
-        return spec
-    if isinstance(spec, dict):
-        return parse_space(spec, source=source)
-    builtin = _builtin_paths()
-    if isinstance(spec, str) and spec in builtin:
-        return parse_space_yaml(builtin[spec].read_text(), source=str(builtin[spec]))
-    path = Path(spec)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise SpaceError(f"{path}: no such search-space file")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SpaceError(f"{path}: cannot read: {exc}") from None
-        return parse_space_yaml(text, source=source or str(path))
-    raise SpaceError(f"unknown search space {str(spec)!r}: not a built-in "
-                     f"({', '.join(builtin)}) and not a .yaml file")
-

@@ -13,7 +13,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
 from search_spaces.keys import CONFIG_ATTR, SPACE_ATTR
-from search_spaces.space import SearchSpace, load_space
+from search_spaces.loading import load_space
+from search_spaces.space import SearchSpace
 from search_spaces.storage import as_storage
 
 # What optuna-dashboard writes on the plots' axes (the study's metric names), per objective kind.

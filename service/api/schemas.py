@@ -20,8 +20,9 @@ from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import core_schema
 
 from search_spaces.config import ObjectiveConfig, Resources, SearchConfig
+from search_spaces.loading import builtin_spaces
 from search_spaces.run import RunReport
-from search_spaces.space import SearchSpace, builtin_spaces
+from search_spaces.space import SearchSpace
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 
 SearchStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]

@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from search_spaces.config import STUDY_NAME_RE, SearchConfig
-from search_spaces.space import SpaceError, builtin_spaces, load_space
+from search_spaces.loading import builtin_spaces, load_space
+from search_spaces.space import SpaceError
 from service.api.schemas import SearchCreate
 from service.core.paths import PathError, confine
 from service.core.settings import Settings

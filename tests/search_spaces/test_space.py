@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces.space import SearchSpace, SpaceError, builtin_spaces, load_space
+from search_spaces.loading import builtin_spaces, load_space
+from search_spaces.space import SearchSpace, SpaceError
 from spsa_nas.spec import CHANNEL_ATTENTIONS, feature_sizes
 
 GOOD = """\

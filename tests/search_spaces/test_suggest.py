@@ -5,7 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search_spaces.space import builtin_spaces, load_space
+from search_spaces.loading import builtin_spaces, load_space
 from search_spaces.suggest import suggest_arch
 from spsa_nas.spec import ArchSpec, stage_table
 

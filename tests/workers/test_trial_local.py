@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
 from search_spaces.keys import RUNNER_ATTR
-from search_spaces.space import load_space
+from search_spaces.loading import load_space
 from search_spaces.storage import open_storage
 from search_spaces.study import create_study, mnas_score, trial_counts
 from spsa_nas import build_model

@@ -12,8 +12,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from search_spaces.config import SearchConfig
+from search_spaces.loading import builtin_spaces, load_space
 from search_spaces.run import RunReport
-from search_spaces.space import SearchSpace, SpaceError, builtin_spaces, load_space
+from search_spaces.space import SearchSpace, SpaceError
 from search_spaces.study import (
     create_study,
     describe_spec,

@@ -7,7 +7,8 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
-from search_spaces.space import SearchSpace, SpaceError, builtin_spaces, load_space
+from search_spaces.loading import builtin_spaces, load_space
+from search_spaces.space import SearchSpace, SpaceError
 from spsa_nas.spec import stage_table
 from workers.cli import UsageError
 

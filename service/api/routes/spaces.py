@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from search_spaces.space import builtin_spaces
+from search_spaces.loading import builtin_spaces
 from service.api.deps import CurrentUser
 from service.api.schemas import SpacePublic, SpacesPublic
 
