@@ -68,6 +68,11 @@ class Search(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # times a dispatcher started it
+    # Fencing token: incremented at every claim; renew/finish/release succeed only with the current
+    # one, so a coordinator whose lease was taken over cannot write any more.
+    lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Served first when higher (an admin raises it); ties are served round-robin across owners.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     owner: Mapped[User] = relationship()
 

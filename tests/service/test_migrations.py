@@ -59,7 +59,7 @@ def test_config_moves_to_the_study_and_back(url: str) -> None:
         _search_row(conn, "a", "with", with_config.model_dump_json())
         _search_row(conn, "b", "without", without.model_dump_json())
 
-    migrate(engine)  # to head: 0003
+    migrate(engine)  # to head (0003 moved the config; later ones add columns)
     assert "config" not in {c["name"] for c in inspect(engine).get_columns("searches")}
     assert study_config(optuna.load_study(study_name="with", storage=storage)) == with_config
     assert study_config(optuna.load_study(study_name="without", storage=storage)) == without
