@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, delete, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +28,7 @@ from service.core.models import (
     WebSession,
     utcnow,
 )
+from service.crud.claims import cancel_search_row, db_now
 
 LEASE_S = 60.0
 CLAIMERS = 8  # threads racing at once (PostgreSQL's pool gives each its own connection)
@@ -136,6 +137,9 @@ def _race(sessions: Sessions) -> dict[str, str | None]:
 
 
 def _between(value: datetime | None, low: datetime, high: datetime) -> bool:
+    """`value` (written by the database's clock) lies in [low, high] (read from ours); SQLite's clock
+    has milliseconds, so `low` is first truncated to them."""
+    low = low.replace(microsecond=low.microsecond // 1000 * 1000)
     return value is not None and low <= value <= high
 
 
@@ -221,7 +225,8 @@ def test_an_expired_lease_is_claimed_again_keeping_status_and_start(
     assert row.status == status
     assert row.started_at == started
     assert row.lease_owner == "heir"
-    assert row.lease_expires_at is not None and row.lease_expires_at >= before + timedelta(seconds=LEASE_S)
+    lease = timedelta(seconds=LEASE_S)
+    assert _between(row.lease_expires_at, before + lease, utcnow() + lease)
     assert row.attempts == 2
 
 
@@ -309,7 +314,7 @@ def test_only_the_holder_finishes_a_search(sessions: Sessions) -> None:
         )
     row = _row(sessions, "done")
     assert (row.status, row.error, row.result) == (COMPLETED, None, '{"finished": 3}')
-    assert row.finished_at is not None and row.finished_at >= before
+    assert _between(row.finished_at, before, utcnow())
     assert (row.lease_owner, row.lease_expires_at) == (None, None)
     with sessions() as session:  # the lease is gone with the search: nothing left to renew
         assert crud.renew_lease(session, search_id="done", owner="holder", lease_s=60) is None
@@ -351,3 +356,142 @@ def test_claims_live_in_the_database_not_in_a_process(engine: Engine, sessions: 
             assert crud.renew_lease(session, search_id="shared", owner="server-a", lease_s=60) is None
     finally:
         other_engine.dispose()
+
+
+# --- fencing tokens, the database's clock, and cancels racing claims and finishes -----------------
+
+
+def test_db_now_is_the_database_clock_in_naive_utc(sessions: Sessions) -> None:
+    before = utcnow()
+    with sessions() as session:
+        now, later = session.execute(select(db_now(), db_now(3600))).one()
+    assert _between(now, before, utcnow())
+    assert _between(later, before + timedelta(hours=1), utcnow() + timedelta(hours=1))
+
+
+def test_every_claim_gets_a_new_fencing_token(sessions: Sessions) -> None:
+    _add_search(sessions, "fenced")
+    first = _claim(sessions, "dispatcher")
+    assert first is not None
+    _expire(sessions, "fenced")
+    second = _claim(sessions, "dispatcher")  # the same owner name claims it again
+    assert second is not None and second.lease_token == first.lease_token + 1
+    assert _row(sessions, "fenced").lease_token == second.lease_token
+
+
+def test_a_stale_token_cannot_renew_finish_or_release_after_a_takeover(sessions: Sessions) -> None:
+    """A coordinator that stalled past its lease, taken over by another of the same owner name
+    (another thread of the same process): only the token tells them apart."""
+    _add_search(sessions, "stalled")
+    stale = _claim(sessions, "server")
+    assert stale is not None
+    _expire(sessions, "stalled")
+    fresh = _claim(sessions, "server")
+    assert fresh is not None
+    taken_over = _row(sessions, "stalled")
+
+    held = {"search_id": "stalled", "owner": "server", "token": stale.lease_token}
+    with sessions() as session:
+        assert crud.renew_lease(session, lease_s=3600, **held) is None  # type: ignore[arg-type]
+        assert crud.claimed_status(session, **held) is None  # type: ignore[arg-type]
+        assert not crud.finish_search(session, status=FAILED, error="stale", **held)  # type: ignore[arg-type]
+        assert not crud.release_search(session, **held)  # type: ignore[arg-type]
+    row = _row(sessions, "stalled")
+    assert (row.status, row.error, row.lease_owner, row.lease_expires_at) == (
+        RUNNING, None, "server", taken_over.lease_expires_at
+    )
+
+    with sessions() as session:  # the current holder's token works
+        assert crud.renew_lease(
+            session, search_id="stalled", owner="server", lease_s=60, token=fresh.lease_token
+        ) == RUNNING
+        assert crud.finish_search(
+            session, search_id="stalled", owner="server", status=COMPLETED, token=fresh.lease_token
+        )
+    assert _row(sessions, "stalled").status == COMPLETED
+
+
+def _together(*calls: Callable[[Session], object], sessions: Sessions) -> list[object]:
+    """Run each call in a thread with a session of its own, released at once by a barrier."""
+    barrier = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            with sessions() as session:
+                session.connection()
+                barrier.wait(timeout=30)
+                results[index] = calls[index](session)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert not any(thread.is_alive() for thread in threads), "a racer hung"
+    return results
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_a_cancel_racing_a_claim_ends_cancelled(sessions: Sessions, round_: int) -> None:
+    _add_search(sessions, "racing")
+    claimed, cancelled_as = _together(
+        lambda session: crud.claim_next_search(session, owner="dispatcher", lease_s=LEASE_S),
+        lambda session: cancel_search_row(session, search_id="racing"),
+        sessions=sessions,
+    )
+    row = _row(sessions, "racing")
+    if claimed is None:  # the cancel came first: never claimed, cancelled at once
+        assert cancelled_as == CANCELLED
+        assert (row.status, row.lease_owner, row.attempts) == (CANCELLED, None, 0)
+    else:  # the claim came first: the holder learns of the cancel and ends it cancelled
+        assert isinstance(claimed, Search)
+        assert cancelled_as == CANCELLING and row.status == CANCELLING
+        with sessions() as session:
+            token = claimed.lease_token
+            assert crud.renew_lease(
+                session, search_id="racing", owner="dispatcher", lease_s=LEASE_S, token=token
+            ) == CANCELLING
+            assert crud.finish_search(
+                session, search_id="racing", owner="dispatcher", status=CANCELLED, token=token
+            )
+    assert _row(sessions, "racing").status == CANCELLED
+    assert _claim(sessions, "anyone") is None
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_a_completion_racing_a_cancel_ends_as_whichever_was_committed_first(
+    sessions: Sessions, round_: int
+) -> None:
+    """The rule (service/crud/claims.py): a cancel committed before the finish wins (cancelled,
+    the report kept); one that comes after finds the search completed and changes nothing."""
+    _add_search(sessions, "ending")
+    holder = _claim(sessions, "dispatcher")
+    assert holder is not None
+    finished, cancelled_as = _together(
+        lambda session: crud.finish_search(
+            session, search_id="ending", owner="dispatcher", status=COMPLETED,
+            result_json='{"finished": 3}', token=holder.lease_token,
+        ),
+        lambda session: cancel_search_row(session, search_id="ending"),
+        sessions=sessions,
+    )
+    assert finished  # the holder's finish is never refused by a cancel
+    row = _row(sessions, "ending")
+    assert row.result == '{"finished": 3}' and row.lease_owner is None
+    if cancelled_as == CANCELLING:  # the cancel was committed first: the user's request wins
+        assert row.status == CANCELLED
+    else:  # the finish was committed first: the cancel found a final search
+        assert cancelled_as == COMPLETED and row.status == COMPLETED
+
+
+def test_a_cancel_of_a_final_search_changes_nothing(sessions: Sessions) -> None:
+    _add_search(sessions, "over", status=COMPLETED)
+    with sessions() as session:
+        assert cancel_search_row(session, search_id="over") == COMPLETED
+        assert cancel_search_row(session, search_id="missing") is None
+    assert _row(sessions, "over").status == COMPLETED
