@@ -44,6 +44,9 @@ class Resources(_Config):
 
     num_cpus: float = Field(1.0, ge=0, le=1024)
     num_gpus: float = Field(0.0, ge=0, le=64)
+    # Ray's `memory` resource of one trial (scheduling), also the trial process's RSS limit (the
+    # runner kills a trial past it: counted as a crash); None: the runner's default (no limit).
+    memory_gb: float | None = Field(None, gt=0, le=4096)
 
 
 class SearchConfig(_Config):

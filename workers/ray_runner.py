@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -18,7 +20,7 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.config import SearchConfig
+from search_spaces.config import Resources, SearchConfig
 from search_spaces.keys import (
     ATTEMPT_ATTR,
     CANCELLED_ATTR,
@@ -48,6 +50,7 @@ from workers.lease import Heartbeat, LeaseTracker
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MEMORY_ATTR = "memory_exceeded"  # trial user attr: the RSS that passed the limit (MemoryGuard)
 
 
 class TrialStoppedError(Exception):
@@ -86,8 +89,27 @@ class RunnerOptions:
     # None: max(10, 2 * parallelism)
     nice: int | None = None  # CPU niceness (0-19) of the trial processes; None: left as Ray made them.
     # The service sets it so that its API stays responsive on a machine that also trains.
+    memory_bytes: int | None = None  # per-trial memory when the config's resources.memory_gb is None:
+    # Ray's `memory` resource (so a node is not overcommitted) and the trial process's RSS limit
+    # (past it the process kills itself, as the OOM killer would: a lost worker, counted as a crash)
+    memory_check_s: float = 0.5  # how often a trial process compares its RSS with the limit
+    pending_timeout_s: float | None = 900.0  # a trial task not started after this long (no node has
+    # the resources it asks for) fails the search with that reason; None: wait for ever
 
     def __post_init__(self) -> None:
+        if self.memory_bytes is not None and self.memory_bytes <= 0:
+            raise ValueError(f"RunnerOptions: memory_bytes must be > 0, got {self.memory_bytes}")
+        if self.pending_timeout_s is not None and self.pending_timeout_s <= 0:
+            raise ValueError(f"RunnerOptions: pending_timeout_s must be > 0, got {self.pending_timeout_s}")
+        self._check_timing()
+
+    def memory_limit(self, resources: Resources) -> int | None:
+        """Bytes one trial may use: the config's memory_gb, else memory_bytes, else None (no limit)."""
+        if resources.memory_gb is not None:
+            return int(resources.memory_gb * 2**30)
+        return self.memory_bytes
+
+    def _check_timing(self) -> None:
         if self.heartbeat_s <= 0 or self.poll_s <= 0 or self.cancel_grace_s < 0:
             raise ValueError("RunnerOptions: heartbeat_s and poll_s must be > 0, cancel_grace_s >= 0")
         if self.nice is not None and not 0 <= self.nice <= 19:
@@ -116,6 +138,42 @@ def _default_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: TrialContex
         device=ctx.device,
         extra_hooks=EvalHooks(latency_lock=ctx.latency_lock, should_stop=ctx.should_stop),
     )
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident memory (Linux /proc), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemoryGuard:
+    """A thread that kills its process (SIGKILL, as the kernel's OOM killer would) when the
+    process's RSS passes `limit` bytes, so one trial cannot take its host down. The coordinator
+    then sees a lost worker, fails and retries the trial and counts it toward the crash streak."""
+
+    def __init__(self, limit: int, every_s: float, on_exceeded: Callable[[int], None]) -> None:
+        self.limit, self.every_s, self.on_exceeded = limit, every_s, on_exceeded
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="spsa-memory-guard", daemon=True)
+
+    def start(self) -> MemoryGuard:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every_s):
+            rss = _rss_bytes()
+            if rss is not None and rss > self.limit:
+                with suppress(Exception):  # best effort: the kill below must happen
+                    self.on_exceeded(rss)
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _set_attr_quietly(storage: optuna.storages.BaseStorage, trial_id: int, key: str, value: Any) -> bool:
@@ -209,6 +267,15 @@ def _run_one(
     ctx = TrialContext(cfg=cfg, space=spec.space, artifact_dir=spec.artifact_dir, device=device,
                        should_stop=should_stop, latency_lock=gate.latency_lock, node_id=node_id,
                        hostname=hostname)
+    limit = options.memory_limit(cfg.resources)
+    guard = None
+    if limit is not None:
+        def exceeded(rss: int) -> None:
+            logger.error("trial %d: RSS %d bytes passed its limit %d; killing its worker",
+                         trial.number, rss, limit)
+            _set_attr_quietly(storage, trial_id, MEMORY_ATTR, f"RSS {rss} bytes > limit {limit} bytes")
+
+        guard = MemoryGuard(limit, options.memory_check_s, exceeded).start()
     trial_start = time.perf_counter()
     error: BaseException | None = None
     try:
@@ -218,6 +285,8 @@ def _run_one(
         tb = traceback.format_exc()
     finally:
         trial_s = time.perf_counter() - trial_start
+        if guard is not None:
+            guard.close()
         heartbeat.close()
         gate.close()
 
@@ -301,6 +370,8 @@ class _Run:
     worker_db_retries: int = 0
     dispatched: int = 0
     tokens: set[str] = field(default_factory=set)  # every task token of this run
+    dispatched_at: dict[str, float] = field(default_factory=dict)  # token -> monotonic time, until started
+    pending_error: str | None = None  # why the search fails: a task never got its resources
 
     def trials(self, *states: TrialState) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states or None)
@@ -317,6 +388,12 @@ class _Run:
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # it finished after all
         self.worker_lost += 1
+        # a lost worker (killed, OOM-killed, crashed, frozen) is a crash like an exception: a
+        # search whose every trial kills its worker stops at the crash streak instead of retrying
+        self.crashed += 1
+        self.crash_streak += 1
+        memory = self.storage.get_trial(trial_id).user_attrs.get(MEMORY_ATTR)
+        self.last_error = f"worker lost: {why}" + (f" (memory limit: {memory})" if memory else "")
         logger.warning("trial %d: %s; marked FAIL", trial.number, why)
         self.enqueue_retry(self.storage.get_trial(trial_id))
 
@@ -393,9 +470,11 @@ def run_search(
                              options=options))
     seed_base = len(run.trials())  # task seeds never repeat those of an earlier run of the study
     resources = cfg.resources
+    memory = options.memory_limit(resources)
     task = ray.remote(_trial_task).options(
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
+        memory=memory,
         resources=dict(options.resources) or None,
         max_retries=0,  # a re-run would ask a new trial; lost trials are retried by the lease instead
         retry_exceptions=False,
@@ -434,7 +513,8 @@ def run_search(
             foreign = [t for t in running if t.user_attrs.get(TASK_ATTR) not in ours]
             done = len(run.trials(*FINISHED))
             timed_out = cfg.timeout_s is not None and now - start >= cfg.timeout_s
-            failing = run.crash_streak >= max_streak
+            _check_pending(run, ray, now, resources, memory)
+            failing = run.crash_streak >= max_streak or run.pending_error is not None
             if cancel_since is None and not timed_out and not failing:
                 need = cfg.trials - done - len(run.in_flight) - len(foreign)
                 for _ in range(max(0, min(need, cfg.parallelism - len(run.in_flight)))):
@@ -442,6 +522,7 @@ def run_search(
                     ref = task.remote(spec, token, seed_base + run.dispatched)
                     run.in_flight[ref] = token
                     run.tokens.add(token)
+                    run.dispatched_at[token] = now
                     run.dispatched += 1
             stopping = cancel_since is not None or timed_out or failing or done >= cfg.trials
             if not run.in_flight:
@@ -470,6 +551,35 @@ def run_search(
         storage.close()
         if ray_mode != "caller":
             ray.shutdown()
+
+
+def _check_pending(run: _Run, ray: Any, now: float, resources: Resources, memory: int | None) -> None:
+    """Forget the tasks that started (their token is on a trial); when one has waited for its
+    resources longer than `pending_timeout_s`, fail the search with that reason and cancel the
+    tasks still waiting (they hold no trial)."""
+    timeout = run.options.pending_timeout_s
+    if not run.dispatched_at or timeout is None or run.pending_error is not None:
+        return
+    started = {t.user_attrs.get(TASK_ATTR) for t in run.trials()}
+    for token in [token for token in run.dispatched_at if token in started]:
+        del run.dispatched_at[token]
+    waiting = {token: since for token, since in run.dispatched_at.items() if token in run.in_flight.values()}
+    if not waiting or now - min(waiting.values()) < timeout:
+        return
+    asked = f"num_cpus={resources.num_cpus:g}, num_gpus={resources.num_gpus:g}"
+    if memory is not None:
+        asked += f", memory={memory / 2**30:.3g} GiB"
+    run.pending_error = (
+        f"a trial waited {timeout:g} s for resources ({asked}) no node of the cluster could give "
+        f"(cluster total: {ray.cluster_resources()}); lower the search's resources, or raise "
+        "the runner's pending_timeout_s"
+    )
+    run.last_error = run.pending_error
+    logger.error("search %s: %s", run.study.study_name, run.pending_error)
+    for ref, token in run.in_flight.items():
+        if token in waiting:
+            ray.cancel(ref, force=True)
+    run.dispatched_at.clear()
 
 
 def _collect(run: _Run, ref: Any, ray: Any, *, cancelled: bool) -> None:

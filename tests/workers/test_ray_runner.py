@@ -194,6 +194,7 @@ def test_worker_killed_mid_trial_is_failed_retried_and_search_finishes(
     summary = _finish(thread, out)
     lost = _check_lost_and_retried(sqlite_url, "kill", victim, summary, 4)
     assert summary.worker_lost == 1 and summary.retries_enqueued == 1
+    assert summary.crashed == 1  # a killed worker (the OOM killer's SIGKILL) counts as a crash
     # failed within the lease (here Ray reports the dead worker even sooner)
     assert lost.datetime_complete.timestamp() - killed_at <= FAST.lease_s + 5 * FAST.poll_s + 2
 
@@ -297,3 +298,48 @@ def test_time_budget_stops_new_trials_and_lets_running_ones_finish(ray_local: No
     trials = _trials(sqlite_url, "budget")
     assert 0 < summary.finished < 1000 and summary.finished == len(trials)
     assert all(t.state == TrialState.COMPLETE for t in trials)  # none cut off, none left RUNNING
+
+
+def test_a_trial_past_its_memory_limit_is_killed_and_counted_as_a_crash(
+        ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    """Every trial allocates until its memory guard kills its worker (as the OOM killer would):
+    each loss is retried and counted, so the search stops at the crash streak instead of for ever."""
+
+    def hog(study: optuna.Study, trial: optuna.Trial, ctx: Any) -> None:  # pickled by value: local
+        trial.suggest_float("x", -1.0, 1.0)
+        chunks = []
+        for _ in range(24):  # 24 x 64 MiB, well past the limit; the guard looks every 0.1 s
+            chunks.append(b"\x01" * (64 << 20))  # filled, so resident
+            time.sleep(0.2)
+        study.tell(trial, [1.0])
+
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, max_consecutive_failures=2,
+                            memory_bytes=768 << 20, memory_check_s=0.1)
+    name = _study(sqlite_url, "hog", parallelism=1, trials=2, max_retries=3)
+    summary = run_search(name, sqlite_url, artifact_dir=tmp_path, trial_fn=hog, options=options)
+    assert summary.outcome == "failing" and summary.finished == 0, summary
+    assert summary.crashed == 2 and summary.worker_lost == 2, summary
+    assert "memory limit" in (summary.last_error or ""), summary
+    trials = _trials(sqlite_url, "hog")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 2
+    assert all(t.user_attrs["worker_lost"] and "limit 805306368 bytes" in t.user_attrs["memory_exceeded"]
+               for t in failed)
+    assert failed[1].user_attrs["retry_of"] == 0  # the lost trial was retried, and lost again
+    # the second loss's retry stays enqueued (WAITING) for a later run; nothing else was started
+    assert [t.state for t in trials[2:]] == [TrialState.WAITING]
+
+
+def test_a_trial_pending_on_resources_fails_the_search_with_the_reason(
+        ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    """num_gpus=1 on the CPU-only local Ray: the task is never scheduled; past the runner's
+    pending timeout the search fails saying what it asked for, instead of waiting for ever."""
+    name = _study(sqlite_url, "no-gpu", resources=Resources(num_cpus=1, num_gpus=1))
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=4.0, poll_s=0.2, pending_timeout_s=3.0)
+    started = time.monotonic()
+    summary = run_search(name, sqlite_url, artifact_dir=tmp_path, trial_fn=synthetic_trial, options=options)
+    assert summary.outcome == "failing", summary
+    assert "waited 3 s for resources" in (summary.last_error or "")
+    assert "num_gpus=1" in (summary.last_error or "") and "pending_timeout_s" in (summary.last_error or "")
+    assert _trials(sqlite_url, "no-gpu") == [] and summary.crashed == 0
+    assert time.monotonic() - started < 60
