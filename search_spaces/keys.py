@@ -21,6 +21,9 @@ ERROR_ATTR = "error"  # why a trial failed, one line
 TRACEBACK_ATTR = "traceback"
 REASON_ATTR = "reason"  # why a trial failed or was pruned, in words
 LATENCY_KEY_ATTR = "latency_key"  # the latency cache's key of the trial's measurement
+WEIGHTS_ARTIFACT_ATTR = "weights_artifact"  # artifact id of the trained weights (safetensors)
+ONNX_ARTIFACT_ATTR = "onnx_artifact"  # artifact id of the ONNX export, made when the trial completed
+ONNX_ERROR_ATTR = "onnx_error"  # why that export failed (the trial stays COMPLETE), one line
 
 # Trial user attrs of the runners.
 RUNNER_ATTR = "runner"  # local runner: {"kind": "local", "host", "pid"} of the process running it
@@ -38,6 +41,8 @@ __all__ = [
     "ERROR_ATTR",
     "HEARTBEAT_ATTR",
     "LATENCY_KEY_ATTR",
+    "ONNX_ARTIFACT_ATTR",
+    "ONNX_ERROR_ATTR",
     "REASON_ATTR",
     "RETRY_OF_ATTR",
     "RUNNER_ATTR",
@@ -45,6 +50,7 @@ __all__ = [
     "SPACE_ATTR",
     "TASK_ATTR",
     "TRACEBACK_ATTR",
+    "WEIGHTS_ARTIFACT_ATTR",
     "WORKER_LOST_ATTR",
     "run_cancel_attr",
 ]

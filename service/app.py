@@ -1,10 +1,8 @@
-"""The FastAPI application: create_app(settings) wires routers, limits, the dashboard and the dispatcher."""
+"""The FastAPI application: create_app(settings) wires routers, limits, the dashboard; runs no search."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -22,28 +20,16 @@ log = logging.getLogger("spsa_nas.service")
 
 
 def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI:
-    """The service's ASGI app. Builds the runtime (migrating the database) unless one is given;
-    the dispatcher runs in the app's lifespan when settings.concurrent_searches > 0."""
+    """The service's ASGI app. Builds the runtime (migrating the database) unless one is given.
+
+    It only serves: searches are run by coordinator processes (`spsa-nas coordinator`, which
+    `spsa-nas serve` starts beside it), so this process hosts no Ray driver and imports no torch
+    on its request path (tests/service/test_processes.py checks it)."""
     runtime = runtime or build_runtime(settings)
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        dispatcher = None
-        if settings.concurrent_searches > 0:
-            from service.searches.dispatcher import Dispatcher
-
-            dispatcher = Dispatcher(runtime)
-            dispatcher.start()
-        try:
-            yield
-        finally:
-            if dispatcher is not None:
-                dispatcher.stop()
 
     app = FastAPI(
         title="spsa-nas",
         version="0.1.0",
-        lifespan=lifespan,
         # operationId = the route function's name (create_search, read_best, ...): what generated
         # clients call their methods, and what the links of a created search name
         generate_unique_id_function=lambda route: route.name,
@@ -77,12 +63,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
             document = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            app.openapi_schema = with_quotas(
-                document,
-                max_trials=settings.max_trials,
-                max_epochs=settings.max_epochs,
-                max_parallelism=settings.max_parallelism,
-            )
+            app.openapi_schema = with_quotas(document, settings)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

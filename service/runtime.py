@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from optuna.artifacts import FileSystemArtifactStore
 from sqlalchemy import Engine
@@ -25,7 +24,6 @@ class Runtime:
     storage: RetryingStorage  # search_spaces.storage.open_storage: the workers' storage settings
     artifact_store: FileSystemArtifactStore
     studies: StudyCache
-    export_lock: threading.Lock = field(default_factory=threading.Lock)  # one ONNX export at a time
 
     def close(self) -> None:
         self.engine.dispose()

@@ -36,8 +36,34 @@ def add_user(data_dir: Path, name: str, *, admin: bool = False) -> str:
     return result.stdout.strip()
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux: from /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.append(int(entry.name))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not count)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 class Server:
-    """`spsa-nas serve` as a real process in its own session (so a kill takes Ray with it)."""
+    """`spsa-nas serve` as a real process in its own session (so a kill takes Ray with it): the API
+    process (`api_pid`) and, unless SPSA_NAS_CONCURRENT_SEARCHES is 0, its coordinator child
+    (`coordinator_pid()`)."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
@@ -70,19 +96,51 @@ class Server:
         self.kill()
         raise RuntimeError(f"spsa-nas serve did not answer within {timeout_s} s:\n{self.log()}")
 
+    @property
+    def api_pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("the server was not started")
+        return self.process.pid
+
+    def coordinator_pid(self, timeout_s: float = 30) -> int:
+        """The coordinator child of the API process (waits for it to be started)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for pid in child_pids(self.api_pid):
+                try:
+                    if "coordinator" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                        return pid
+                except OSError:
+                    continue
+            time.sleep(0.1)
+        raise RuntimeError(f"no coordinator process under the API {self.api_pid}:\n{self.log()}")
+
+    def kill_api(self) -> None:
+        """SIGKILL the API process alone (its coordinator and Ray go on)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+
     def log(self) -> str:
         return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
 
     def stop(self, timeout_s: float = 90) -> int | None:
-        """SIGTERM (graceful), then SIGKILL of the whole session if it lingers."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.terminate()
+        """SIGTERM to the whole session (API and coordinator: like Ctrl-C), then SIGKILL if it lingers."""
+        if self.process is None:
+            return None
+        children = child_pids(self.process.pid) if self.process.poll() is None else []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
         try:
-            return self.process.wait(timeout_s)
+            code = self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
             return None
+        while any(pid_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the coordinator's clean stop: searches released
+        self.kill()  # whatever of the session is left (Ray's processes)
+        return code
 
     def kill(self) -> None:
         """SIGKILL the server and everything it started (Ray included): a crash."""

@@ -14,7 +14,15 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import SearchConfig
-from search_spaces.keys import ERROR_ATTR, LATENCY_KEY_ATTR, REASON_ATTR, TRACEBACK_ATTR
+from search_spaces.keys import (
+    ERROR_ATTR,
+    LATENCY_KEY_ATTR,
+    ONNX_ARTIFACT_ATTR,
+    ONNX_ERROR_ATTR,
+    REASON_ATTR,
+    TRACEBACK_ATTR,
+    WEIGHTS_ARTIFACT_ATTR,
+)
 from search_spaces.space import SearchSpace
 from search_spaces.study import mnas_score, objective_values
 from search_spaces.suggest import suggest_arch
@@ -65,6 +73,22 @@ def _fail(study: optuna.Study, trial: optuna.Trial, error: str, tb: str) -> Froz
     return study.tell(trial, state=TrialState.FAIL)
 
 
+def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any) -> None:
+    """Export the trained model to ONNX and store it as the trial's `onnx_artifact`, so that the
+    API only streams a file; a failed export is recorded (`onnx_error`), never fails the trial."""
+    from spsa_nas.export import export_onnx
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
+            path = export_onnx(model, Path(tmp) / f"trial-{trial.number}.onnx")
+            artifact_id = upload_artifact(artifact_store=artifact_store, file_path=str(path),
+                                          study_or_trial=trial, mimetype="application/octet-stream")
+    except Exception as exc:
+        trial.set_user_attr(ONNX_ERROR_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
+        return
+    trial.set_user_attr(ONNX_ARTIFACT_ATTR, artifact_id)
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
               artifact_store: Any, device: str | None = None,
               extra_hooks: EvalHooks | None = None) -> FrozenTrial:
@@ -73,7 +97,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
     `artifact_store`: an Optuna artifact store (e.g. FileSystemArtifactStore) for the weights.
 
     Outcomes: COMPLETE with the objective values and every user attr of docs/CONTRACTS.md (the
-    weights uploaded as an Optuna artifact, `weights_artifact`); PRUNED when infeasible (latency
+    weights uploaded as an Optuna artifact, `weights_artifact`, and their ONNX export,
+    `onnx_artifact`, or `onnx_error` when the export failed); PRUNED when infeasible (latency
     over the budget: `feasible=False`, `reason`) or stopped by the pruner (score objective);
     FAIL with `error` and `traceback` on an exception, or `error="cancelled"` when
     `extra_hooks.should_stop` stopped it. KeyboardInterrupt tells FAIL ("interrupted") and is
@@ -138,7 +163,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
                                           study_or_trial=trial, mimetype="application/octet-stream")
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
-        trial.set_user_attr("weights_artifact", artifact_id)
+        trial.set_user_attr(WEIGHTS_ARTIFACT_ATTR, artifact_id)
+        _export_onnx(trial, result.model, artifact_store)
         return study.tell(trial, values)
     except optuna.TrialPruned as exc:
         trial.set_user_attr(REASON_ATTR, str(exc) or "pruned")

@@ -15,7 +15,8 @@ SUBCOMMAND_MODULES = (
     "workers.cli.search",  # search: the search engine, no server needed
     "workers.cli.results",  # best, export
     "workers.cli.spaces",  # spaces
-    "service.cli.serve",  # serve
+    "service.cli.serve",  # serve: the API, plus a coordinator child process
+    "service.cli.coordinator",  # coordinator: runs searches
     "service.cli.users",  # users add|token|revoke|list
     "service.cli.remote",  # remote submit|status|cancel|best|download
 )

@@ -8,6 +8,12 @@ twice. On shutdown the leases are given back at once, so a restart resumes witho
 Cancellation is one fact, the row's status `cancelling` (set by the API), and the watcher is its
 one poller: it reads the status of the searches it runs every `dispatcher_poll_s` and tells the
 runner through `should_cancel`; the runner's coordinator tells its own workers.
+
+It runs in the coordinator process (`spsa-nas coordinator`, service/cli/coordinator.py), never in
+the API's. The database may go away under it: a failed claim, renewal or end of a search is logged
+and retried, never the end of a thread. When the lease of a search could not be renewed for
+`lease_s` (the storage is down longer than that) the run is stopped (its tasks cancelled) and the
+search released for resumption, not failed: another coordinator may already have taken it over.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from service.core.models import CANCELLED, CANCELLING, COMPLETED, FAILED, Search
 from service.runtime import Runtime
 
 log = logging.getLogger("spsa_nas.dispatcher")
+
+LOST = "lost"  # held status: another dispatcher holds the search now
+OUTAGE = "outage"  # held status: the lease could not be renewed for lease_s (database unreachable)
+WORK_THREAD = "spsa-nas-dispatcher-"  # + index: the threads that run searches
+RECORD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # between tries of recording a search's end
 
 # run_search(study_name, storage_url, *, artifact_dir, ray_address, should_cancel) -> RunReport
 Runner = Callable[..., RunReport]
@@ -50,7 +61,8 @@ class Dispatcher:
         self.owner = f"spsa-nas-{uuid.uuid4()}"  # this process's claims
         self._runner = runner
         self._stop = threading.Event()
-        self._held: dict[str, str] = {}  # search id -> last known status ("lost": claim taken away)
+        self._draining = threading.Event()  # claim nothing more; let the running searches finish
+        self._held: dict[str, str] = {}  # search id -> last known status, LOST or OUTAGE
         self._held_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._started_ray = False
@@ -87,13 +99,24 @@ class Dispatcher:
         if self._runner is None:
             self._connect_ray()
         for i in range(self.settings.concurrent_searches):
-            thread = threading.Thread(target=self._work, name=f"spsa-nas-dispatcher-{i}", daemon=True)
+            thread = threading.Thread(target=self._work, name=f"{WORK_THREAD}{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
         watcher = threading.Thread(target=self._watch, name="spsa-nas-search-watcher", daemon=True)
         watcher.start()
         self._threads.append(watcher)
         log.info("dispatcher %s: %d concurrent searches", self.owner, self.settings.concurrent_searches)
+
+    def drain(self) -> None:
+        """Take no new search; the running ones go on to their end (the API that started this
+        coordinator is gone: its searches finish, a new coordinator takes the queue)."""
+        self._draining.set()
+
+    def idle(self) -> bool:
+        """After drain(): whether every search thread has ended (the coordinator may exit)."""
+        return self._draining.is_set() and not any(
+            t.is_alive() for t in self._threads if t.name.startswith(WORK_THREAD)
+        )
 
     def stop(self, timeout_s: float = 60.0) -> None:
         """Stop taking work, ask running searches to stop, give their leases back."""
@@ -108,7 +131,7 @@ class Dispatcher:
 
     # --- the work loop ------------------------------------------------------------------------
     def _work(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._draining.is_set():
             try:
                 with self.runtime.sessions() as session:
                     search = crud.claim_next_search(session, owner=self.owner, lease_s=self.settings.lease_s)
@@ -118,13 +141,16 @@ class Dispatcher:
             if search is None:
                 self._stop.wait(self.settings.dispatcher_poll_s)
                 continue
-            self._run(search)
+            try:
+                self._run(search)
+            except Exception:  # never the silent end of a dispatcher thread
+                log.exception("search %s: the dispatcher could not run it; its lease will expire", search.id)
 
     def _should_cancel(self, search_id: str) -> bool:
         if self._stop.is_set():
             return True
         with self._held_lock:
-            return self._held.get(search_id) in (CANCELLING, "lost")
+            return self._held.get(search_id) in (CANCELLING, LOST, OUTAGE)
 
     def _run(self, search: Search) -> None:
         search_id = search.id
@@ -148,7 +174,13 @@ class Dispatcher:
                 result = report.to_json()
                 status = self._outcome(search_id, report)
         except Exception as exc:
-            if self._stop.is_set():  # interrupted by our own shutdown: resumable
+            with self._held_lock:
+                held = self._held.get(search_id)
+            if self._stop.is_set() or held == OUTAGE or _is_database_error(exc):
+                # our own shutdown, or the storage went away under the run: resumable, not failed
+                log.warning(
+                    "search %s: stopped (%s: %s); released for resumption", search_id, type(exc).__name__, exc
+                )
                 status = None
             else:
                 log.error("search %s failed:\n%s", search_id, traceback.format_exc())
@@ -156,30 +188,50 @@ class Dispatcher:
         finally:
             with self._held_lock:
                 last = self._held.pop(search_id, None)
-        with self.runtime.sessions() as session:
-            if last == "lost":
-                log.warning("search %s: another dispatcher took it over", search_id)
-            elif status is None:  # shutting down: resumable
-                crud.release_search(session, search_id=search_id, owner=self.owner)
-                log.info("search %s: released for the next start", search_id)
-            else:
-                crud.finish_search(
-                    session,
-                    search_id=search_id,
-                    owner=self.owner,
-                    status=status,
-                    error=error,
-                    result_json=result,
+        if last == LOST:
+            log.warning("search %s: another dispatcher took it over", search_id)
+            return
+        self._record(search_id, status, error, result)
+
+    def _record(self, search_id: str, status: str | None, error: str | None, result: str | None) -> None:
+        """Write the end of a run (finish, or release when `status` is None), retrying database
+        errors with backoff until it lands or this dispatcher stops; on giving up the lease
+        expires and the next coordinator resumes the search (a finished study ends at once)."""
+        for attempt in range(10_000):
+            try:
+                with self.runtime.sessions() as session:
+                    if status is None:
+                        crud.release_search(session, search_id=search_id, owner=self.owner)
+                        log.info("search %s: released for the next start", search_id)
+                    else:
+                        crud.finish_search(
+                            session,
+                            search_id=search_id,
+                            owner=self.owner,
+                            status=status,
+                            error=error,
+                            result_json=result,
+                        )
+                        log.info("search %s: %s", search_id, status)
+                return
+            except Exception:
+                what = "release" if status is None else f"record the end ({status}) of"
+                log.exception("search %s: cannot %s it (try %d); retrying", search_id, what, attempt + 1)
+            if self._stop.wait(RECORD_BACKOFF_S[min(attempt, len(RECORD_BACKOFF_S) - 1)]):
+                log.error(
+                    "search %s: stopping before its end was recorded; its lease will expire and the "
+                    "next coordinator resumes it",
+                    search_id,
                 )
-                log.info("search %s: %s", search_id, status)
+                return
 
     def _outcome(self, search_id: str, report: RunReport) -> str | None:
-        """completed / cancelled / failed, or None when we stopped because the server is stopping."""
+        """completed / cancelled / failed, or None when we stopped it (shutdown, storage outage)."""
         with self._held_lock:
             held = self._held.get(search_id)
         if held == CANCELLING or self._cancelling(search_id):
             return CANCELLED
-        if self._stop.is_set():
+        if self._stop.is_set() or held == OUTAGE:  # stopped by us, or the lease lapsed: resumable
             return None
         if report.failing:
             raise RuntimeError(f"trials kept failing; last error: {report.last_error}")
@@ -200,13 +252,17 @@ class Dispatcher:
         poller of a cancel); every `lease_s / 3`, renew their leases instead (which reads it too)."""
         renew_every = self.settings.lease_s / 3
         last_renewal = time.monotonic()
+        renewed: dict[str, float] = {}  # search id -> when its lease was last renewed (or claimed)
         while not self._stop.wait(min(renew_every, self.settings.dispatcher_poll_s)):
             renew = time.monotonic() - last_renewal >= renew_every
             if renew:
                 last_renewal = time.monotonic()
             with self._held_lock:
                 held = list(self._held)
+            for gone in set(renewed) - set(held):
+                del renewed[gone]
             for search_id in held:
+                renewed.setdefault(search_id, time.monotonic())
                 try:
                     with self.runtime.sessions() as session:
                         if renew:
@@ -216,9 +272,38 @@ class Dispatcher:
                         else:
                             status = crud.claimed_status(session, search_id=search_id, owner=self.owner)
                 except Exception:
-                    log.exception("search %s: cannot %s", search_id,
-                                  "renew its lease" if renew else "read its status")
+                    log.exception(
+                        "search %s: cannot %s", search_id, "renew its lease" if renew else "read its status"
+                    )
+                    if time.monotonic() - renewed[search_id] >= self.settings.lease_s:
+                        log.error(
+                            "search %s: lease not renewed for %g s (database unreachable): stopping "
+                            "its run, to be resumed",
+                            search_id,
+                            self.settings.lease_s,
+                        )
+                        with self._held_lock:
+                            if search_id in self._held:
+                                self._held[search_id] = OUTAGE
                     continue
+                if renew:
+                    renewed[search_id] = time.monotonic()
                 with self._held_lock:
-                    if search_id in self._held:
-                        self._held[search_id] = status or "lost"
+                    if search_id in self._held and self._held[search_id] != OUTAGE:
+                        self._held[search_id] = status or LOST
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) comes from the database driver or Optuna's storage: an
+    outage to wait out, not a reason to fail the search."""
+    import optuna
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (OperationalError, DBAPIError, optuna.exceptions.StorageInternalError)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -25,7 +25,7 @@ def _secret_file(live: Live) -> Path:
 
 
 @pytest.mark.parametrize("download", ["weights", "onnx"])
-def test_weights_artifact_attrs_cannot_point_outside_the_artifact_root(live: Live, download: str) -> None:
+def test_artifact_attrs_cannot_point_outside_the_artifact_root(live: Live, download: str) -> None:
     secret = _secret_file(live)
     artifacts = live.data_dir / "artifacts"
     for pointer in (
@@ -38,7 +38,7 @@ def test_weights_artifact_attrs_cannot_point_outside_the_artifact_root(live: Liv
         "",
         ".",
     ):
-        trial = complete_trial(live, live.alice, attrs={"weights_artifact": pointer})
+        trial = complete_trial(live, live.alice, attrs={f"{download}_artifact": pointer})
         answer = send(
             live.url,
             "GET",

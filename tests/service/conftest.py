@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -84,15 +85,12 @@ class Service:
         return optuna.load_study(study_name=search["study_name"], storage=self.runtime.storage)
 
     def fill(self, search: dict[str, Any], results: list[tuple[float, float] | str]) -> optuna.Study:
-        """Ask/tell trials with plain Optuna: (val_acc, latency_ms) -> COMPLETE with a spec and
-        real safetensors weights; "pruned"/"fail"/"running" -> that state."""
-        from safetensors.torch import save
-
-        from spsa_nas import ArchSpec, build_model
-
+        """Ask/tell trials with plain Optuna: (val_acc, latency_ms) -> COMPLETE with a spec, real
+        safetensors weights and their ONNX export (as a worker stores them);
+        "pruned"/"fail"/"running" -> that state."""
         study = self.study(search)
         spec = tiny_spec()
-        weights = save(build_model(ArchSpec.model_validate(spec)).state_dict())
+        weights, onnx_model = tiny_model_files()
         for result in results:
             trial = study.ask()
             trial.suggest_categorical("width", [0.25, 0.5])
@@ -110,6 +108,11 @@ class Service:
             artifact = optuna.artifacts.upload_artifact(
                 artifact_store=self.runtime.artifact_store, file_path=_tmp_file(weights), study_or_trial=trial
             )
+            onnx_artifact = optuna.artifacts.upload_artifact(
+                artifact_store=self.runtime.artifact_store,
+                file_path=_tmp_file(onnx_model, ".onnx"),
+                study_or_trial=trial,
+            )
             for key, value in {
                 "spec": spec,
                 "val_acc": acc,
@@ -118,16 +121,34 @@ class Service:
                 "params": 1234,
                 "feasible": True,
                 "weights_artifact": artifact,
+                "onnx_artifact": onnx_artifact,
             }.items():
                 trial.set_user_attr(key, value)
             study.tell(trial, [acc, latency])
         return study
 
 
-def _tmp_file(data: bytes) -> str:
+@functools.cache
+def tiny_model_files() -> tuple[bytes, bytes]:
+    """The safetensors weights and the ONNX export (spsa_nas.export) of one `tiny_spec` model,
+    made once per test session (an export takes seconds)."""
     import tempfile
 
-    with tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False) as f:
+    from safetensors.torch import save
+
+    from spsa_nas import ArchSpec, build_model
+    from spsa_nas.export import export_onnx
+
+    model = build_model(ArchSpec.model_validate(tiny_spec())).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_model = export_onnx(model, Path(tmp) / "model.onnx").read_bytes()
+    return save(model.state_dict()), onnx_model
+
+
+def _tmp_file(data: bytes, suffix: str = ".safetensors") -> str:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
         f.write(data)
     return f.name
 

@@ -21,6 +21,7 @@ SECRETS = ("POSTGRES_PASSWORD", "RAY_AUTH_TOKEN")  # compose must refuse to star
 SECRET_ENV = {"POSTGRES_PASSWORD": "pg-s3cret", "RAY_AUTH_TOKEN": "ray-t0ken"}  # an operator's .env
 RAY_SHUTDOWN_MARGIN_S = 10.0  # ray.shutdown() after the dispatcher's joins: unbounded, seconds in practice
 RAY_DASHBOARD_PORT = 8265
+SPSA_SERVICES = ("api", "coordinator", "ray-head", "ray-worker")  # the services of our image
 _INTERPOLATION = re.compile(  # $$ | ${NAME} ${NAME-x} ${NAME:-x} ${NAME?x} ${NAME:?x} | $NAME
     r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
 )
@@ -97,8 +98,8 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"postgres", "api", "ray-head", "ray-worker"}
-    images = {compose["services"][s].get("image") for s in ("api", "ray-head", "ray-worker")}
+    assert set(compose["services"]) == {"postgres", "api", "coordinator", "ray-head", "ray-worker"}
+    images = {compose["services"][s].get("image") for s in SPSA_SERVICES}
     assert images == {"spsa-nas:latest"}  # one image, built once from the Dockerfile
     assert compose["services"]["ray-head"]["build"] == "."
     assert (ROOT / "Dockerfile").is_file()
@@ -113,7 +114,7 @@ def test_every_spsa_nas_variable_is_a_setting(compose: dict[str, Any]) -> None:
                 assert key in fields, f"{name}: {key} is not a setting ({sorted(fields)})"
                 checked.append((name, key))
     # the services that run spsa-nas are configured by such variables: the check saw them
-    assert {name for name, _ in checked} == {"api", "ray-head", "ray-worker"}
+    assert {name for name, _ in checked} == set(SPSA_SERVICES)
 
 
 def test_the_api_settings_validate(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,14 +122,24 @@ def test_the_api_settings_validate(compose: dict[str, Any], monkeypatch: pytest.
         monkeypatch.setenv(key, _expand(value, SECRET_ENV))
     settings = load_settings()
     assert settings.port == 8000 and settings.host == "0.0.0.0"
-    assert settings.ray_address == "ray-head:6379"
+    assert settings.concurrent_searches == 0  # the API runs no search: the coordinator does
+
+
+def test_the_coordinator_runs_the_searches(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    coordinator = compose["services"]["coordinator"]
+    assert coordinator["command"] == ["spsa-nas", "coordinator"]
+    assert not coordinator.get("ports")  # nothing to publish: it talks to the database and Ray only
+    for key, value in _env(coordinator).items():
+        monkeypatch.setenv(key, _expand(value, SECRET_ENV))
+    settings = load_settings()
+    assert settings.concurrent_searches >= 1 and settings.ray_address == "ray-head:6379"
 
 
 def test_ports_and_addresses_match(compose: dict[str, Any]) -> None:
     services = compose["services"]
     api_env = _env(services["api"])
     assert [container for _, container in _published(services["api"])] == [api_env["SPSA_NAS_PORT"]]
-    host, port = api_env["SPSA_NAS_RAY_ADDRESS"].split(":")
+    host, port = _env(services["coordinator"])["SPSA_NAS_RAY_ADDRESS"].split(":")
     assert host == "ray-head" and f"--port={port}" in services["ray-head"]["command"]
     assert f"--address=ray-head:{port}" in services["ray-worker"]["command"]
     db = make_url(_expand(api_env["SPSA_NAS_DATABASE_URL"], SECRET_ENV))
@@ -141,7 +152,7 @@ def test_ports_and_addresses_match(compose: dict[str, Any]) -> None:
 def test_api_and_workers_share_database_and_volumes(compose: dict[str, Any]) -> None:
     services = compose["services"]
     api_env = _env(services["api"])
-    for name in ("ray-head", "ray-worker"):
+    for name in ("coordinator", "ray-head", "ray-worker"):
         env = _env(services[name])
         for key in ("SPSA_NAS_DATABASE_URL", "SPSA_NAS_ARTIFACT_DIR", "SPSA_NAS_DATA_ROOT"):
             assert env[key] == api_env[key], (name, key)
@@ -187,7 +198,7 @@ def test_secrets_have_no_default_and_are_required(compose: dict[str, Any]) -> No
             assert rest.startswith(":?") and name in rest, f"${{{name}{rest}}} must be ${{{name}:?...}}"
     services = compose["services"]
     assert "${POSTGRES_PASSWORD:?" in _env(services["postgres"])["POSTGRES_PASSWORD"]
-    for name in ("api", "ray-head", "ray-worker"):
+    for name in SPSA_SERVICES:
         assert "${POSTGRES_PASSWORD:?" in _env(services[name])["SPSA_NAS_DATABASE_URL"], name
     for name, service in services.items():  # compose refuses to start each service without them
         for key, value in _env(service).items():
@@ -199,7 +210,7 @@ def test_secrets_have_no_default_and_are_required(compose: dict[str, Any]) -> No
 
 def test_ray_uses_one_shared_token(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    envs = {name: _env(services[name]) for name in ("api", "ray-head", "ray-worker")}
+    envs = {name: _env(services[name]) for name in ("coordinator", "ray-head", "ray-worker")}
     for name, env in envs.items():
         assert env.get("RAY_AUTH_MODE") == "token", name
         assert env.get("RAY_AUTH_TOKEN", "").startswith("${RAY_AUTH_TOKEN:?"), name
@@ -272,12 +283,20 @@ def test_volume_directories_belong_to_the_user(compose: dict[str, Any]) -> None:
 
 
 def test_api_stop_grace_period_covers_a_clean_shutdown(compose: dict[str, Any]) -> None:
-    """SIGTERM: uvicorn lets open requests finish (GRACEFUL_SHUTDOWN_S), then the lifespan runs
-    Dispatcher.stop (joins bounded by its timeout_s), then ray.shutdown(). Docker must wait longer."""
-    dispatcher_s = inspect.signature(Dispatcher.stop).parameters["timeout_s"].default
-    bound = GRACEFUL_SHUTDOWN_S + dispatcher_s + RAY_SHUTDOWN_MARGIN_S
+    """SIGTERM: uvicorn lets open requests finish (GRACEFUL_SHUTDOWN_S); the API runs no search,
+    so that is all. Docker must wait longer, and need not wait for searches."""
     grace = compose["services"]["api"].get("stop_grace_period")
     assert grace is not None, "the api has Docker's default 10 s to stop"
+    assert GRACEFUL_SHUTDOWN_S < _duration_s(grace) < GRACEFUL_SHUTDOWN_S + 60, grace
+
+
+def test_coordinator_stop_grace_period_covers_a_clean_shutdown(compose: dict[str, Any]) -> None:
+    """SIGTERM: Dispatcher.stop (joins bounded by its timeout_s: searches stopped, leases given
+    back), then ray.shutdown(). Docker must wait longer."""
+    dispatcher_s = inspect.signature(Dispatcher.stop).parameters["timeout_s"].default
+    bound = dispatcher_s + RAY_SHUTDOWN_MARGIN_S
+    grace = compose["services"]["coordinator"].get("stop_grace_period")
+    assert grace is not None, "the coordinator has Docker's default 10 s to stop"
     assert _duration_s(grace) > bound, f"stop_grace_period {grace} <= the clean shutdown's {bound} s"
 
 

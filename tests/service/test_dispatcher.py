@@ -13,6 +13,7 @@ from typing import Any
 import optuna
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from search_spaces.run import Outcome, RunReport
 from search_spaces.study import load_study, study_config
@@ -144,3 +145,46 @@ def test_a_finished_run_completes_the_search_with_its_report(setup: Setup) -> No
         dispatcher.stop()
     assert RunReport.model_validate(body["summary"]).outcome == "done"
     assert body["config"]["trials"] == 3 and body["config"]["study_name"] == body["study_name"]
+
+
+def test_a_database_error_recording_the_end_is_logged_and_retried(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real, calls = crud.finish_search, []
+
+    def flaky_finish(*args: Any, **kwargs: Any) -> bool:
+        calls.append(kwargs["status"])
+        if len(calls) <= 2:
+            raise OperationalError("UPDATE searches", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(crud, "finish_search", flaky_finish)
+    monkeypatch.setattr("service.searches.dispatcher.RECORD_BACKOFF_S", (0.01,))
+    runner = StandInRunner(outcome="done")
+    runner.release.set()
+    dispatcher = setup.dispatch(runner)
+    try:
+        body = setup.wait_status(_submit(setup), "completed")
+        second = setup.wait_status(_submit(setup), "completed")  # the thread lived on
+    finally:
+        dispatcher.stop()
+    assert calls[:3] == ["completed"] * 3 and body["summary"] and second["summary"]
+    assert "cannot record the end (completed)" in caplog.text
+
+
+def test_a_database_error_during_the_run_releases_the_search_instead_of_failing_it(setup: Setup) -> None:
+    class OutageOnce(StandInRunner):
+        def __call__(self, *args: Any, **kwargs: Any) -> RunReport:
+            if not self.configs:
+                self.configs.append(None)
+                raise OperationalError("SELECT", {}, Exception("terminating connection"))
+            return super().__call__(*args, **kwargs)
+
+    runner = OutageOnce(outcome="done")
+    runner.release.set()
+    dispatcher = setup.dispatch(runner)
+    try:
+        body = setup.wait_status(_submit(setup), "completed")  # released, claimed again, finished
+    finally:
+        dispatcher.stop()
+    assert body["error"] is None and len(runner.configs) == 2

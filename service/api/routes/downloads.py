@@ -1,4 +1,5 @@
-"""/api/v1/searches/{id}/best/weights and .../onnx: the chosen trial's weights and its ONNX export."""
+"""/api/v1/searches/{id}/best/weights and .../onnx: the chosen trial's weights and its ONNX export,
+both files the workers stored as artifacts when the trial completed (nothing is built here)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 from optuna.trial import FrozenTrial
 
+from search_spaces.keys import ONNX_ARTIFACT_ATTR, ONNX_ERROR_ATTR, WEIGHTS_ARTIFACT_ATTR
 from service.api.deps import RuntimeDep
 from service.api.routes.searches import NOT_FOUND_RESPONSE, BestChoice, Choice
 from service.core.paths import artifact_file
@@ -20,12 +22,12 @@ def _file_responses(what: str) -> dict[int | str, dict]:
     return {**NOT_FOUND_RESPONSE, 200: {"content": {"application/octet-stream": {}}, "description": what}}
 
 
-def _weights_path(runtime: Runtime, trial: FrozenTrial) -> Path:
-    """The trial's weights file: its artifact id (untrusted: read from the database) must have the
-    shape the artifact store writes and resolve to a file directly under the artifact root."""
-    path = artifact_file(runtime.settings.artifact_path, trial.user_attrs.get("weights_artifact"))
+def _artifact_path(runtime: Runtime, trial: FrozenTrial, key: str, missing: str) -> Path:
+    """The file of the trial's artifact `key`: its id (untrusted: read from the database) must have
+    the shape the artifact store writes and resolve to a file directly under the artifact root."""
+    path = artifact_file(runtime.settings.artifact_path, trial.user_attrs.get(key))
     if path is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"trial {trial.number} has no stored weights")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"trial {trial.number} {missing}")
     return path
 
 
@@ -39,30 +41,15 @@ def _file(path: Path, choice: Choice, suffix: str) -> FileResponse:
 )
 def download_weights(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
     """The best trial's trained weights (safetensors); load them with spsa_nas.build_model(spec, weights)."""
-    return _file(_weights_path(runtime, choice.trial), choice, "safetensors")
+    path = _artifact_path(runtime, choice.trial, WEIGHTS_ARTIFACT_ATTR, "has no stored weights")
+    return _file(path, choice, "safetensors")
 
 
 @router.get("/{search_id}/best/onnx", responses=_file_responses("ONNX file"), response_class=FileResponse)
 def download_onnx(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
-    """The best trial's model exported to ONNX (built on first request, then cached)."""
-    weights = _weights_path(runtime, choice.trial)
-    name = f"{choice.search.study_name}-trial{choice.trial.number}.onnx"
-    target = runtime.settings.artifact_path / "onnx" / name
-    with runtime.export_lock:
-        if not target.is_file():
-            _export_onnx(choice.trial.user_attrs["spec"], weights, target)
-    return _file(target, choice, "onnx")
-
-
-def _export_onnx(spec_json: dict, weights: Path, target: Path) -> None:
-    from safetensors.torch import load_file
-
-    from spsa_nas import ArchSpec, build_model
-    from spsa_nas.export import export_onnx
-
-    spec = ArchSpec.model_validate(spec_json)
-    model = build_model(spec, weights=load_file(str(weights))).eval()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial.onnx")
-    export_onnx(model, partial)
-    partial.replace(target)
+    """The best trial's model in ONNX, exported by the worker when the trial completed."""
+    if ONNX_ERROR_ATTR in choice.trial.user_attrs:
+        missing = "has no ONNX export: exporting it failed when the trial completed (download its weights)"
+    else:
+        missing = "has no ONNX export (trials that completed before exports were stored have none)"
+    return _file(_artifact_path(runtime, choice.trial, ONNX_ARTIFACT_ATTR, missing), choice, "onnx")
