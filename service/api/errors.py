@@ -1,4 +1,4 @@
-"""Domain errors mapped to HTTP: field problems (422), quota refusals (429), and their handlers."""
+"""Domain errors mapped to HTTP: field problems (422), quota refusals (429), a full disk (507)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.searches.submit import SubmitError
+from service.searches.submit import AdmissionError, SubmitError
 from spsa_nas.errors import FieldProblem
 
 log = logging.getLogger("spsa_nas.service")
@@ -63,6 +63,10 @@ def install_handlers(app: FastAPI) -> None:
     async def _submit(_request: Request, exc: SubmitError) -> JSONResponse:
         # the problems name the body's fields: under `body`, as FastAPI names them
         return _unprocessable([FieldProblem(("body", *p.loc), p.msg, p.type) for p in exc.problems])
+
+    @app.exception_handler(AdmissionError)
+    async def _admission(_request: Request, exc: AdmissionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(QuotaError)
     async def _quota(_request: Request, exc: QuotaError) -> JSONResponse:

@@ -23,6 +23,7 @@ from search_spaces.config import ObjectiveConfig, Resources, SearchConfig
 from search_spaces.loading import builtin_spaces
 from search_spaces.run import RunReport
 from search_spaces.space import SearchSpace
+from service.core.settings import Settings
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 
 SearchStatus = Literal["queued", "running", "cancelling", "completed", "failed", "cancelled"]
@@ -134,8 +135,9 @@ CHECKED_BEYOND_THE_SCHEMA = (
     "An inline `space` is checked by the search engine (SPSA heads must divide a stage's channels, "
     "known backbones, stems and attentions, ...); `train.warmup_epochs` must be smaller than "
     "`train.epochs`; `dataset.path` must lie under the server's data root (for imagefolder, an "
-    "existing directory); `trials`, `train.epochs` and `parallelism` are capped by the server's "
-    "quotas (the maxima below)."
+    "existing directory); the per-search quotas of the server are the maxima below, and the pixels "
+    "of a batch (image side² × `train.batch_size` or `latency.batch_size`, the side being "
+    "`train.image_size` or the space's `input_size`) are capped too."
 )
 
 
@@ -174,20 +176,49 @@ SearchCreate: type[BaseModel] = create_model(
 )
 
 
-def with_quotas(
-    openapi: dict[str, Any], *, max_trials: int, max_epochs: int, max_parallelism: int
-) -> dict[str, Any]:
-    """`openapi` (the app's document) with this server's quotas as the body's maxima, so a client
-    sees them before it sends a search over them."""
+# Where each per-search quota is a maximum in the OpenAPI document: (component, property, setting).
+PUBLISHED_QUOTAS: tuple[tuple[str, str, str], ...] = (
+    ("SearchCreate", "trials", "max_trials"),
+    ("TrainConfig", "epochs", "max_epochs"),
+    ("SearchCreate", "parallelism", "max_parallelism"),
+    ("SearchCreate", "timeout_s", "max_search_s"),
+    ("SearchCreate", "max_retries", "max_trial_retries"),
+    ("TrainConfig", "image_size", "max_image_size"),
+    ("TrainConfig", "num_workers", "max_loader_workers"),
+    ("LatencyConfig", "repeats", "max_latency_repeats"),
+    ("LatencyConfig", "warmup", "max_latency_warmup"),
+    ("LatencyConfig", "min_time_s", "max_latency_min_time_s"),
+    ("LatencyConfig", "threads", "max_latency_threads"),
+    ("DatasetCreate", "synthetic_samples", "max_synthetic_samples"),
+    ("DatasetCreate", "synthetic_size", "max_image_size"),
+)
+
+
+def _cap(schema: dict[str, Any], quota: float) -> None:
+    """`quota` as the maximum of a number property (of its number branch when it may be null)."""
+    branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") in ("integer", "number")]
+    for branch in branches:
+        branch["maximum"] = min(branch.get("maximum", quota), quota)
+
+
+def with_quotas(openapi: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """`openapi` (the app's document) with this server's per-search quotas as the body's maxima,
+    so a client sees them before it sends a search over them."""
     components = openapi.get("components", {}).get("schemas", {})
-    for model, field, quota in (
-        ("SearchCreate", "trials", max_trials),
-        ("TrainConfig", "epochs", max_epochs),
-        ("SearchCreate", "parallelism", max_parallelism),
-    ):
-        schema = components[model]["properties"][field]
-        schema["maximum"] = min(schema.get("maximum", quota), quota)
+    for model, field, setting in PUBLISHED_QUOTAS:
+        _cap(components[model]["properties"][field], getattr(settings, setting))
     return openapi
+
+
+class PriorityUpdate(BaseModel):
+    """An admin's new priority for a search: higher runs first; equal ones are served round-robin
+    across their owners."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    priority: int = Field(ge=-100, le=100, description="0 by default; higher is served first")
+
+    _numbers = model_validator(mode="before")(_json_numbers)  # 5.0 is 5, as JSON Schema says
 
 
 class Links(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -56,7 +56,32 @@ class Settings(BaseSettings):
     max_trials: int = Field(1000, ge=1)
     max_epochs: int = Field(200, ge=1)
     max_parallelism: int = Field(16, ge=1)
-    max_active_searches_per_user: int = Field(8, ge=1)  # queued + running + cancelling
+    # Per search, beyond trials/epochs/parallelism (each refusal names the setting that raises it).
+    max_search_s: float = Field(7 * 24 * 3600.0, gt=0)  # timeout_s at most; applied when absent
+    max_trial_retries: int = Field(5, ge=0)  # max_retries at most
+    max_image_size: int = Field(1024, ge=8)  # train.image_size / the space's input_size / synthetic
+    # (image side)² × batch size of a training or latency batch: the memory a batch takes.
+    max_batch_pixels: int = Field(256 * 256 * 256, ge=64)
+    max_synthetic_samples: int = Field(100_000, ge=16)  # dataset.synthetic_samples at most
+    max_latency_repeats: int = Field(1000, ge=3)  # latency.repeats at most
+    max_latency_warmup: int = Field(100, ge=0)  # latency.warmup at most
+    # latency.min_time_s at most: a measurement holds the host-wide latency lock this long.
+    max_latency_min_time_s: float = Field(10.0, ge=0)
+    max_latency_threads: int = Field(16, ge=1)  # latency.threads at most
+    max_loader_workers: int = Field(8, ge=0)  # train.num_workers at most
+    # Per user: searches queued + running + cancelling (429 beyond it); queued alone (None: only
+    # the first cap); running at once (applied when a dispatcher claims a search: the rest wait).
+    max_active_searches_per_user: int = Field(8, ge=1)
+    max_queued_searches_per_user: int | None = Field(None, ge=1)
+    max_running_searches_per_user: int = Field(2, ge=1)
+    # Bytes of trial weights and ONNX exports of a user's searches; beyond it new searches answer 429.
+    max_artifact_bytes_per_user: int = Field(20 * 2**30, ge=0)
+    # Below this many free bytes on the artifact or data disk, new searches answer 507.
+    min_free_disk_bytes: int = Field(2**30, ge=0)
+    # Weights kept once a search finished: every trial's, the Pareto front's (and the best), or the
+    # best `keep_top_k` by the search's objective.
+    keep_weights: Literal["all", "pareto", "top_k"] = "pareto"
+    keep_top_k: int = Field(5, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies answer 413
     # How long the API may answer from a running search's cached trials (0: always read them).
     results_cache_s: float = Field(1.0, ge=0, le=60)

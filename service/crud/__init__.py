@@ -10,11 +10,13 @@ from service.crud.claims import (
 )
 from service.crud.searches import (
     count_active_searches,
+    count_searches,
     create_search,
     get_search,
     list_searches,
     owned_study_names,
     request_cancel,
+    set_priority,
 )
 from service.crud.sessions import end_web_session, open_web_session, session_user
 from service.crud.users import (
@@ -35,6 +37,7 @@ __all__ = [
     "claim_next_search",
     "claimed_status",
     "count_active_searches",
+    "count_searches",
     "create_search",
     "create_user",
     "end_web_session",
@@ -51,4 +54,5 @@ __all__ = [
     "request_cancel",
     "revoke_user",
     "session_user",
+    "set_priority",
 ]

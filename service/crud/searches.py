@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
@@ -53,15 +55,21 @@ def list_searches(
     return list(rows), int(count)
 
 
-def count_active_searches(session: Session, *, owner_id: int) -> int:
+def count_searches(session: Session, *, owner_id: int, states: Iterable[str] = ACTIVE_STATES) -> int:
+    """How many of `owner_id`'s searches are in one of `states` (default: queued or running)."""
     return int(
         session.scalar(
             select(func.count())
             .select_from(Search)
-            .where(Search.owner_id == owner_id, Search.status.in_(ACTIVE_STATES))
+            .where(Search.owner_id == owner_id, Search.status.in_(tuple(states)))
         )
         or 0
     )
+
+
+def count_active_searches(session: Session, *, owner_id: int) -> int:
+    """Searches of `owner_id` queued, running or cancelling."""
+    return count_searches(session, owner_id=owner_id, states=ACTIVE_STATES)
 
 
 def owned_study_names(session: Session, *, user: User) -> set[str]:
@@ -76,4 +84,10 @@ def request_cancel(session: Session, *, search: Search) -> None:
         search.finished_at = utcnow()
     elif search.status == RUNNING:
         search.status = CANCELLING
+    session.flush()
+
+
+def set_priority(session: Session, *, search: Search, priority: int) -> None:
+    """The search's priority: among claimable searches, a higher one is claimed first."""
+    search.priority = priority
     session.flush()

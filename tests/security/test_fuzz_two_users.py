@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 SEARCHES_PER_USER = 3
 EXAMPLES = 15  # per operation, user and target: about 700 requests in all
 MODES = ("fuzz", "own", "foreign")  # the search_id as generated, one of the caller's, the other's
+ADMIN_ONLY = {"POST /api/v1/searches/{search_id}/priority"}  # users are answered 403 there
 
 
 @dataclass
@@ -153,8 +154,11 @@ def test_a_user_never_reaches_the_other_users_searches(
     assert not failures, "\n".join(failures[:10])
 
     with_id = sorted({name for name, mode in statuses if mode == "own"})
-    assert len(with_id) == 7, with_id  # every search_id operation had its targeted runs
-    for name in with_id:
+    assert len(with_id) == 8, with_id  # every search_id operation had its targeted runs
+    for name in ADMIN_ONLY:  # a user is refused alike on their own searches and on others'
+        assert set(statuses[(name, "own")] + statuses[(name, "foreign")]) <= {403, 422}, name
+        assert 403 in statuses[(name, "foreign")], name
+    for name in sorted(set(with_id) - ADMIN_ONLY):
         own, foreign = statuses[(name, "own")], statuses[(name, "foreign")]
         # the caller's own searches are reachable, so the 404s below mean something
         assert 200 in own, f"{caller} never got a 200 from {name} on their own searches: {own}"

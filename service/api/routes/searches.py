@@ -17,11 +17,12 @@ from search_spaces.run import RunReport
 from search_spaces.study import create_study, pareto_front
 from service import crud
 from service.api.deps import CurrentUser, RuntimeDep, SessionDep, SettingsDep
-from service.api.errors import NOT_FOUND, FieldError, QuotaError
+from service.api.errors import NOT_FOUND, FieldError
 from service.api.schemas import (
     BestPublic,
     Links,
     Message,
+    PriorityUpdate,
     SearchCreate,
     SearchesPublic,
     SearchPublic,
@@ -36,7 +37,7 @@ from service.core.redact import redact_json, redact_paths
 from service.runtime import Runtime
 from service.searches import results
 from service.searches.cache import StudyView
-from service.searches.submit import build_config, study_name_for
+from service.searches.submit import build_config, check_admission, study_name_for
 
 log = logging.getLogger("spsa_nas.service")
 router = APIRouter(prefix="/searches", tags=["searches"])
@@ -143,7 +144,11 @@ def _new_search_ids(user: User, body: SearchCreate, runtime: Runtime) -> tuple[s
         400: {"model": Message, "description": "the body is not JSON (e.g. not UTF-8)"},
         413: {"model": Message, "description": "the body is over the server's size limit"},
         422: {"model": ValidationErrorPublic, "description": "a field is wrong or over a quota"},
-        429: {"model": Message, "description": "too many active searches"},
+        429: {
+            "model": Message,
+            "description": "over a per-user quota (active or queued searches, artifact bytes)",
+        },
+        507: {"model": Message, "description": "the server's disk is nearly full: no new searches"},
     },
 )
 def create_search(
@@ -157,12 +162,7 @@ def create_search(
     """Queue a search; the dispatcher starts it. Answers with its id, status and links."""
     search_id, study_name = _new_search_ids(user, body, runtime)
     config = build_config(body, settings=settings, study_name=study_name)
-    active = crud.count_active_searches(session, owner_id=user.id)
-    if active >= settings.max_active_searches_per_user:
-        raise QuotaError(
-            f"you have {active} searches queued or running; this server allows "
-            f"{settings.max_active_searches_per_user} per user: wait or cancel one"
-        )
+    check_admission(session, user=user, settings=settings, storage=runtime.storage)
     try:
         create_study(config, runtime.storage)
     except ValueError as exc:  # e.g. a space/dataset combination the search engine refuses
@@ -328,3 +328,32 @@ def read_best(choice: BestChoice, runtime: RuntimeDep) -> BestPublic:
         values=results._finite(chosen.values),
         links={"weights": f"{base}/weights{query}", "onnx": f"{base}/onnx{query}"},
     )
+
+
+@router.post(
+    "/{search_id}/priority",
+    response_model=SearchPublic,
+    responses={
+        **NOT_FOUND_RESPONSE,
+        400: {"model": Message, "description": "the body is not JSON (e.g. not UTF-8)"},
+        403: {"model": Message, "description": "only an admin sets priorities"},
+        413: {"model": Message, "description": "the body is over the server's size limit"},
+        422: {"model": ValidationErrorPublic, "description": "the priority is not an integer in range"},
+    },
+)
+def set_priority(
+    request: Request,
+    search_id: SearchId,
+    body: PriorityUpdate,
+    session: SessionDep,
+    user: CurrentUser,
+    runtime: RuntimeDep,
+) -> SearchPublic:
+    """An admin's priority for a search: a queued search of higher priority is started first."""
+    if not user.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="only an admin may set a search's priority")
+    search = find_search(session, search_id, user)
+    crud.set_priority(session, search=search, priority=body.priority)
+    session.commit()
+    log.info("search %s: priority %d set by %s", search.id, body.priority, user.name)
+    return _public(request, search, runtime, with_progress=False)
