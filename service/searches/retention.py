@@ -91,9 +91,9 @@ def prune_artifacts(
         if files or trial.user_attrs.get("weights_artifact"):
             pruned.append(trial.number)
     if pruned:
-        before = study.system_attrs.get(PRUNED_ATTR) or []
-        numbers = sorted(set(before) | set(pruned))
-        storage.set_study_system_attr(storage.get_study_id_from_name(study_name), PRUNED_ATTR, numbers)
+        study_id = storage.get_study_id_from_name(study_name)
+        before = storage.get_study_system_attrs(study_id).get(PRUNED_ATTR) or []
+        storage.set_study_system_attr(study_id, PRUNED_ATTR, sorted(set(before) | set(pruned)))
     log.info(
         "study %s: weights of %d trials pruned (%d bytes), %d kept", study_name, len(pruned), freed, len(kept)
     )
@@ -111,10 +111,11 @@ def prune_search(storage: BaseStorage | str, study_name: str, settings: Settings
     )
 
 
-def weights_pruned(study: optuna.Study | object, trial_number: int) -> bool:
-    """Whether `trial_number`'s files were deleted by prune_artifacts (for a clear 404)."""
-    attrs = getattr(study, "system_attrs", {}) or {}
-    return trial_number in (attrs.get(PRUNED_ATTR) or [])
+def pruned_trials(storage: BaseStorage, study_name: str) -> set[int]:
+    """Numbers of the trials whose files prune_artifacts deleted (for a clear 404 on download)."""
+    return set(
+        storage.get_study_system_attrs(storage.get_study_id_from_name(study_name)).get(PRUNED_ATTR) or []
+    )
 
 
 def artifact_bytes(storage: BaseStorage, study_names: Iterable[str], *, artifact_dir: Path) -> int:
