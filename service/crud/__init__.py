@@ -2,6 +2,7 @@
 table family (users and tokens, dashboard sessions, searches, the dispatcher's claims)."""
 
 from service.crud.claims import (
+    cancel_search_row,
     claim_next_search,
     claimed_status,
     finish_search,
@@ -34,6 +35,7 @@ __all__ = [
     "USER_NAME_RE",
     "UserError",
     "authenticate",
+    "cancel_search_row",
     "claim_next_search",
     "claimed_status",
     "count_active_searches",

@@ -32,7 +32,7 @@ from service.api.schemas import (
     TrialStateName,
     ValidationErrorPublic,
 )
-from service.core.models import CANCELLING, FINAL_STATES, QUEUED, RUNNING, Search, User
+from service.core.models import CANCELLED, FINAL_STATES, Search, User
 from service.core.redact import redact_json, redact_paths
 from service.runtime import Runtime
 from service.searches import results
@@ -253,10 +253,12 @@ def cancel_search(
     search = find_search(session, search_id, user)
     if search.status in FINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {search.status}")
-    if search.status in (QUEUED, RUNNING, CANCELLING):
-        # One fact: the row's status. The dispatcher running the search polls it and stops the run.
-        crud.request_cancel(session, search=search)
-        session.commit()
+    # One fact: the row's status, changed only from the state it is in (a claim or a finish racing
+    # this request is never overwritten). The coordinator running the search polls it and stops.
+    after = crud.cancel_search_row(session, search_id=search.id)
+    session.refresh(search)
+    if after in FINAL_STATES and after != CANCELLED:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail=f"the search is already {after}")
     return _public(request, search, runtime, with_progress=False)
 
 
