@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # CPU niceness of the trial processes of this server's searches, so that training on the
     # machine that also serves the API does not starve it (0: the API's own priority).
     trial_nice: int = Field(10, ge=0, le=19)
+    # Memory one trial may use when its search sets no resources.memory_gb: reserved with Ray's
+    # `memory` resource and enforced in the trial (killed past it, counted as a crash). 0: no bound.
+    trial_memory_gb: float = Field(4.0, ge=0, le=4096)
+    # A trial that waits this long for resources no node offers fails its search with that reason.
+    trial_pending_timeout_s: float = Field(900.0, gt=0, le=86_400)
     # Quotas, per search and per user.
     max_trials: int = Field(1000, ge=1)
     max_epochs: int = Field(200, ge=1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import DateTime, and_, case, func, literal, or_, select, update
+from sqlalchemy import DateTime, and_, case, func, literal, or_, select, true, update
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
@@ -100,7 +100,23 @@ def _fair_order() -> tuple[ColumnElement[Any], ...]:
     )
 
 
-def claim_next_search(session: Session, *, owner: str, lease_s: float) -> Search | None:
+def _under_running_cap(cap: int | None) -> ColumnElement[bool]:
+    """A queued search may start only while its owner runs fewer than `cap` searches (None: no cap);
+    a held search whose lease expired is a resumption, not a new run, and is always claimable."""
+    if cap is None:
+        return true()
+    busy_owners = (
+        select(Search.owner_id)
+        .where(Search.status.in_(HELD_STATES))
+        .group_by(Search.owner_id)
+        .having(func.count() >= cap)
+    )
+    return or_(Search.status != QUEUED, Search.owner_id.not_in(busy_owners.scalar_subquery()))
+
+
+def claim_next_search(
+    session: Session, *, owner: str, lease_s: float, max_running_per_user: int | None = None
+) -> Search | None:
     """Atomically take the next search in fair order (`_fair_order`): a queued one, or a held one
     whose lease has expired. The returned row's `lease_token` is the claim's fencing token: pass it
     to renew_lease, claimed_status, finish_search and release_search.
@@ -109,12 +125,13 @@ def claim_next_search(session: Session, *, owner: str, lease_s: float) -> Search
     search, exactly one wins; a search cancelled meanwhile is not taken. A resumed search keeps its
     status and started_at.
     """
-    next_ids = select(Search.id).where(_claimable()).order_by(*_fair_order()).limit(8)
+    capped = _under_running_cap(max_running_per_user)
+    next_ids = select(Search.id).where(_claimable(), capped).order_by(*_fair_order()).limit(8)
     candidates = session.scalars(next_ids).all()
     for search_id in candidates:
         result = session.execute(
             update(Search)
-            .where(Search.id == search_id, _claimable())
+            .where(Search.id == search_id, _claimable(), capped)
             .values(
                 lease_owner=owner,
                 lease_expires_at=db_now(lease_s),

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from search_spaces.run import RunReport
 from service import crud
 from service.core.models import CANCELLED, CANCELLING, COMPLETED, FAILED, Search
+from service.core.settings import Settings
 from service.runtime import Runtime
 
 log = logging.getLogger("spsa_nas.dispatcher")
@@ -43,13 +44,21 @@ RECORD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # between tries of recording a se
 Runner = Callable[..., RunReport]
 
 
-def ray_runner(trial_lease_s: float, trial_nice: int = 0) -> Runner:
-    """workers.ray_runner.run_search with this service's trial lease and trial CPU niceness."""
+def ray_runner(settings: Settings) -> Runner:
+    """workers.ray_runner.run_search with this service's trial lease, CPU niceness, per-trial memory
+    bound (when a search sets none) and the time a trial may wait for resources."""
     from functools import partial
 
     from workers.ray_runner import RunnerOptions, run_search
 
-    return partial(run_search, options=RunnerOptions(lease_s=trial_lease_s, nice=trial_nice or None))
+    memory = int(settings.trial_memory_gb * 2**30) if settings.trial_memory_gb else None
+    options = RunnerOptions(
+        lease_s=settings.trial_lease_s,
+        nice=settings.trial_nice or None,
+        memory_bytes=memory,
+        pending_timeout_s=settings.trial_pending_timeout_s,
+    )
+    return partial(run_search, options=options)
 
 
 class Dispatcher:
@@ -63,6 +72,7 @@ class Dispatcher:
         self._stop = threading.Event()
         self._draining = threading.Event()  # claim nothing more; let the running searches finish
         self._held: dict[str, str] = {}  # search id -> last known status, LOST or OUTAGE
+        self._tokens: dict[str, int] = {}  # search id -> the fencing token of our claim
         self._held_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._started_ray = False
@@ -134,7 +144,12 @@ class Dispatcher:
         while not self._stop.is_set() and not self._draining.is_set():
             try:
                 with self.runtime.sessions() as session:
-                    search = crud.claim_next_search(session, owner=self.owner, lease_s=self.settings.lease_s)
+                    search = crud.claim_next_search(
+                        session,
+                        owner=self.owner,
+                        lease_s=self.settings.lease_s,
+                        max_running_per_user=self.settings.max_running_searches_per_user,
+                    )
             except Exception:
                 log.exception("dispatcher: cannot claim a search (database unreachable?)")
                 search = None
@@ -156,6 +171,7 @@ class Dispatcher:
         search_id = search.id
         with self._held_lock:
             self._held[search_id] = search.status
+            self._tokens[search_id] = search.lease_token
         log.info("search %s: running (attempt %d)", search_id, search.attempts)
         status: str | None = COMPLETED
         error, result = None, None
@@ -163,7 +179,7 @@ class Dispatcher:
             if search.status == CANCELLING:
                 status = CANCELLED
             else:
-                runner = self._runner or ray_runner(self.settings.trial_lease_s, self.settings.trial_nice)
+                runner = self._runner or ray_runner(self.settings)
                 report = runner(
                     search.study_name,  # the study holds the config: the runner reads it there
                     self.settings.db_url,
@@ -191,29 +207,51 @@ class Dispatcher:
         if last == LOST:
             log.warning("search %s: another dispatcher took it over", search_id)
             return
-        self._record(search_id, status, error, result)
+        token = self._tokens.pop(search_id, None)
+        if self._record(search_id, token, status, error, result) and status is not None:
+            self._prune(search)
 
-    def _record(self, search_id: str, status: str | None, error: str | None, result: str | None) -> None:
+    def _prune(self, search: Search) -> None:
+        """Keep only the weights the settings say (the Pareto front, top-k or all) of a search
+        that ended; a failure here is logged, the search's end is already recorded."""
+        from service.searches.retention import prune_search
+
+        try:
+            pruned = prune_search(self.runtime.storage, search.study_name, self.settings)
+        except Exception:
+            log.exception("search %s: cannot prune its artifacts", search.id)
+            return
+        if pruned.pruned:
+            log.info("search %s: pruned weights of %d trials", search.id, len(pruned.pruned))
+
+    def _record(
+        self, search_id: str, token: int | None, status: str | None, error: str | None, result: str | None
+    ) -> bool:
         """Write the end of a run (finish, or release when `status` is None), retrying database
         errors with backoff until it lands or this dispatcher stops; on giving up the lease
-        expires and the next coordinator resumes the search (a finished study ends at once)."""
+        expires and the next coordinator resumes the search (a finished study ends at once).
+        Written under our claim's fencing token: after a takeover it changes nothing. True when the
+        end was recorded by us."""
         for attempt in range(10_000):
             try:
                 with self.runtime.sessions() as session:
                     if status is None:
-                        crud.release_search(session, search_id=search_id, owner=self.owner)
+                        done = crud.release_search(
+                            session, search_id=search_id, owner=self.owner, token=token
+                        )
                         log.info("search %s: released for the next start", search_id)
                     else:
-                        crud.finish_search(
+                        done = crud.finish_search(
                             session,
                             search_id=search_id,
                             owner=self.owner,
                             status=status,
                             error=error,
                             result_json=result,
+                            token=token,
                         )
-                        log.info("search %s: %s", search_id, status)
-                return
+                        log.info("search %s: %s", search_id, status if done else "taken over meanwhile")
+                return bool(done)
             except Exception:
                 what = "release" if status is None else f"record the end ({status}) of"
                 log.exception("search %s: cannot %s it (try %d); retrying", search_id, what, attempt + 1)
@@ -223,7 +261,8 @@ class Dispatcher:
                     "next coordinator resumes it",
                     search_id,
                 )
-                return
+                return False
+        return False
 
     def _outcome(self, search_id: str, report: RunReport) -> str | None:
         """completed / cancelled / failed, or None when we stopped it (shutdown, storage outage)."""
@@ -267,10 +306,17 @@ class Dispatcher:
                     with self.runtime.sessions() as session:
                         if renew:
                             status = crud.renew_lease(
-                                session, search_id=search_id, owner=self.owner, lease_s=self.settings.lease_s
+                                session,
+                                search_id=search_id,
+                                owner=self.owner,
+                                lease_s=self.settings.lease_s,
+                                token=self._tokens.get(search_id),
                             )
                         else:
-                            status = crud.claimed_status(session, search_id=search_id, owner=self.owner)
+                            token = self._tokens.get(search_id)
+                            status = crud.claimed_status(
+                                session, search_id=search_id, owner=self.owner, token=token
+                            )
                 except Exception:
                     log.exception(
                         "search %s: cannot %s", search_id, "renew its lease" if renew else "read its status"

@@ -188,3 +188,59 @@ def test_a_database_error_during_the_run_releases_the_search_instead_of_failing_
     finally:
         dispatcher.stop()
     assert body["error"] is None and len(runner.configs) == 2
+
+
+def test_a_search_taken_over_mid_run_is_not_finished_by_its_old_holder(setup: Setup) -> None:
+    """Fencing: once another coordinator holds the search (a new claim, a new token), what the old
+    holder reports at its end changes nothing."""
+    from service.core.models import Search
+
+    runner = StandInRunner(outcome="done")
+    dispatcher = setup.dispatch(runner)
+    search = _submit(setup)
+    try:
+        assert runner.started.wait(30), "the dispatcher never ran the search"
+        with setup.runtime.sessions() as session:  # what a takeover after a stall writes
+            row = session.get(Search, search["id"])
+            assert row is not None and row.lease_owner == dispatcher.owner
+            row.lease_owner, row.lease_token = "another-coordinator", row.lease_token + 1
+            session.commit()
+        runner.release.set()  # the stalled holder's run ends and tries to record it
+    finally:
+        dispatcher.stop()  # joins its threads: whatever it was going to write is written
+    with setup.runtime.sessions() as session:
+        row = session.get(Search, search["id"])
+        assert row is not None
+        assert (row.status, row.lease_owner, row.result) == ("running", "another-coordinator", None)
+
+
+def test_a_finished_search_keeps_only_the_weights_of_its_pareto_front(setup: Setup) -> None:
+    from optuna.artifacts import upload_artifact
+
+    search = _submit(setup)
+    study = optuna.load_study(study_name=search["study_name"], storage=setup.runtime.storage)
+    files = {}
+    for values in ((0.9, 2.0), (0.5, 3.0), (0.8, 1.0)):  # the second is dominated by both others
+        trial = study.ask()
+        weights = setup.runtime.settings.data_dir / f"w{trial.number}.bin"
+        weights.write_bytes(b"weights")
+        artifact = upload_artifact(
+            artifact_store=setup.runtime.artifact_store, file_path=str(weights), study_or_trial=trial
+        )
+        attrs = {"weights_artifact": artifact, "val_acc": values[0], "latency_ms": values[1]}
+        for key, value in attrs.items():  # what a trial records (the front is read from these)
+            trial.set_user_attr(key, value)
+        study.tell(trial, list(values))
+        files[trial.number] = setup.runtime.settings.artifact_path / artifact
+    runner = StandInRunner(outcome="done")
+    runner.release.set()
+    dispatcher = setup.dispatch(runner)
+    try:
+        setup.wait_status(search, "completed")
+        deadline = time.monotonic() + 30  # the pruning follows the recorded end
+        while files[1].exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        dispatcher.stop()
+    assert not files[1].exists()  # dominated: its weights are gone
+    assert files[0].is_file() and files[2].is_file()  # the Pareto front keeps them

@@ -132,6 +132,30 @@ def test_a_priority_bump_is_served_first(sessions: Sessions) -> None:
     assert order == [bob[1], alice[0]]
 
 
+def test_a_user_at_the_running_cap_waits_while_others_start(sessions: Sessions) -> None:
+    alice = _queue(sessions, "alice", 3, first_age_s=100)
+    bob = _queue(sessions, "bob", 1, first_age_s=50)
+
+    def claim() -> Search | None:
+        with sessions() as session:
+            return crud.claim_next_search(session, owner="d", lease_s=60, max_running_per_user=2)
+
+    started = [claim(), claim(), claim()]
+    assert [s.id if s else None for s in started] == [alice[0], bob[0], alice[1]]
+    assert claim() is None  # alice runs 2 (her cap), bob has nothing queued: alice's third waits
+    with sessions() as session:  # one of alice's ends: her third may start
+        session.execute(update(Search).where(Search.id == alice[0]).values(status=COMPLETED))
+        session.commit()
+    last = claim()
+    assert last is not None and last.id == alice[2]
+    expired = utcnow() - timedelta(seconds=5)
+    with sessions() as session:  # an expired lease is a resumption, not a new run: never capped
+        session.execute(update(Search).where(Search.id == alice[1]).values(lease_expires_at=expired))
+        session.commit()
+    resumed = claim()
+    assert resumed is not None and resumed.id == alice[1]
+
+
 def test_an_orphaned_running_search_is_resumed_before_queued_ones(sessions: Sessions) -> None:
     alice = _queue(sessions, "alice", 1, first_age_s=100)
     bob = _queue(sessions, "bob", 1, first_age_s=50)
