@@ -93,3 +93,15 @@ class WebSession(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime, index=True)
 
     user: Mapped[User] = relationship()
+
+
+class Coordinator(Base):
+    """A coordinator process (its dispatcher's claim owner) and the Ray cluster's total resources
+    it last saw ({"CPU": 16, "GPU": 2, "memory": bytes, ...}); the API checks submissions against
+    the freshest one without importing Ray."""
+
+    __tablename__ = "coordinators"
+
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)
+    resources: Mapped[str] = mapped_column(Text)  # JSON
+    seen_at: Mapped[datetime] = mapped_column(DateTime, index=True)

@@ -9,6 +9,7 @@ from service.crud.claims import (
     release_search,
     renew_lease,
 )
+from service.crud.coordinators import cluster_resources, forget_coordinator, publish_resources
 from service.crud.searches import (
     count_active_searches,
     count_searches,
@@ -38,12 +39,14 @@ __all__ = [
     "cancel_search_row",
     "claim_next_search",
     "claimed_status",
+    "cluster_resources",
     "count_active_searches",
     "count_searches",
     "create_search",
     "create_user",
     "end_web_session",
     "finish_search",
+    "forget_coordinator",
     "get_search",
     "get_user_by_name",
     "issue_token",
@@ -51,6 +54,7 @@ __all__ = [
     "list_users",
     "open_web_session",
     "owned_study_names",
+    "publish_resources",
     "release_search",
     "renew_lease",
     "request_cancel",

@@ -108,6 +108,7 @@ class Dispatcher:
     def start(self) -> None:
         if self._runner is None:
             self._connect_ray()
+            self._publish_resources()
         for i in range(self.settings.concurrent_searches):
             thread = threading.Thread(target=self._work, name=f"{WORK_THREAD}{i}", daemon=True)
             thread.start()
@@ -134,6 +135,12 @@ class Dispatcher:
         deadline = time.monotonic() + timeout_s  # one deadline for all: the threads stop together
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        if self._started_ray:
+            try:
+                with self.runtime.sessions() as session:
+                    crud.forget_coordinator(session, owner=self.owner)
+            except Exception:
+                log.exception("dispatcher: cannot withdraw its cluster report (it goes stale by itself)")
         if self._started_ray:
             import ray
 
@@ -285,6 +292,20 @@ class Dispatcher:
             search = session.get(Search, search_id)
             return search is not None and search.status == CANCELLING
 
+    def _publish_resources(self) -> None:
+        """Tell the API what the Ray cluster has in all (it checks submissions against it without
+        importing Ray); refreshed at every lease renewal, so a dead coordinator's report goes stale."""
+        if not self._started_ray:
+            return
+        import ray
+
+        try:
+            totals = {k: float(v) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+            with self.runtime.sessions() as session:
+                crud.publish_resources(session, owner=self.owner, resources=totals)
+        except Exception:
+            log.exception("dispatcher: cannot publish the cluster's resources")
+
     # --- the watcher: leases and cancels ----------------------------------------------------------
     def _watch(self) -> None:
         """Every `dispatcher_poll_s`, read the status of the searches this process runs (the one
@@ -296,6 +317,7 @@ class Dispatcher:
             renew = time.monotonic() - last_renewal >= renew_every
             if renew:
                 last_renewal = time.monotonic()
+                self._publish_resources()
             with self._held_lock:
                 held = list(self._held)
             for gone in set(renewed) - set(held):

@@ -161,14 +161,21 @@ def check_resources(body: SearchCreate, cluster: Mapping[str, float] | None) -> 
     if cluster is None:
         return
     problems = []
-    for field, key in (("num_gpus", "GPU"), ("num_cpus", "CPU")):
+    wanted = (
+        ("num_gpus", "GPU", 1.0, "GPUs"),
+        ("num_cpus", "CPU", 1.0, "CPUs"),
+        ("memory_gb", "memory", 2**30, "GB of memory"),
+    )
+    for field, key, unit, what in wanted:
         asked = getattr(body.resources, field)
-        has = float(cluster.get(key, 0.0))
+        if asked is None or (key == "memory" and key not in cluster):
+            continue
+        has = float(cluster.get(key, 0.0)) / unit
         if asked > has:
             problems.append(
                 FieldProblem(
                     ("resources", field),
-                    f"{field} {asked:g} per trial: the cluster has {has:g} {key}s in all, so the "
+                    f"{field} {asked:g} per trial: the cluster has {has:g} {what} in all, so the "
                     "trial could never start",
                     "resources_unavailable",
                 )

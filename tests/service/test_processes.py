@@ -4,9 +4,11 @@ process alone mid-search interrupts no trial (its coordinator child runs on)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -108,6 +110,9 @@ def test_killing_the_api_alone_interrupts_no_trial(tmp_path: Path) -> None:
         assert created.status_code == 201, created.text
         url = created.json()["links"]["self"]
         wait_for(client, url, lambda b: b["progress"]["running"] >= 1, 600, "a running trial", server)
+        with contextlib.closing(sqlite3.connect(data_dir / "spsa-nas.db")) as db:  # published at its start
+            reports = [json.loads(row[0]) for row in db.execute("SELECT resources FROM coordinators")]
+        assert len(reports) == 1 and reports[0]["CPU"] > 0, reports  # what the API checks submissions by
 
         server.kill_api()  # SIGKILL, the API process alone
         assert pid_alive(coordinator), "the coordinator died with its API"

@@ -117,6 +117,37 @@ def test_resources_over_what_the_cluster_has_are_refused_with_what_exists() -> N
     assert "the cluster has 0 GPUs" in str(info.value) and "has 1 CPUs" in str(info.value)
 
 
+def test_a_submission_is_checked_against_the_coordinators_latest_report(
+    custom_service: ServiceFactory,
+) -> None:
+    """The API imports no Ray: it reads what a coordinator last published, while it is fresh."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from service import crud
+    from service.core.models import Coordinator, utcnow
+
+    with custom_service() as service:
+        alice = service.user()
+        body = {"space": "quick", "dataset": {"name": "digits"}, "trials": 2, "resources": {"num_gpus": 8}}
+        accepted = service.client.post("/api/v1/searches", headers=alice, json=body)
+        assert accepted.status_code == 201, accepted.text  # no coordinator has reported: unchecked
+        with service.runtime.sessions() as session:
+            crud.publish_resources(session, owner="c1", resources={"CPU": 2, "GPU": 0, "memory": 8 * 2**30})
+        refused = service.client.post("/api/v1/searches", headers=alice, json=body)
+        assert refused.status_code == 422, refused.text
+        assert "num_gpus 8 per trial: the cluster has 0 GPUs in all" in refused.text
+        big = {**body, "resources": {"memory_gb": 64}}
+        memory = service.client.post("/api/v1/searches", headers=alice, json=big)
+        assert memory.status_code == 422 and "has 8 GB of memory" in memory.text
+        with service.runtime.sessions() as session:  # the coordinator went silent: its report is stale
+            stale = utcnow() - timedelta(seconds=service.settings.lease_s + 1)
+            session.execute(update(Coordinator).values(seen_at=stale))
+            session.commit()
+        assert service.client.post("/api/v1/searches", headers=alice, json=body).status_code == 201
+
+
 def test_the_active_cap_names_its_setting(custom_service: ServiceFactory) -> None:
     with custom_service(max_active_searches_per_user=2) as service:
         alice, bob = service.user(), service.user()

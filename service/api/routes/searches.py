@@ -161,7 +161,8 @@ def create_search(
 ) -> SearchPublic:
     """Queue a search; the dispatcher starts it. Answers with its id, status and links."""
     search_id, study_name = _new_search_ids(user, body, runtime)
-    config = build_config(body, settings=settings, study_name=study_name)
+    cluster = crud.cluster_resources(session, fresh_s=settings.lease_s)  # None: no coordinator lately
+    config = build_config(body, settings=settings, study_name=study_name, cluster=cluster)
     check_admission(session, user=user, settings=settings, storage=runtime.storage)
     try:
         create_study(config, runtime.storage)
