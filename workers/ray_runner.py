@@ -553,10 +553,26 @@ def run_search(
             ray.shutdown()
 
 
+def _fits_some_node(ray: Any, resources: Resources, memory: int | None) -> bool:
+    """Whether one alive node of the cluster has, in all, what one trial asks for."""
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        total = node.get("Resources", {})
+        if (
+            total.get("CPU", 0.0) >= resources.num_cpus
+            and total.get("GPU", 0.0) >= resources.num_gpus
+            and (memory is None or total.get("memory", 0.0) >= memory)
+        ):
+            return True
+    return False
+
+
 def _check_pending(run: _Run, ray: Any, now: float, resources: Resources, memory: int | None) -> None:
-    """Forget the tasks that started (their token is on a trial); when one has waited for its
-    resources longer than `pending_timeout_s`, fail the search with that reason and cancel the
-    tasks still waiting (they hold no trial)."""
+    """Forget the tasks that started (their token is on a trial); when one has waited longer than
+    `pending_timeout_s` for resources that no node of the cluster has in all, fail the search with
+    that reason and cancel the tasks still waiting (they hold no trial). A task queued behind other
+    work on a node that could run it is not pending in this sense."""
     timeout = run.options.pending_timeout_s
     if not run.dispatched_at or timeout is None or run.pending_error is not None:
         return
@@ -565,6 +581,10 @@ def _check_pending(run: _Run, ray: Any, now: float, resources: Resources, memory
         del run.dispatched_at[token]
     waiting = {token: since for token, since in run.dispatched_at.items() if token in run.in_flight.values()}
     if not waiting or now - min(waiting.values()) < timeout:
+        return
+    if _fits_some_node(ray, resources, memory):
+        # a node could run it once others' work ends: the cluster is busy, not short (a long search
+        # on a shared cluster waits as long as it takes)
         return
     asked = f"num_cpus={resources.num_cpus:g}, num_gpus={resources.num_gpus:g}"
     if memory is not None:

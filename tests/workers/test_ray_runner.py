@@ -343,3 +343,15 @@ def test_a_trial_pending_on_resources_fails_the_search_with_the_reason(
     assert "num_gpus=1" in (summary.last_error or "") and "pending_timeout_s" in (summary.last_error or "")
     assert _trials(sqlite_url, "no-gpu") == [] and summary.crashed == 0
     assert time.monotonic() - started < 60
+
+
+def test_trials_queued_behind_others_on_a_busy_node_are_not_pending(
+        ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    """Each trial takes both CPUs, so trials run one after another; each waits in Ray's queue far
+    longer than the pending timeout, yet a node could run it: the search finishes, it is not failed."""
+    name = _study(sqlite_url, "busy", trials=3, parallelism=3, resources=Resources(num_cpus=2))
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=10.0, poll_s=0.1, pending_timeout_s=0.5)
+    trial_fn = functools.partial(synthetic_trial, train_s=1.5, steps=3)
+    summary = run_search(name, sqlite_url, artifact_dir=tmp_path, trial_fn=trial_fn, options=options)
+    assert summary.outcome == "done" and summary.finished == 3 and summary.crashed == 0, summary
+    assert [t.state for t in _trials(sqlite_url, "busy")] == [TrialState.COMPLETE] * 3
