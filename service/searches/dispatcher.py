@@ -149,6 +149,9 @@ class Dispatcher:
     # --- the work loop ------------------------------------------------------------------------
     def _work(self) -> None:
         while not self._stop.is_set() and not self._draining.is_set():
+            if self._disk_full() is not None:  # start nothing while the disk is full
+                self._stop.wait(self.settings.dispatcher_poll_s)
+                continue
             try:
                 with self.runtime.sessions() as session:
                     search = crud.claim_next_search(
@@ -292,6 +295,27 @@ class Dispatcher:
             search = session.get(Search, search_id)
             return search is not None and search.status == CANCELLING
 
+    def _disk_full(self) -> str | None:
+        from service.searches.retention import low_disk
+
+        try:
+            return low_disk(self.settings)
+        except OSError:  # a directory gone: the runs' own writes will tell
+            return None
+
+    def _stop_runs_if_the_disk_is_full(self) -> None:
+        """Under `min_free_disk_bytes` free, stop every run here cleanly and release its search for
+        resumption (trials stopped at a step boundary, not a database written to a full disk)."""
+        message = self._disk_full()
+        if message is None:
+            return
+        with self._held_lock:
+            running = [search_id for search_id, status in self._held.items() if status != OUTAGE]
+            for search_id in running:
+                self._held[search_id] = OUTAGE
+        for search_id in running:
+            log.error("search %s: stopped, to be resumed: %s", search_id, message)
+
     def _publish_resources(self) -> None:
         """Tell the API what the Ray cluster has in all (it checks submissions against it without
         importing Ray); refreshed at every lease renewal, so a dead coordinator's report goes stale."""
@@ -318,6 +342,7 @@ class Dispatcher:
             if renew:
                 last_renewal = time.monotonic()
                 self._publish_resources()
+            self._stop_runs_if_the_disk_is_full()  # one statvfs per poll
             with self._held_lock:
                 held = list(self._held)
             for gone in set(renewed) - set(held):

@@ -244,3 +244,30 @@ def test_a_finished_search_keeps_only_the_weights_of_its_pareto_front(setup: Set
         dispatcher.stop()
     assert not files[1].exists()  # dominated: its weights are gone
     assert files[0].is_file() and files[2].is_file()  # the Pareto front keeps them
+
+
+def test_a_full_disk_stops_running_searches_cleanly_for_resumption(setup: Setup) -> None:
+    from service.core.models import Search
+
+    runner = StandInRunner(outcome="done")
+    dispatcher = setup.dispatch(runner)
+    search = _submit(setup)
+    try:
+        assert runner.started.wait(30), "the dispatcher never ran the search"
+        # the disk fills up: under the threshold from now on
+        dispatcher.settings = dispatcher.settings.model_copy(update={"min_free_disk_bytes": 2**62})
+        deadline = time.monotonic() + 30
+        while runner.cancel_seen_at is None:  # the run is told to stop
+            assert time.monotonic() < deadline, "the run was not stopped"
+            time.sleep(0.02)
+        while True:  # and its search given back, not failed
+            with setup.runtime.sessions() as session:
+                row = session.get(Search, search["id"])
+                assert row is not None
+                if row.lease_owner is None:
+                    break
+            assert time.monotonic() < deadline, "the search was not released"
+            time.sleep(0.02)
+    finally:
+        dispatcher.stop()
+    assert (row.status, row.error, row.finished_at) == ("running", None, None)  # resumable
