@@ -26,7 +26,9 @@ from sqlalchemy.engine import URL, Engine, make_url
 logger = logging.getLogger(__name__)
 
 EXAMPLE_URLS = "sqlite:///runs/spsa-nas.db, postgresql+psycopg://user@host/db"
-SQLITE_BUSY_TIMEOUT_S = 60.0  # how long a connection waits for SQLite's write lock, everywhere
+# How long a connection waits for SQLite's write lock, everywhere (the retries go on after it); a
+# trial lease is several times this (service.core.settings checks it).
+SQLITE_BUSY_TIMEOUT_S = 15.0
 POSTGRES_POOL: dict[str, Any] = {"pool_size": 5, "max_overflow": 10, "pool_pre_ping": True}
 WRITE_METHODS = ("create_", "set_", "delete_")  # storage methods that write (BEGIN IMMEDIATE on SQLite)
 

@@ -114,6 +114,20 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _lease_outlasts_a_busy_wait(self) -> Settings:
+        """A heartbeat may wait SQLite's busy timeout for the write lock: a trial lease shorter than
+        a few of those would declare a live trial lost."""
+        from search_spaces.storage import SQLITE_BUSY_TIMEOUT_S
+
+        if self.trial_lease_s < 3 * SQLITE_BUSY_TIMEOUT_S:
+            raise ValueError(
+                f"trial_lease_s ({self.trial_lease_s:g} s) must be at least 3 x the SQLite busy timeout "
+                f"({SQLITE_BUSY_TIMEOUT_S:g} s), or live trials whose heartbeat waits for the write "
+                "lock are taken for lost"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()
         object.__setattr__(self, "data_dir", data_dir)

@@ -21,7 +21,8 @@ TINY = {
     "latency": {"repeats": 3, "warmup": 1},
 }
 # Short leases so that the crashed server's search and trials are taken over within seconds.
-FAST_LEASES = {"SPSA_NAS_LEASE_S": "6", "SPSA_NAS_TRIAL_LEASE_S": "12", "SPSA_NAS_DISPATCHER_POLL_S": "0.5"}
+# (the trial lease may not be shorter than 3 x the SQLite busy timeout: service.core.settings)
+FAST_LEASES = {"SPSA_NAS_LEASE_S": "6", "SPSA_NAS_TRIAL_LEASE_S": "45", "SPSA_NAS_DISPATCHER_POLL_S": "0.5"}
 
 
 def test_submit_watch_download_crash_and_resume(tmp_path: Path) -> None:

@@ -58,3 +58,12 @@ def test_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:
         load_settings(file)
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "missing.yaml")
+
+
+def test_a_trial_lease_shorter_than_a_few_busy_waits_is_refused(tmp_path: Path) -> None:
+    from search_spaces.storage import SQLITE_BUSY_TIMEOUT_S
+
+    with pytest.raises(SettingsError) as info:
+        load_settings(data_dir=str(tmp_path), trial_lease_s=2 * SQLITE_BUSY_TIMEOUT_S)
+    assert "SPSA_NAS_TRIAL_LEASE_S" in str(info.value) or "trial_lease_s" in str(info.value)
+    assert load_settings(data_dir=str(tmp_path), trial_lease_s=3 * SQLITE_BUSY_TIMEOUT_S).trial_lease_s == 45
