@@ -4,6 +4,7 @@ good once the search has ended), reloaded by one thread at a time."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Container
@@ -14,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.keys import CONFIG_ATTR
 
+log = logging.getLogger("spsa_nas.service")
 
 class StudyView:
     """A read-only snapshot of a study: what search_spaces.study's pareto_front and select_best
@@ -86,22 +88,37 @@ class StudyCache:
     def view(self, study_name: str, *, final: bool = False) -> StudyView | None:
         """The study's snapshot (None when it does not exist); `final`: the search has ended.
 
-        One thread at a time reloads a study: while it does, the others answer from the previous
-        snapshot (at most ttl_s plus one reload old) instead of all reloading at once when the
-        snapshot expires under load.
+        A fresh snapshot is answered as it is. A stale one is answered too, while one background
+        thread reloads it (stale-while-revalidate: no request waits for a reload, so a reload's
+        cost never shows in the API's tail latency; a snapshot is at most ttl_s plus one reload
+        old). A request waits only when nothing is cached yet, or when it asks for the final
+        state of a search whose cached snapshot predates its end (once per search).
         """
         cached = self._fresh(study_name)
         if cached is not None and cached[0]:
             return cached[1]
         with self._lock:
             reloading = self._reloading.setdefault(study_name, threading.Lock())
-        if not reloading.acquire(blocking=cached is None):
-            return cached[1]  # type: ignore[index]
-        try:
+        if cached is not None and not final:
+            if reloading.acquire(blocking=False):
+                threading.Thread(
+                    target=self._reload_in_background,
+                    args=(study_name, reloading),
+                    name="spsa-nas-study-reload",
+                    daemon=True,
+                ).start()
+            return cached[1]
+        with reloading:
             again = self._fresh(study_name)  # another thread may have reloaded it meanwhile
             if again is not None and again[0]:
                 return again[1]
             return self._load(study_name, final)
+
+    def _reload_in_background(self, study_name: str, reloading: threading.Lock) -> None:
+        try:
+            self._load(study_name, False)
+        except Exception:  # the next request tries again; the stale snapshot is still answered
+            log.exception("cannot reload the study %s", study_name)
         finally:
             reloading.release()
 

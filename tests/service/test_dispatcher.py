@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -273,62 +272,3 @@ def test_a_full_disk_stops_running_searches_cleanly_for_resumption(setup: Setup)
         dispatcher.stop()
     assert (row.status, row.error, row.finished_at) == ("running", None, None)  # resumable
 
-
-@pytest.mark.postgres
-def test_a_storage_outage_releases_the_search_instead_of_failing_it(
-    tmp_path: Path, postgres_url: str
-) -> None:
-    """PostgreSQL refuses every connection (ALLOW_CONNECTIONS false, backends terminated) for longer
-    than the lease: the run is stopped, and once the database is back the search is released for
-    resumption — never marked failed while its trials might keep training."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    from service.core.models import Search
-
-    server = make_url(postgres_url)
-    name = f"spsa_outage_{uuid.uuid4().hex[:8]}"
-    admin_dsn = server.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    admin = psycopg.connect(admin_dsn, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = server.set(database=name).render_as_string(hide_password=False)
-    settings = Settings(
-        data_dir=tmp_path, database_url=url, concurrent_searches=0, lease_s=2.0, dispatcher_poll_s=0.05
-    )
-    runtime = build_runtime(settings)
-    dispatcher = None
-    try:
-        with runtime.sessions() as session:
-            _, token = crud.create_user(session, name="alice")
-            session.commit()
-        with TestClient(create_app(settings, runtime=runtime)) as client:
-            setup = Setup(client, runtime, {"Authorization": f"Bearer {token}"})
-            search = _submit(setup)
-            runner = StandInRunner(outcome="done")  # runs until told to stop
-            dispatcher = setup.dispatch(runner)
-            assert runner.started.wait(30), "the dispatcher never ran the search"
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
-            )
-            deadline = time.monotonic() + 60
-            while runner.cancel_seen_at is None:  # the lease could not be renewed for lease_s
-                assert time.monotonic() < deadline, "the run was not stopped during the outage"
-                time.sleep(0.05)
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')  # the database is back
-            while True:
-                with runtime.sessions() as session:
-                    row = session.get(Search, search["id"])
-                    assert row is not None
-                    if row.lease_owner is None:
-                        break
-                assert time.monotonic() < deadline, "the search was not released after the outage"
-                time.sleep(0.05)
-            assert (row.status, row.error, row.finished_at) == ("running", None, None)
-    finally:
-        if dispatcher is not None:
-            dispatcher.stop()
-        runtime.close()
-        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
