@@ -3,6 +3,7 @@ retries, cancellation and resumption."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -546,6 +547,11 @@ def run_search(
         for trial in run.trials(TrialState.RUNNING):
             if trial.user_attrs.get(TASK_ATTR) in run.tokens:
                 run.fail_cancelled(trial, reason="interrupted")
+        raise
+    except Exception:  # e.g. the storage is gone past its retries: stop the tasks, then report it
+        for ref in run.in_flight:  # (their trials stay RUNNING: the next run fails and retries them)
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
         raise
     finally:
         storage.close()

@@ -355,3 +355,38 @@ def test_trials_queued_behind_others_on_a_busy_node_are_not_pending(
     summary = run_search(name, sqlite_url, artifact_dir=tmp_path, trial_fn=trial_fn, options=options)
     assert summary.outcome == "done" and summary.finished == 3 and summary.crashed == 0, summary
     assert [t.state for t in _trials(sqlite_url, "busy")] == [TrialState.COMPLETE] * 3
+
+
+def test_a_run_that_ends_in_an_error_stops_its_tasks(
+        ray_local: None, sqlite_url: str, tmp_path: Path) -> None:
+    """The coordinator's own failure (here: its cancel check raises, as a database call past its
+    retries would) stops the tasks it started instead of leaving them training unwatched."""
+    from sqlalchemy.exc import OperationalError
+
+    name = _study(sqlite_url, "broken", trials=1)
+    gate = tmp_path / "never"  # the trial holds until this file exists: only a cancel ends it
+    trial_fn = functools.partial(synthetic_trial, hold_numbers=(0,), hold_file=str(gate))
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=10.0, poll_s=0.1)
+
+    def should_cancel() -> bool:
+        held = [t for t in _trials(sqlite_url, "broken") if t.user_attrs.get("held")]
+        if held:  # the trial is running in its worker: now the coordinator's database "goes away"
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+        return False
+
+    with pytest.raises(OperationalError):
+        run_search(name, sqlite_url, artifact_dir=tmp_path, trial_fn=trial_fn, options=options,
+                   should_cancel=should_cancel)
+    pid = _trials(sqlite_url, "broken")[0].user_attrs["worker_pid"]
+    deadline = time.monotonic() + 60
+    while _alive(pid):  # the task was cancelled by force: its worker process is gone
+        assert time.monotonic() < deadline, "the trial's worker kept running after the run failed"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
