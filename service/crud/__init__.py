@@ -11,13 +11,11 @@ from service.crud.claims import (
 )
 from service.crud.coordinators import cluster_resources, forget_coordinator, publish_resources
 from service.crud.searches import (
-    count_active_searches,
     count_searches,
     create_search,
     get_search,
     list_searches,
     owned_study_names,
-    request_cancel,
     set_priority,
 )
 from service.crud.sessions import end_web_session, open_web_session, session_user
@@ -40,7 +38,6 @@ __all__ = [
     "claim_next_search",
     "claimed_status",
     "cluster_resources",
-    "count_active_searches",
     "count_searches",
     "create_search",
     "create_user",
@@ -57,7 +54,6 @@ __all__ = [
     "publish_resources",
     "release_search",
     "renew_lease",
-    "request_cancel",
     "revoke_user",
     "session_user",
     "set_priority",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, joinedload
 
-from service.core.models import ACTIVE_STATES, CANCELLED, CANCELLING, QUEUED, RUNNING, Search, User, utcnow
+from service.core.models import ACTIVE_STATES, QUEUED, Search, User, utcnow
 
 
 def create_search(
@@ -67,24 +67,9 @@ def count_searches(session: Session, *, owner_id: int, states: Iterable[str] = A
     )
 
 
-def count_active_searches(session: Session, *, owner_id: int) -> int:
-    """Searches of `owner_id` queued, running or cancelling."""
-    return count_searches(session, owner_id=owner_id, states=ACTIVE_STATES)
-
-
 def owned_study_names(session: Session, *, user: User) -> set[str]:
     """Study names of the searches `user` owns (the dashboard's view of them)."""
     return set(session.scalars(select(Search.study_name).where(Search.owner_id == user.id)))
-
-
-def request_cancel(session: Session, *, search: Search) -> None:
-    """queued -> cancelled at once; running -> cancelling (the dispatcher finishes it)."""
-    if search.status == QUEUED:
-        search.status = CANCELLED
-        search.finished_at = utcnow()
-    elif search.status == RUNNING:
-        search.status = CANCELLING
-    session.flush()
 
 
 def set_priority(session: Session, *, search: Search, priority: int) -> None:

@@ -14,9 +14,14 @@ import optuna
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, delete
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.app import create_app
+from service.core.db import make_session_factory
+from service.core.models import Search, Token, User, WebSession
 from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
 
@@ -57,6 +62,35 @@ def postgres_url() -> Iterator[str]:
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def own_database(request: pytest.FixtureRequest, directory: Path, prefix: str) -> Iterator[str]:
+    """The URL of an empty database of the caller alone (`request.param`: "sqlite" or "postgres"):
+    a SQLite file in `directory`, or a new PostgreSQL database dropped afterwards. For tests of
+    tables whose functions take any row there (claims), or that migrate down and up."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{directory / 'service.db'}"
+        return
+    server = make_url(request.getfixturevalue("postgres_url"))  # fails with its message when PG is down
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin_dsn = server.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def empty_tables(engine: Engine) -> sessionmaker[Session]:
+    """A session factory over `engine` with the service's tables emptied."""
+    factory = make_session_factory(engine)
+    with factory() as session:
+        for table in (WebSession, Token, Search, User):
+            session.execute(delete(table))
+        session.commit()
+    return factory
 
 
 @dataclass

@@ -7,10 +7,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
-import psycopg
 import pytest
-from sqlalchemy import Engine, delete, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
@@ -23,12 +21,10 @@ from service.core.models import (
     QUEUED,
     RUNNING,
     Search,
-    Token,
-    User,
-    WebSession,
     utcnow,
 )
 from service.crud.claims import cancel_search_row, db_now
+from tests.service.conftest import empty_tables, own_database
 
 LEASE_S = 60.0
 CLAIMERS = 8  # threads racing at once (PostgreSQL's pool gives each its own connection)
@@ -39,36 +35,17 @@ Sessions = sessionmaker[Session]
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """The service's tables, migrated, in a database of this module only (claims take any search
     in the table, so no other test's searches may be there)."""
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('claims') / 'service.db'}")
+    for url in own_database(request, tmp_path_factory.mktemp("claims"), "spsa_claims"):
+        engine = make_engine(url)
         migrate(engine)
         yield engine
         engine.dispose()
-        return
-    server = make_url(request.getfixturevalue("postgres_url"))  # fails with its message when PG is down
-    name = f"spsa_claims_{uuid.uuid4().hex[:10]}"
-    admin_dsn = server.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    engine = make_engine(server.set(database=name).render_as_string(hide_password=False))
-    try:
-        migrate(engine)
-        yield engine
-    finally:
-        engine.dispose()
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 def sessions(engine: Engine) -> Sessions:
     """A session factory over empty tables."""
-    factory = make_session_factory(engine)
-    with factory() as session:
-        for table in (WebSession, Token, Search, User):
-            session.execute(delete(table))
-        session.commit()
-    return factory
+    return empty_tables(engine)
 
 
 def _add_search(
@@ -250,10 +227,7 @@ def test_final_searches_are_never_claimed(sessions: Sessions, status: str) -> No
 def test_a_queued_search_cancelled_by_its_owner_is_never_claimed(sessions: Sessions) -> None:
     _add_search(sessions, "changed-mind")
     with sessions() as session:
-        search = session.get(Search, "changed-mind")
-        assert search is not None
-        crud.request_cancel(session, search=search)
-        session.commit()
+        crud.cancel_search_row(session, search_id="changed-mind")  # what the cancel route calls
     assert _claim(sessions, "dispatcher-1") is None
     assert _row(sessions, "changed-mind").status == CANCELLED
 
@@ -277,10 +251,7 @@ def test_renew_extends_only_our_own_claim_and_returns_the_status(sessions: Sessi
     assert _between(renewed.lease_expires_at, before + hour, utcnow() + hour)
 
     with sessions() as session:  # the owner asks to cancel: the holder learns it by renewing
-        search = session.get(Search, "long")
-        assert search is not None
-        crud.request_cancel(session, search=search)
-        session.commit()
+        crud.cancel_search_row(session, search_id="long")  # what the cancel route calls
     with sessions() as session:
         assert crud.renew_lease(session, search_id="long", owner="mine", lease_s=60) == CANCELLING
 

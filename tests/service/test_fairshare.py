@@ -3,40 +3,21 @@ and PostgreSQL."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic import command
-from sqlalchemy import Engine, delete, inspect, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, inspect, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
-from service.core.db import alembic_config, make_engine, make_session_factory, migrate
-from service.core.models import COMPLETED, QUEUED, Search, Token, User, WebSession, utcnow
+from service.core.db import alembic_config, make_engine, migrate
+from service.core.models import COMPLETED, QUEUED, Search, User, utcnow
+from tests.service.conftest import empty_tables, own_database
 
 Sessions = sessionmaker[Session]
-
-
-def _database(request: pytest.FixtureRequest, path: Path) -> Iterator[str]:
-    """The URL of an empty database of the calling fixture only (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{path / 'service.db'}"
-        return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    name = f"spsa_fair_{uuid.uuid4().hex[:10]}"
-    admin_dsn = server.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
@@ -44,7 +25,7 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    for url in _database(request, tmp_path_factory.mktemp("fair")):
+    for url in own_database(request, tmp_path_factory.mktemp("fair"), "spsa_fair"):
         engine = make_engine(url)
         migrate(engine)
         yield engine
@@ -53,12 +34,7 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture
 def sessions(engine: Engine) -> Sessions:
-    factory = make_session_factory(engine)
-    with factory() as session:
-        for table in (WebSession, Token, Search, User):
-            session.execute(delete(table))
-        session.commit()
-    return factory
+    return empty_tables(engine)
 
 
 def _queue(sessions: Sessions, user: str, count: int, *, first_age_s: float) -> list[str]:
@@ -172,7 +148,7 @@ def test_an_orphaned_running_search_is_resumed_before_queued_ones(sessions: Sess
 
 @pytest.fixture(params=BACKENDS)
 def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    yield from _database(request, tmp_path)
+    yield from own_database(request, tmp_path, "spsa_fair")
 
 
 def test_migration_0004_adds_priority_and_lease_token_and_back(empty_url: str) -> None:

@@ -3,40 +3,26 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import psycopg
 import pytest
 from alembic import command
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import make_url
 
 from search_spaces.config import SearchConfig
 from search_spaces.keys import CONFIG_ATTR
 from search_spaces.storage import open_storage
 from search_spaces.study import create_study, study_config
 from service.core.db import alembic_config, make_engine, migrate
+from tests.service.conftest import own_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """An empty database of this test only (it is migrated down and up)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'db.sqlite'}"
-        return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    name = f"spsa_migrations_{uuid.uuid4().hex[:10]}"
-    admin_dsn = server.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from own_database(request, tmp_path, "spsa_migrations")
 
 
 def _search_row(conn, search_id: str, study_name: str, config: str) -> None:  # type: ignore[no-untyped-def]
