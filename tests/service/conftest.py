@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.app import create_app
-from service.core.db import make_session_factory
+from service.core.db import make_engine, make_session_factory, migrate
 from service.core.models import Search, Token, User, WebSession
 from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
@@ -91,6 +91,23 @@ def empty_tables(engine: Engine) -> sessionmaker[Session]:
             session.execute(delete(table))
         session.commit()
     return factory
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """The service's tables, migrated, in a database of the requesting test module only (the
+    dispatcher's claims take any search in the table, so no other test's searches may be there)."""
+    for url in own_database(request, tmp_path_factory.mktemp("own"), "spsa_own"):
+        engine = make_engine(url)
+        migrate(engine)
+        yield engine
+        engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    """A session factory over `engine` with the service's tables emptied."""
+    return empty_tables(engine)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import pytest
@@ -12,7 +12,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
-from service.core.db import make_engine, make_session_factory, migrate
+from service.core.db import make_engine, make_session_factory
 from service.core.models import (
     CANCELLED,
     CANCELLING,
@@ -24,28 +24,10 @@ from service.core.models import (
     utcnow,
 )
 from service.crud.claims import cancel_search_row, db_now
-from tests.service.conftest import empty_tables, own_database
 
 LEASE_S = 60.0
 CLAIMERS = 8  # threads racing at once (PostgreSQL's pool gives each its own connection)
 Sessions = sessionmaker[Session]
-
-
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """The service's tables, migrated, in a database of this module only (claims take any search
-    in the table, so no other test's searches may be there)."""
-    for url in own_database(request, tmp_path_factory.mktemp("claims"), "spsa_claims"):
-        engine = make_engine(url)
-        migrate(engine)
-        yield engine
-        engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> Sessions:
-    """A session factory over empty tables."""
-    return empty_tables(engine)
 
 
 def _add_search(

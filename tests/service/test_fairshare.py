@@ -9,32 +9,18 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, inspect, text, update
+from sqlalchemy import inspect, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import crud
 from service.core.db import alembic_config, make_engine, migrate
 from service.core.models import COMPLETED, QUEUED, Search, User, utcnow
-from tests.service.conftest import empty_tables, own_database
+from tests.service.conftest import own_database
 
 Sessions = sessionmaker[Session]
 
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    for url in own_database(request, tmp_path_factory.mktemp("fair"), "spsa_fair"):
-        engine = make_engine(url)
-        migrate(engine)
-        yield engine
-        engine.dispose()
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> Sessions:
-    return empty_tables(engine)
 
 
 def _queue(sessions: Sessions, user: str, count: int, *, first_age_s: float) -> list[str]:
