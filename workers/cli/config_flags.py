@@ -12,6 +12,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from search_spaces.config import SearchConfig
+from spsa_nas.errors import format_validation_error
 from workers.cli import UsageError
 
 DEST_PREFIX = "config:"  # argparse dest of a field: DEST_PREFIX + its dotted path
@@ -92,7 +93,7 @@ def _converter(path: str, annotation: Any, metadata: list[Any]) -> Any:
         try:
             return adapter.validate_python(text)
         except ValidationError as exc:
-            raise argparse.ArgumentTypeError(f"{exc.errors()[0]['msg']}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"{format_validation_error(exc)}, got {text!r}") from None
 
     convert.__name__ = path  # argparse names the type in some messages
     return convert
