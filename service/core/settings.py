@@ -74,10 +74,10 @@ class Settings(BaseSettings):
     max_latency_min_time_s: float = Field(10.0, ge=0)
     max_latency_threads: int = Field(16, ge=1)  # latency.threads at most
     max_loader_workers: int = Field(8, ge=0)  # train.num_workers at most
-    # Per user: searches queued + running + cancelling (429 beyond it); queued alone (None: only
-    # the first cap); running at once (applied when a dispatcher claims a search: the rest wait).
+    # Per user: searches queued + running + cancelling (429 beyond it); queued alone (429 beyond
+    # it); running at once (applied when a dispatcher claims a search: the rest wait).
     max_active_searches_per_user: int = Field(8, ge=1)
-    max_queued_searches_per_user: int | None = Field(None, ge=1)
+    max_queued_searches_per_user: int = Field(6, ge=1)
     max_running_searches_per_user: int = Field(2, ge=1)
     # Bytes of trial weights and ONNX exports of a user's searches; beyond it new searches answer 429.
     max_artifact_bytes_per_user: int = Field(20 * 2**30, ge=0)

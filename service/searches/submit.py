@@ -248,14 +248,13 @@ def check_admission(session: Session, *, user: User, settings: Settings, storage
             status_code=429,
         )
     queued_cap = settings.max_queued_searches_per_user
-    if queued_cap is not None:
-        queued = count_searches(session, owner_id=user.id, states=(QUEUED,))
-        if queued >= queued_cap:
-            raise AdmissionError(
-                f"you have {queued} searches queued; this server allows {queued_cap} queued per user "
-                "(SPSA_NAS_MAX_QUEUED_SEARCHES_PER_USER): wait for one to start or cancel one",
-                status_code=429,
-            )
+    queued = count_searches(session, owner_id=user.id, states=(QUEUED,))
+    if queued >= queued_cap:
+        raise AdmissionError(
+            f"you have {queued} searches queued; this server allows {queued_cap} queued per user "
+            "(SPSA_NAS_MAX_QUEUED_SEARCHES_PER_USER): wait for one to start or cancel one",
+            status_code=429,
+        )
     low = retention.low_disk(settings)
     if low is not None:
         raise AdmissionError(low, status_code=507)

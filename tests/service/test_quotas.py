@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from service.api.schemas import SearchCreate
 from service.app import create_app
 from service.core.models import Search
+from service.core.settings import Settings
 from service.runtime import build_runtime
 from service.searches.submit import SubmitError, check_resources
 from tests.service.conftest import Service, make_settings
@@ -174,6 +175,19 @@ def test_the_queued_cap_counts_queued_searches_only(custom_service: ServiceFacto
             row.status = "running"
             session.commit()
         service.submit(alice)
+
+
+def test_the_queued_cap_is_on_by_default(custom_service: ServiceFactory) -> None:
+    # Without a setting a user still cannot fill the queue without bound (the default is finite).
+    with custom_service(max_active_searches_per_user=50) as service:
+        alice = service.user()
+        accepted = 0
+        while (answer := service.client.post("/api/v1/searches", headers=alice, json={})).status_code == 201:
+            accepted += 1
+            assert accepted <= 50, "no queued cap by default"
+        assert answer.status_code == 429
+        assert "SPSA_NAS_MAX_QUEUED_SEARCHES_PER_USER" in answer.json()["detail"]
+        assert accepted == Settings.model_fields["max_queued_searches_per_user"].default
 
 
 def test_the_artifact_quota_refuses_new_searches_of_that_user(custom_service: ServiceFactory) -> None:
