@@ -49,6 +49,28 @@ class Resources(_Config):
     memory_gb: float | None = Field(None, gt=0, le=4096)
 
 
+class OneshotConfig(_Config):
+    """The supernet phase of the `oneshot` strategy (see docs/search.md, One-shot search).
+
+    The supernet trains with the search's `train` recipe (batch size, lr, ...) for `epochs`;
+    each candidate then takes its path's weights and recalibrates BatchNorm on `bn_batches`
+    training batches before its validation accuracy is measured.
+    """
+
+    epochs: int | None = Field(None, ge=1, le=1000, description="supernet epochs; None: 2 x train.epochs")
+    bn_batches: int = Field(8, ge=1, le=1000, description="training batches per BN recalibration")
+    workers: int = Field(1, ge=1, le=256, description="data-parallel workers (Ray Train DDP) of the "
+                                                      "supernet on the Ray runner; 1 on one machine")
+
+    def supernet_epochs(self, train: TrainConfig) -> int:
+        """The epochs the supernet trains: `epochs`, else twice the standalone budget."""
+        return self.epochs if self.epochs is not None else 2 * train.epochs
+
+
+Strategy = Literal["standalone", "oneshot"]
+STRATEGIES: tuple[str, ...] = ("standalone", "oneshot")
+
+
 class SearchConfig(_Config):
     """One search: the space, the data, the budgets, the objective and how to explore."""
 
@@ -67,6 +89,12 @@ class SearchConfig(_Config):
     parallelism: int = Field(1, ge=1, le=1024)  # trials in flight at once
     resources: Resources = Resources()
     max_retries: int = Field(2, ge=0, le=100)  # re-runs of a trial whose worker died
+    # standalone: every candidate trains from scratch; oneshot: one weight-sharing supernet is
+    # trained, candidates are evaluated on its weights, the best `retrain_top_k` are retrained
+    strategy: Strategy = "standalone"
+    retrain_top_k: int = Field(3, ge=0, le=100, description="oneshot: Pareto candidates retrained "
+                                                            "standalone at the end")
+    oneshot: OneshotConfig = OneshotConfig()
 
     @model_validator(mode="after")
     def _pruner_needs_score(self) -> SearchConfig:

@@ -5,6 +5,9 @@ from __future__ import annotations
 # Study user attrs.
 CONFIG_ATTR = "spsa_nas:config"  # the SearchConfig JSON: the one stored copy of a search's config
 SPACE_ATTR = "spsa_nas:space"  # the resolved search space (workers need no file)
+PHASE_ATTR = "spsa_nas:phase"  # oneshot: supernet, candidates, retrain or done (the search's phase)
+SUPERNET_ATTR = "spsa_nas:supernet"  # oneshot: {key: {epoch, curve, checkpoint, done}} per supernet
+RETRAIN_ATTR = "spsa_nas:retrain"  # oneshot: the candidate trial numbers enqueued for retraining
 RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: True asks the tasks of that run to stop; written
 # only by the run's coordinator, read by its tasks' heartbeats (cluster workers see only the database)
 
@@ -24,6 +27,8 @@ LATENCY_KEY_ATTR = "latency_key"  # the latency cache's key of the trial's measu
 WEIGHTS_ARTIFACT_ATTR = "weights_artifact"  # artifact id of the trained weights (safetensors)
 ONNX_ARTIFACT_ATTR = "onnx_artifact"  # artifact id of the ONNX export, made when the trial completed
 ONNX_ERROR_ATTR = "onnx_error"  # why that export failed (the trial stays COMPLETE), one line
+ESTIMATE_ATTR = "oneshot_estimate"  # True: val_acc/top1/top5 come from the supernet's weights
+RETRAIN_OF_ATTR = "retrain_of"  # number of the one-shot candidate this trial retrained from scratch
 
 # Trial user attrs of the runners.
 RUNNER_ATTR = "runner"  # local runner: {"kind": "local", "host", "pid"} of the process running it
@@ -39,15 +44,20 @@ __all__ = [
     "CANCELLED_ATTR",
     "CONFIG_ATTR",
     "ERROR_ATTR",
+    "ESTIMATE_ATTR",
     "HEARTBEAT_ATTR",
     "LATENCY_KEY_ATTR",
     "ONNX_ARTIFACT_ATTR",
     "ONNX_ERROR_ATTR",
+    "PHASE_ATTR",
     "REASON_ATTR",
+    "RETRAIN_ATTR",
+    "RETRAIN_OF_ATTR",
     "RETRY_OF_ATTR",
     "RUNNER_ATTR",
     "RUN_CANCEL_PREFIX",
     "SPACE_ATTR",
+    "SUPERNET_ATTR",
     "TASK_ATTR",
     "TRACEBACK_ATTR",
     "WEIGHTS_ARTIFACT_ATTR",

@@ -188,6 +188,9 @@ class SearchSpace(_Model):
     width: float | list[float] = 1.0
     all_stages: StageChoices | None = None
     stages: list[StageChoices] | dict[int, StageChoices] | None = None
+    # Search strategies the space may be searched with (search_spaces.config.STRATEGIES). A oneshot
+    # search trains one weight-sharing supernet per backbone and width of the space.
+    strategies: list[str] = ["standalone", "oneshot"]
 
     _resolved: dict[str, tuple[ResolvedStage, ...]] = PrivateAttr(default_factory=dict)
     _notes: list[str] = PrivateAttr(default_factory=list)
@@ -210,6 +213,14 @@ class SearchSpace(_Model):
         if isinstance(value, list):
             _unique(value, "backbone")
         return value
+
+    @field_validator("strategies")
+    @classmethod
+    def _strategies(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if name not in ("standalone", "oneshot"):
+                raise SpaceProblem((i,), f"unknown strategy {name!r}; valid: standalone, oneshot")
+        return _unique(value, "strategies")
 
     @field_validator("stem")
     @classmethod

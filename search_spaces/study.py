@@ -101,6 +101,9 @@ def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: Search
     """
     storage = as_storage(storage)
     space = space or load_space(cfg.space)
+    if cfg.strategy not in space.strategies:
+        raise ValueError(f"strategy: space {space.name!r} supports {', '.join(space.strategies)}, "
+                         f"not {cfg.strategy!r}")
     pruner = make_pruner(cfg)
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=directions(cfg),
                                 sampler=make_sampler(cfg), pruner=pruner, load_if_exists=True)
