@@ -13,13 +13,13 @@ from torch import nn
 
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.counting import count_flops, count_params
-from spsa_nas.data import dataset_in_channels, dataset_num_classes, load_data
+from spsa_nas.data import Splits, dataset_in_channels, dataset_num_classes, load_data
 from spsa_nas.latency import LatencyResult, latency_key, measure_latency, resolve_device
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
-from spsa_nas.train import Cancelled, evaluate_accuracy, train_model
+from spsa_nas.train import Cancelled, TrainReport, evaluate_accuracy, train_model
 
-__all__ = ["Cancelled", "EvalHooks", "LatencyCache", "Measurement", "TrialResult", "check_spec_data",
+__all__ = ["Cancelled", "EvalHooks", "Fit", "LatencyCache", "Measurement", "TrialResult", "check_spec_data",
            "evaluate_spec"]
 
 
@@ -50,6 +50,11 @@ class EvalHooks:
     latency_lock: Callable[[], AbstractContextManager[None]] | None = None  # device to itself
     latency_cache: LatencyCache | None = None  # get(key) -> dict | None; put(key, dict)
     should_stop: Callable[[], bool] | None = None  # polled each step: cancel -> Cancelled
+
+
+#: What gives a built model its weights instead of train_model: (model, splits, device, hooks) ->
+#: the report (validation curve); e.g. the one-shot strategy's supernet weights + BN recalibration.
+Fit = Callable[[nn.Module, Splits, torch.device, EvalHooks], TrainReport]
 
 
 @dataclass
@@ -140,6 +145,7 @@ def evaluate_spec(
     device: str = "auto",
     latency_budget_ms: float | None = None,
     hooks: EvalHooks | None = None,
+    fit: Fit | None = None,
 ) -> TrialResult:
     """Run one trial of `spec`: measure, then (when within the latency budget) train and test.
 
@@ -152,6 +158,7 @@ def evaluate_spec(
     `train.image_size` (default: the spec's input size), train (validation accuracy each epoch to
     `hooks.on_epoch`, whose exceptions propagate; `hooks.should_stop` polled each step → `Cancelled`)
     and test top-1/top-5 on the held-out split. The returned model is in eval mode on the CPU.
+    `fit`: replaces the training (default train_model); everything else is the same.
     """
     hooks = hooks or EvalHooks()
     dev = resolve_device(device)
@@ -173,8 +180,11 @@ def evaluate_spec(
         raise Cancelled("stopped before training")
 
     splits = load_data(data, train.image_size or spec.input_size, spec.in_channels)
-    report = train_model(model, splits.train, splits.val, train, dev, on_epoch=hooks.on_epoch,
-                         should_stop=hooks.should_stop)
+    if fit is None:
+        report = train_model(model, splits.train, splits.val, train, dev, on_epoch=hooks.on_epoch,
+                             should_stop=hooks.should_stop)
+    else:
+        report = fit(model, splits, dev, hooks)
     accuracy = evaluate_accuracy(model, splits.test, dev, topk=(1, 5),
                                  batch_size=max(train.batch_size, 256), num_workers=train.num_workers)
     model.to("cpu").eval()

@@ -27,7 +27,7 @@ from search_spaces.space import SearchSpace
 from search_spaces.study import mnas_score, objective_values
 from search_spaces.suggest import suggest_arch
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
-from spsa_nas.evaluate import Cancelled, EvalHooks, Measurement, evaluate_spec
+from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, evaluate_spec
 
 
 class StudyLatencyCache:
@@ -91,7 +91,7 @@ def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any) -> None:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
               artifact_store: Any, device: str | None = None,
-              extra_hooks: EvalHooks | None = None) -> FrozenTrial:
+              extra_hooks: EvalHooks | None = None, fit: Fit | None = None) -> FrozenTrial:
     """Suggest, evaluate and tell one trial; never raises for a failed trial (it is told FAIL).
 
     `artifact_store`: an Optuna artifact store (e.g. FileSystemArtifactStore) for the weights.
@@ -103,7 +103,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
     FAIL with `error` and `traceback` on an exception, or `error="cancelled"` when
     `extra_hooks.should_stop` stopped it. KeyboardInterrupt tells FAIL ("interrupted") and is
     re-raised. `extra_hooks`: its latency_lock/should_stop/latency_cache are used, its
-    on_measured/on_epoch are called after this runner's own.
+    on_measured/on_epoch are called after this runner's own. `fit`: evaluate_spec's (how the
+    model gets its weights; default: trained from scratch).
     """
     extra = extra_hooks or EvalHooks()
     state: dict[str, float] = {}
@@ -141,7 +142,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         trial.set_user_attr("spec", spec.model_dump(mode="json"))
         result = evaluate_spec(spec, data=cfg.dataset, train=cfg.train, latency=cfg.latency,
                                device=device or cfg.device,
-                               latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks)
+                               latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks,
+                               fit=fit)
         metrics = result.metrics()
         if not result.feasible:
             for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):
