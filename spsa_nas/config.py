@@ -61,11 +61,33 @@ class TrainConfig(_Config):
 
 
 class LatencyConfig(_Config):
-    """How latency is measured: eval + inference mode, fixed batch, warm-up, median over repeats."""
+    """How latency is measured (spsa_nas.latency, docs/latency.md).
+
+    protocol "interleaved" (the default): the candidate and a fixed reference model (the plain
+    backbone at `reference_width`) timed in alternating blocks in one process; warm-up until the
+    block means settle; the figure is the median of block means with an order-statistic confidence
+    interval; blocks are added while the interval is wider than `max_ci_rel`. "simple": the first
+    protocol (fixed warm-up, median of single calls, no interval), kept to compare against.
+    """
 
     batch_size: int = Field(1, ge=1, le=1024)
-    warmup: int = Field(5, ge=0, le=10_000)
-    repeats: int = Field(30, ge=3, le=100_000)
+    warmup: int = Field(5, ge=0, le=10_000, description="untimed calls at least (per model)")
+    repeats: int = Field(30, ge=3, le=100_000, description="timed calls at least (per model)")
     min_time_s: float = Field(0.0, ge=0, le=600, description="keep repeating until this long")
-    threads: int | None = Field(None, ge=1, le=1024, description="torch threads; None: default")
+    threads: int | None = Field(1, ge=1, le=1024, description="torch threads; None: torch's default")
     channels_last: bool = False
+    protocol: Literal["interleaved", "simple"] = "interleaved"
+    # The reference: the spec's backbone with no attention at this width (same stem, input, classes);
+    # None: no reference (no ratio is recorded).
+    reference_width: float | None = Field(0.5, gt=0, le=4.0)
+    blocks: int = Field(12, ge=4, le=10_000, description="timed blocks per model, at least")
+    block_ms: float = Field(20.0, gt=0, le=60_000, description="target duration of one block")
+    ci_level: float = Field(0.95, ge=0.5, lt=1.0, description="confidence of the intervals")
+    max_ci_rel: float = Field(0.03, gt=0, le=10, description="add blocks while the interval's "
+                                                             "width / estimate is wider than this")
+    max_time_s: float = Field(20.0, gt=0, le=3600, description="time budget of the timed blocks, "
+                                                               "per model, re-measurements included")
+    settle_rel: float = Field(0.05, gt=0, le=1, description="warm-up ends when two successive "
+                                                            "warm-up blocks agree within this")
+    max_warmup_s: float = Field(5.0, ge=0, le=600, description="warm-up budget, per model")
+    pin_cpus: bool = Field(False, description="pin the measuring thread to `threads` CPUs (Linux)")

@@ -14,7 +14,7 @@ from torch import nn
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.counting import count_flops, count_params
 from spsa_nas.data import Splits, dataset_in_channels, dataset_num_classes, load_data
-from spsa_nas.latency import LatencyResult, latency_key, measure_latency, resolve_device
+from spsa_nas.latency import LatencyResult, latency_key, measure_latency, reference_model, resolve_device
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
 from spsa_nas.train import Cancelled, TrainReport, evaluate_accuracy, train_model
@@ -130,7 +130,9 @@ def _latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch
         found = _cached(hooks.latency_cache, key)  # measured by another worker while we waited
         if found is not None:
             return found, True
-        result = measure_latency(model, shape, cfg, device)
+        reference = reference_model(spec, cfg)  # the space's fixed reference, timed interleaved
+        result = measure_latency(model, shape, cfg, device, reference=reference[0] if reference else None,
+                                 reference_name=reference[1] if reference else None)
     if hooks.latency_cache is not None:
         hooks.latency_cache.put(key, result.to_dict())
     return result, False

@@ -6,9 +6,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import platform
+import shutil
+import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -22,12 +26,19 @@ from spsa_nas.config import LatencyConfig
 from spsa_nas.spec import ArchSpec
 
 MAX_SAMPLES = 1_000_000  # bound on timed calls when `min_time_s` asks for more than `repeats`
-KEY_VERSION = 1  # bump when the protocol changes, so that cached figures are not reused
+KEY_VERSION = 2  # bump when the protocol changes, so that cached figures are not reused
+# (2: the interleaved protocol with a reference model, intervals and re-measurement)
+REFERENCE = "__reference__"  # the reference's name in a group measurement
 
 
 @dataclass(frozen=True)
 class LatencyResult:
-    """Per-batch latency figures (milliseconds) and the conditions they were measured under."""
+    """Per-batch latency figures (milliseconds) and the conditions they were measured under.
+
+    `median_ms` is the figure a search uses: the median of single calls (protocol "simple", and
+    records written before the protocol had a name) or the median of block means ("interleaved").
+    The fields after `torch_version` are None in records of the first protocol (they still load).
+    """
 
     median_ms: float
     p90_ms: float
@@ -37,13 +48,31 @@ class LatencyResult:
     min_ms: float
     max_ms: float
     repeats: int  # timed calls actually made (>= the config's repeats)
-    warmup: int
+    warmup: int  # untimed calls made before timing
     batch_size: int
     input_shape: tuple[int, ...]  # the full timed input, (batch, C, H, W)
     device: str  # "cpu", "cuda:0", ...
     device_name: str  # CPU model or GPU name
     threads: int  # torch intra-op threads during the measurement
     torch_version: str
+    protocol: str | None = None  # "interleaved" or "simple"; None: a record of the first protocol
+    ci_low_ms: float | None = None  # confidence interval of median_ms (order statistics)
+    ci_high_ms: float | None = None
+    ci_level: float | None = None  # its confidence (e.g. 0.95)
+    blocks: int | None = None  # timed blocks (block means) behind the estimate
+    block_size: int | None = None  # calls per block
+    ci_extensions: int | None = None  # times blocks were added because the interval was too wide
+    converged: bool | None = None  # the interval ended within LatencyConfig.max_ci_rel
+    settled: bool | None = None  # the warm-up ended because timing settled (not on its budget)
+    reference: str | None = None  # what the reference model is, e.g. "resnet18 w0.5 plain"
+    reference_ms: float | None = None  # the reference's median of block means, same process
+    ratio: float | None = None  # median over blocks of (candidate block mean / adjacent reference's)
+    ratio_ci_low: float | None = None
+    ratio_ci_high: float | None = None
+    group_size: int | None = None  # models measured side by side (1 + reference for a trial)
+    affinity: list[int] | None = None  # CPUs the measuring thread was pinned to; None: not pinned
+    clocks: dict[str, Any] | None = None  # CUDA: clocks/temperature, or a note why none
+    measured_at: float | None = None  # unix time at the end of the measurement
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (the `latency` trial attribute)."""
@@ -53,11 +82,21 @@ class LatencyResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
-        """Inverse of `to_dict`; ValueError when a field is missing or unknown."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(data) != names:
-            raise ValueError(f"latency record has fields {sorted(data)}, expected {sorted(names)}")
+        """Inverse of `to_dict`, also of the first protocol's records (fewer fields); ValueError
+        when a field is missing or unknown."""
+        fields = dataclasses.fields(cls)
+        names = {f.name for f in fields}
+        required = {f.name for f in fields if f.default is dataclasses.MISSING}
+        if not required <= set(data) <= names:
+            raise ValueError(f"latency record has fields {sorted(data)}, expected {sorted(required)} "
+                             f"and optionally {sorted(names - required)}")
         return cls(**{**data, "input_shape": tuple(int(v) for v in data["input_shape"])})
+
+    def interval_ms(self) -> tuple[float, float] | None:
+        """(low, high) of the confidence interval of median_ms; None for a record without one."""
+        if self.ci_low_ms is None or self.ci_high_ms is None:
+            return None
+        return (self.ci_low_ms, self.ci_high_ms)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -135,74 +174,342 @@ def _threads(count: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _pinned(count: int, enabled: bool) -> Iterator[list[int] | None]:
+    """Pin the calling thread (and the threads it starts later) to `count` of its allowed CPUs, the
+    highest-numbered ones (CPU 0 takes most interrupts), for the duration. Yields the CPUs, or
+    None where nothing was pinned (disabled, or the platform has no sched_setaffinity)."""
+    if not enabled or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    chosen = sorted(before)[-count:]
+    try:
+        os.sched_setaffinity(0, chosen)
+    except OSError:
+        yield None
+        return
+    try:
+        yield chosen
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in [*model.parameters(), *model.buffers()]:
         return tensor.device
     return torch.device("cpu")
 
 
-def measure_latency(model: nn.Module, input_shape: Sequence[int], cfg: LatencyConfig,
-                    device: str | torch.device) -> LatencyResult:
-    """Median (and spread) of the wall time of one forward pass of a fixed batch on `device`.
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(median, low, high): the median of `values` and a distribution-free confidence interval for
+    it from order statistics, [x_(k), x_(n+1-k)] with the largest k whose coverage
+    1 - 2 P(Binomial(n, 1/2) <= k - 1) is at least `level`. With too few values for `level`
+    (n < 6 at 0.95) the interval is [min, max], whose coverage is lower."""
+    x = sorted(float(v) for v in values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"median_ci: level must be between 0 and 1, got {level}")
+    alpha = 1.0 - level
+    k, below = 1, 0.0  # below: P(B <= k - 1)
+    for j in range(0, (n + 1) // 2):
+        below += math.comb(n, j) / 2**n
+        if 2 * below > alpha:
+            break
+        k = j + 1
+    return float(np.median(x)), x[k - 1], x[n - k]
 
-    Protocol: the model in eval mode under `torch.inference_mode`; a fixed random input of
-    `cfg.batch_size` × `input_shape`; `cfg.warmup` untimed calls; then each timed call is
-    bracketed by device synchronisation and `time.perf_counter_ns`, at least `cfg.repeats` times and
-    until `cfg.min_time_s` of timed calls have accumulated; `cfg.threads` torch threads for the
-    duration. Afterwards the model's training flags, device and memory format are restored and the
-    thread count is set back.
+
+def _relative_width(values: Sequence[float], level: float) -> float:
+    center, low, high = median_ci(values, level)
+    return (high - low) / center if center > 0 else math.inf
+
+
+def _time_block(model: nn.Module, x: torch.Tensor, calls: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of `calls` forward passes, each started on an idle device: CUDA events
+    on CUDA (read after one synchronisation at the end), else perf_counter_ns around each call
+    with device synchronisation (MPS)."""
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(calls)]
+        for start, end in events:
+            stream.synchronize()
+            start.record(stream)
+            model(x)
+            end.record(stream)
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) for start, end in events]
+    out = []
+    for _ in range(calls):
+        _synchronize(device)
+        begin = time.perf_counter_ns()
+        model(x)
+        _synchronize(device)
+        out.append((time.perf_counter_ns() - begin) / 1e6)
+    return out
+
+
+def cuda_clocks(device: torch.device) -> dict[str, Any]:
+    """The GPU's current SM/memory clocks, their maxima and temperature (nvidia-smi), or a note
+    saying why they could not be read."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {"note": "nvidia-smi not found: clocks not recorded"}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fields = ["clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "temperature.gpu",
+              "power.draw", "pstate"]
+    try:
+        done = subprocess.run([smi, f"--id={index}", f"--query-gpu={','.join(fields)}",
+                               "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                              timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"note": f"nvidia-smi failed ({type(exc).__name__}): clocks not recorded"}
+    values = [v.strip() for v in done.stdout.strip().splitlines()[0].split(",")] if done.stdout else []
+    if len(values) != len(fields):
+        return {"note": f"nvidia-smi answered {done.stdout.strip()!r}: clocks not recorded"}
+    return {"source": "nvidia-smi", **dict(zip(fields, values, strict=True))}
+
+
+@dataclass
+class _Track:
+    """One model of a group measurement and what was timed of it."""
+
+    name: str
+    model: nn.Module
+    calls: int = 1  # per block
+    warmup: int = 0
+    last_mean: float | None = None
+    settled: bool = False
+    block_means: list[float] = dataclasses.field(default_factory=list)
+    samples: list[float] = dataclasses.field(default_factory=list)
+
+    def run_block(self, x: torch.Tensor, device: torch.device, *, timed: bool) -> float:
+        ms = _time_block(self.model, x, self.calls, device)
+        mean = float(np.mean(ms))
+        if timed:
+            self.block_means.append(mean)
+            self.samples += ms
+        else:
+            self.warmup += self.calls
+        return mean
+
+
+def _warm_up(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> None:
+    """`cfg.warmup` calls of each model, a block size per model (about `cfg.block_ms`, at least
+    repeats/blocks calls), then blocks of all models in turn until each model's two last block
+    means agree within `cfg.settle_rel` or the warm-up budget is spent."""
+    for _ in range(cfg.warmup):
+        for track in tracks:
+            track.model(x)
+            track.warmup += 1
+    for track in tracks:
+        probe = _time_block(track.model, x, 3, device)
+        track.warmup += 3
+        per_call = max(float(np.median(probe)), 1e-3)
+        wanted = max(math.ceil(cfg.repeats / cfg.blocks), round(cfg.block_ms / per_call), 1)
+        track.calls = int(min(10_000, wanted))
+    deadline = time.perf_counter() + cfg.max_warmup_s * len(tracks)
+    while not all(t.settled for t in tracks) and time.perf_counter() < deadline:
+        for track in tracks:
+            mean = track.run_block(x, device, timed=False)
+            last = track.last_mean
+            if last is not None and abs(mean - last) <= cfg.settle_rel * last:
+                track.settled = True
+            track.last_mean = mean
+
+
+def _time_rounds(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> int:
+    """Rounds of one block per model, the order rotated each round, until every model has
+    `cfg.blocks` blocks, `cfg.min_time_s` of timed calls and an interval within `cfg.max_ci_rel`
+    (or the time budget is spent). Returns the rounds added for a too wide interval."""
+    budget_ms = cfg.max_time_s * 1e3 * len(tracks)
+    extensions = 0
+    for round_index in range(MAX_SAMPLES):
+        shift = round_index % len(tracks)
+        for track in tracks[shift:] + tracks[:shift]:
+            track.run_block(x, device, timed=True)
+        if round_index + 1 < cfg.blocks:
+            continue
+        spent = sum(sum(t.samples) for t in tracks)
+        if spent >= budget_ms or min(len(t.samples) for t in tracks) >= MAX_SAMPLES:
+            break
+        if any(sum(t.samples) < cfg.min_time_s * 1e3 for t in tracks):
+            continue
+        if all(_relative_width(t.block_means, cfg.ci_level) <= cfg.max_ci_rel for t in tracks):
+            break
+        extensions += 1
+    return extensions
+
+
+@contextlib.contextmanager
+def _prepared_models(models: Sequence[nn.Module], cfg: LatencyConfig, device: torch.device) -> Iterator[None]:
+    """Every model in eval mode on `device` (channels_last if asked); afterwards each one's training
+    flags, device and memory format as they were."""
+    saved = [({m: m.training for m in model.modules()}, _model_device(model)) for model in models]
+    try:
+        for model in models:
+            model.to(device)
+            if cfg.channels_last:
+                model.to(memory_format=torch.channels_last)
+            model.eval()
+        yield
+    finally:
+        for model, (modes, home) in zip(models, saved, strict=True):
+            if cfg.channels_last:
+                model.to(memory_format=torch.contiguous_format)
+            model.to(home)
+            for module, training in modes.items():
+                module.training = training
+
+
+def _input(shape: tuple[int, ...], cfg: LatencyConfig, device: torch.device) -> torch.Tensor:
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(shape, generator=generator).to(device).contiguous(memory_format=memory_format)
+
+
+def _spread(samples: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(samples, dtype=np.float64)
+    q25, q50, q75, q90 = np.percentile(ms, [25, 50, 75, 90])
+    return {"median_ms": float(q50), "p90_ms": float(q90), "mean_ms": float(ms.mean()),
+            "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0, "iqr_ms": float(q75 - q25),
+            "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+
+
+def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], cfg: LatencyConfig,
+                  device: str | torch.device, *, reference: nn.Module | None = None,
+                  reference_name: str | None = None) -> dict[str, LatencyResult]:
+    """Latency of several models measured side by side in this process (protocol "interleaved").
+
+    Every model (and `reference`, when given) in eval mode under `torch.inference_mode`, on one
+    fixed random input; `cfg.threads` torch threads (and, with `cfg.pin_cpus`, the measuring
+    thread pinned to as many CPUs); warm-up (_warm_up) until each model's timing settles; then
+    rounds of one block of calls per model, the order rotated every round, so that every model
+    sees the same machine; blocks are added while any model's interval is wider than
+    `cfg.max_ci_rel` of its estimate, within `cfg.max_time_s` per model. Each model's figure is
+    the median of its block means with an order-statistic interval (median_ci); with a reference,
+    also the median over rounds of the ratio of its block mean to the reference's of the same
+    round, with its interval. Returns a result per name, and one for REFERENCE when given.
+    Afterwards every model's training flags, device and memory format are restored.
+    """
+    if not models:
+        raise ValueError("measure_group needs at least one model")
+    if REFERENCE in models:
+        raise ValueError(f"{REFERENCE!r} is the reference's name; name the models otherwise")
+    dev = resolve_device(device)
+    shape = full_input_shape(input_shape, cfg)
+    x = _input(shape, cfg, dev)
+    tracks = [_Track(name, model) for name, model in models.items()]
+    if reference is not None:
+        tracks.insert(0, _Track(REFERENCE, reference))
+    with (_prepared_models([t.model for t in tracks], cfg, dev), _threads(cfg.threads) as threads,
+          _pinned(threads, cfg.pin_cpus) as affinity, torch.inference_mode()):
+        _warm_up(tracks, x, cfg, dev)
+        extensions = _time_rounds(tracks, x, cfg, dev)
+    clocks = cuda_clocks(dev) if dev.type == "cuda" else None
+    now = time.time()
+    ref_track = tracks[0] if reference is not None else None
+    ref_ms = median_ci(ref_track.block_means, cfg.ci_level)[0] if ref_track is not None else None
+    out = {}
+    for track in tracks:
+        center, low, high = median_ci(track.block_means, cfg.ci_level)
+        ratio: tuple[float, float, float] | tuple[None, None, None] = (None, None, None)
+        if ref_track is not None and track is not ref_track:
+            ratios = [c / r for c, r in zip(track.block_means, ref_track.block_means, strict=True)]
+            ratio = median_ci(ratios, cfg.ci_level)
+        out[track.name] = LatencyResult(
+            **{**_spread(track.samples), "median_ms": center},
+            repeats=len(track.samples), warmup=track.warmup, batch_size=cfg.batch_size,
+            input_shape=shape, device=str(dev), device_name=device_name(dev), threads=threads,
+            torch_version=torch.__version__, protocol="interleaved", ci_low_ms=low, ci_high_ms=high,
+            ci_level=cfg.ci_level, blocks=len(track.block_means), block_size=track.calls,
+            ci_extensions=extensions, converged=(high - low) <= cfg.max_ci_rel * center,
+            settled=track.settled, reference=reference_name if reference is not None else None,
+            reference_ms=ref_ms, ratio=ratio[0], ratio_ci_low=ratio[1], ratio_ci_high=ratio[2],
+            group_size=len(tracks), affinity=affinity, clocks=clocks, measured_at=now,
+        )
+    return out
+
+
+def _measure_simple(model: nn.Module, shape: tuple[int, ...], cfg: LatencyConfig,
+                    dev: torch.device) -> LatencyResult:
+    """The first protocol: `cfg.warmup` calls, then single calls until `cfg.repeats` and
+    `cfg.min_time_s`; the median of the calls, no interval."""
+    x = _input(shape, cfg, dev)
+    samples: list[int] = []
+    with _prepared_models([model], cfg, dev), _threads(cfg.threads) as threads, \
+            _pinned(threads, cfg.pin_cpus) as affinity, torch.inference_mode():
+        for _ in range(cfg.warmup):
+            model(x)
+        _synchronize(dev)
+        budget_ns = cfg.min_time_s * 1e9
+        spent = 0
+        while len(samples) < cfg.repeats or (spent < budget_ns and len(samples) < MAX_SAMPLES):
+            _synchronize(dev)
+            start = time.perf_counter_ns()
+            model(x)
+            _synchronize(dev)
+            samples.append(time.perf_counter_ns() - start)
+            spent += samples[-1]
+    return LatencyResult(
+        **_spread([v / 1e6 for v in samples]), repeats=len(samples), warmup=cfg.warmup,
+        batch_size=cfg.batch_size, input_shape=shape, device=str(dev), device_name=device_name(dev),
+        threads=threads, torch_version=torch.__version__, protocol="simple", group_size=1,
+        affinity=affinity, clocks=cuda_clocks(dev) if dev.type == "cuda" else None,
+        measured_at=time.time(),
+    )
+
+
+def measure_latency(model: nn.Module, input_shape: Sequence[int], cfg: LatencyConfig,
+                    device: str | torch.device, *, reference: nn.Module | None = None,
+                    reference_name: str | None = None) -> LatencyResult:
+    """Latency of one forward pass of a fixed batch of `cfg.batch_size` x `input_shape` on `device`.
+
+    Protocol "interleaved" (the default): measure_group with this model and `reference`
+    (reference_model(spec, cfg) in a trial); "simple": the first protocol (a fixed warm-up, then
+    single synchronised calls timed with perf_counter_ns, at least `cfg.repeats` and until
+    `cfg.min_time_s`; the median; no reference, no interval). Both run in eval mode under
+    `torch.inference_mode` with `cfg.threads` torch threads, and restore the model's training
+    flags, device and memory format and the thread count afterwards.
     """
     dev = resolve_device(device)
     shape = full_input_shape(input_shape, cfg)
-    modes = {module: module.training for module in model.modules()}
-    home = _model_device(model)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=generator).to(dev).contiguous(memory_format=memory_format)
-    samples: list[int] = []
-    try:
-        model.to(dev)
-        if cfg.channels_last:
-            model.to(memory_format=torch.channels_last)
-        model.eval()
-        with _threads(cfg.threads) as threads, torch.inference_mode():
-            for _ in range(cfg.warmup):
-                model(x)
-            _synchronize(dev)
-            budget_ns = cfg.min_time_s * 1e9
-            spent = 0
-            while len(samples) < cfg.repeats or (spent < budget_ns and len(samples) < MAX_SAMPLES):
-                _synchronize(dev)
-                start = time.perf_counter_ns()
-                model(x)
-                _synchronize(dev)
-                samples.append(time.perf_counter_ns() - start)
-                spent += samples[-1]
-    finally:
-        if cfg.channels_last:
-            model.to(memory_format=torch.contiguous_format)
-        model.to(home)
-        for module, training in modes.items():
-            module.training = training
-    ms = np.asarray(samples, dtype=np.float64) / 1e6
-    q25, q50, q75, q90 = np.percentile(ms, [25, 50, 75, 90])
-    return LatencyResult(
-        median_ms=float(q50),
-        p90_ms=float(q90),
-        mean_ms=float(ms.mean()),
-        std_ms=float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
-        iqr_ms=float(q75 - q25),
-        min_ms=float(ms.min()),
-        max_ms=float(ms.max()),
-        repeats=len(samples),
-        warmup=cfg.warmup,
-        batch_size=cfg.batch_size,
-        input_shape=shape,
-        device=str(dev),
-        device_name=device_name(dev),
-        threads=threads,
-        torch_version=torch.__version__,
-    )
+    if cfg.protocol == "simple":
+        return _measure_simple(model, shape, cfg, dev)
+    return measure_group({"candidate": model}, shape, cfg, dev, reference=reference,
+                         reference_name=reference_name)["candidate"]
+
+
+def reference_spec(spec: ArchSpec, cfg: LatencyConfig) -> ArchSpec | None:
+    """The fixed reference of `spec`'s space: its backbone with no attention at
+    `cfg.reference_width` (same stem, input size, channels and classes); None when the config has
+    no reference or uses the simple protocol."""
+    if cfg.reference_width is None or cfg.protocol == "simple":
+        return None
+    return ArchSpec.plain(spec.backbone, stem=spec.stem, input_size=spec.input_size,
+                          in_channels=spec.in_channels, num_classes=spec.num_classes,
+                          width=cfg.reference_width)
+
+
+def describe_reference(spec: ArchSpec) -> str:
+    """A short name of a reference spec, e.g. "resnet18 w0.5 plain (cifar stem, 16 px)"."""
+    return f"{spec.backbone} w{spec.width:g} plain ({spec.stem} stem, {spec.input_size} px)"
+
+
+def reference_model(spec: ArchSpec, cfg: LatencyConfig) -> tuple[nn.Module, str] | None:
+    """The reference model of `spec` (reference_spec) and its name, built without touching the
+    global RNG (its weights do not matter for latency; a trial's training must not depend on
+    whether it was built); None when there is no reference."""
+    from spsa_nas.models import build_model  # the models import attention code; only here
+
+    ref = reference_spec(spec, cfg)
+    if ref is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        return build_model(ref), describe_reference(ref)
 
 
 def latency_key(spec: ArchSpec, input_shape: Sequence[int], cfg: LatencyConfig,

@@ -23,7 +23,7 @@ from spsa_nas.train import evaluate_accuracy
 # the trial user attrs of docs/CONTRACTS.md that a TrialResult fills
 METRIC_KEYS = {"params", "flops", "latency", "latency_ms", "feasible", "val_curve", "val_acc", "top1",
                "top5", "epochs", "train_seconds", "device", "spec"}
-FAST_LATENCY = LatencyConfig(warmup=1, repeats=3, threads=1)
+FAST_LATENCY = LatencyConfig(warmup=1, repeats=3, threads=1, protocol="simple")  # the quick protocol
 SYNTHETIC = DataConfig(name="synthetic", synthetic_samples=96, synthetic_classes=4, synthetic_size=16)
 
 
