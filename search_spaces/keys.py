@@ -8,6 +8,8 @@ SPACE_ATTR = "spsa_nas:space"  # the resolved search space (workers need no file
 PHASE_ATTR = "spsa_nas:phase"  # oneshot: supernet, candidates, retrain or done (the search's phase)
 SUPERNET_ATTR = "spsa_nas:supernet"  # oneshot: {key: {epoch, curve, checkpoint, done}} per supernet
 RETRAIN_ATTR = "spsa_nas:retrain"  # oneshot: the candidate trial numbers enqueued for retraining
+FINALISTS_ATTR = "spsa_nas:finalists"  # the last re-measurement of the finalists together: when,
+# which trials, where, the reference's figure, or the error that stopped it (docs/latency.md)
 RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: True asks the tasks of that run to stop; written
 # only by the run's coordinator, read by its tasks' heartbeats (cluster workers see only the database)
 
@@ -24,6 +26,12 @@ ERROR_ATTR = "error"  # why a trial failed, one line
 TRACEBACK_ATTR = "traceback"
 REASON_ATTR = "reason"  # why a trial failed or was pruned, in words
 LATENCY_KEY_ATTR = "latency_key"  # the latency cache's key of the trial's measurement
+LATENCY_CI_ATTR = "latency_ci_ms"  # [low, high]: confidence interval of latency_ms (first pass)
+LATENCY_RATIO_ATTR = "latency_ratio"  # latency / the reference's, measured interleaved (first pass)
+LATENCY_RATIO_CI_ATTR = "latency_ratio_ci"  # [low, high] of that ratio
+REMEASURED_ATTR = "latency_remeasured"  # the LatencyResult dict of the finalists' re-measurement
+REMEASURED_MS_ATTR = "latency_remeasured_ms"  # its figure (median of block means), ms
+REMEASURED_CI_ATTR = "latency_remeasured_ci_ms"  # [low, high] of that figure
 WEIGHTS_ARTIFACT_ATTR = "weights_artifact"  # artifact id of the trained weights (safetensors)
 ONNX_ARTIFACT_ATTR = "onnx_artifact"  # artifact id of the ONNX export, made when the trial completed
 ONNX_ERROR_ATTR = "onnx_error"  # why that export failed (the trial stays COMPLETE), one line
@@ -45,12 +53,19 @@ __all__ = [
     "CONFIG_ATTR",
     "ERROR_ATTR",
     "ESTIMATE_ATTR",
+    "FINALISTS_ATTR",
     "HEARTBEAT_ATTR",
+    "LATENCY_CI_ATTR",
     "LATENCY_KEY_ATTR",
+    "LATENCY_RATIO_ATTR",
+    "LATENCY_RATIO_CI_ATTR",
     "ONNX_ARTIFACT_ATTR",
     "ONNX_ERROR_ATTR",
     "PHASE_ATTR",
     "REASON_ATTR",
+    "REMEASURED_ATTR",
+    "REMEASURED_CI_ATTR",
+    "REMEASURED_MS_ATTR",
     "RETRAIN_ATTR",
     "RETRAIN_OF_ATTR",
     "RETRY_OF_ATTR",
