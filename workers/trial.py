@@ -16,7 +16,10 @@ from optuna.trial import FrozenTrial, TrialState
 from search_spaces.config import SearchConfig
 from search_spaces.keys import (
     ERROR_ATTR,
+    LATENCY_CI_ATTR,
     LATENCY_KEY_ATTR,
+    LATENCY_RATIO_ATTR,
+    LATENCY_RATIO_CI_ATTR,
     ONNX_ARTIFACT_ATTR,
     ONNX_ERROR_ATTR,
     REASON_ATTR,
@@ -28,6 +31,19 @@ from search_spaces.study import mnas_score, objective_values
 from search_spaces.suggest import suggest_arch
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
 from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, evaluate_spec
+from spsa_nas.latency import LatencyResult
+
+
+def latency_interval_attrs(latency: LatencyResult) -> dict[str, Any]:
+    """The trial user attrs beside `latency_ms` that optuna-dashboard shows as columns: its
+    interval and the ratio to the reference with its interval (None for the simple protocol)."""
+    interval = latency.interval_ms()
+    ratio = latency.ratio
+    return {
+        LATENCY_CI_ATTR: list(interval) if interval is not None else None,
+        LATENCY_RATIO_ATTR: ratio,
+        LATENCY_RATIO_CI_ATTR: [latency.ratio_ci_low, latency.ratio_ci_high] if ratio is not None else None,
+    }
 
 
 class StudyLatencyCache:
@@ -116,6 +132,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         trial.set_user_attr("latency", m.latency.to_dict())
         trial.set_user_attr("latency_ms", m.latency.median_ms)
         trial.set_user_attr("latency_cached", m.cached)
+        for key, value in latency_interval_attrs(m.latency).items():
+            trial.set_user_attr(key, value)
 
     curve: list[float] = []
 
