@@ -12,7 +12,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
-from search_spaces.keys import CONFIG_ATTR, SPACE_ATTR
+from search_spaces.keys import CONFIG_ATTR, ESTIMATE_ATTR, RETRAIN_OF_ATTR, SPACE_ATTR
 from search_spaces.loading import load_space
 from search_spaces.space import SearchSpace
 from search_spaces.storage import as_storage
@@ -221,7 +221,9 @@ def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
     `trial_number`: that trial (it must be complete). Otherwise among the complete trials whose
     median latency is within `latency_budget_ms` (default: the study's objective budget, if any):
     pareto studies -> the highest validation accuracy, ties to the lower latency, then the lower
-    trial number; score studies -> the highest score, ties likewise. LookupError when none qualifies.
+    trial number; score studies -> the highest score, ties likewise. A oneshot study chooses among
+    its retrained candidates (user attr `retrain_of`) when any qualifies: their accuracies are
+    measured, the others' are supernet estimates. LookupError when none qualifies.
     """
     if trial_number is not None:
         matches = [t for t in study.get_trials(deepcopy=False) if t.number == trial_number]
@@ -242,6 +244,9 @@ def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
     trials = _complete(study)
     if budget is not None:
         trials = [t for t in trials if t.user_attrs["latency_ms"] <= budget]
+    retrained = [t for t in trials if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
+    if retrained:  # oneshot: real accuracies of retrained finalists before supernet estimates
+        trials = retrained
     if not trials:
         within = f" within {budget:g} ms" if budget is not None else ""
         counts = trial_counts(study)
@@ -254,6 +259,15 @@ def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
         return (-primary, t.user_attrs["latency_ms"], t.number)
 
     return min(trials, key=key)
+
+
+#: The figures of a oneshot candidate that come from the supernet's weights (estimates).
+ESTIMATED_METRICS = ("val_acc", "top1", "top5", "val_curve")
+
+
+def estimated_metrics(attrs: dict[str, Any]) -> list[str]:
+    """Which of a trial's metrics are one-shot estimates (none for standalone or retrained trials)."""
+    return list(ESTIMATED_METRICS) if attrs.get(ESTIMATE_ATTR) else []
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
@@ -285,10 +299,12 @@ def finished(counts: dict[str, int]) -> int:
 
 
 __all__ = [
+    "ESTIMATED_METRICS",
     "METRIC_NAMES",
     "create_study",
     "describe_spec",
     "directions",
+    "estimated_metrics",
     "load_study",
     "make_pruner",
     "make_sampler",

@@ -17,7 +17,8 @@ from search_spaces.keys import ERROR_ATTR, RUNNER_ATTR
 from search_spaces.run import Outcome, RunReport
 from search_spaces.storage import open_storage
 from search_spaces.study import finished, load_study, study_config, study_space, trial_counts
-from spsa_nas.evaluate import EvalHooks
+from spsa_nas.evaluate import Cancelled, EvalHooks
+from workers.oneshot import OneshotPhases, run_oneshot_trial
 from workers.trial import run_trial
 
 MAX_CONSECUTIVE_FAILURES = 3  # then stop: the same error would repeat for every trial
@@ -84,8 +85,17 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
     start = time.monotonic()
     ran, crashed, failures_in_row, last_error = 0, 0, 0, None
     outcome: Outcome = "done"
-    while True:
-        if finished(trial_counts(study)) >= cfg.trials:
+    phases = None
+    if cfg.strategy == "oneshot":  # the supernet first (in this process), then candidates, retraining
+        phases = OneshotPhases(study, cfg, space, storage_url, str(artifact_dir))
+        try:
+            phases.train_supernets(device=device or cfg.device, should_stop=extra.should_stop)
+        except Cancelled:
+            outcome = "cancelled"
+    while outcome != "cancelled":
+        if finished(trial_counts(study)) >= (phases.target() if phases else cfg.trials):
+            if phases is not None and phases.advance():
+                continue
             outcome = "done"
             break
         if cfg.timeout_s is not None and time.monotonic() - start >= cfg.timeout_s:
@@ -96,8 +106,12 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
             break
         trial = study.ask()
         trial.set_user_attr(RUNNER_ATTR, marker)
-        frozen = run_trial(study, trial, cfg, space, artifact_store=store, device=device,
-                           extra_hooks=extra)
+        if phases is not None:
+            frozen = run_oneshot_trial(study, trial, cfg, space, artifact_dir=str(artifact_dir),
+                                       device=device, extra_hooks=extra)
+        else:
+            frozen = run_trial(study, trial, cfg, space, artifact_store=store, device=device,
+                               extra_hooks=extra)
         ran += 1
         if progress is not None:
             progress(study, frozen)

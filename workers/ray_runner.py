@@ -96,6 +96,8 @@ class RunnerOptions:
     memory_check_s: float = 0.5  # how often a trial process compares its RSS with the limit
     pending_timeout_s: float | None = 900.0  # a trial task not started after this long (no node has
     # the resources it asks for) fails the search with that reason; None: wait for ever
+    remeasure_finalists: bool = True  # a finished run (done, timeout) ends by re-measuring its finalists'
+    # latencies together on a worker with a trial's resources (workers.finalists, docs/latency.md)
 
     def __post_init__(self) -> None:
         if self.memory_bytes is not None and self.memory_bytes <= 0:
@@ -466,6 +468,12 @@ def run_search(
         raise
     run = _Run(study=study, storage=storage, cfg=cfg, options=options, run_id=uuid.uuid4().hex[:12])
     ray_mode = _connect_ray(ray_address)
+    phases = None
+    if cfg.strategy == "oneshot":  # the supernet phase (Ray Train) first; then candidates, retraining
+        from workers.oneshot import OneshotPhases, oneshot_trial_fn
+
+        phases = OneshotPhases(study, cfg, space, storage_url, artifact_dir)
+        trial_fn = trial_fn or oneshot_trial_fn
     spec = ray.put(_TaskSpec(storage_url=storage_url, study_name=study_name, cfg=cfg, space=space,
                              artifact_dir=artifact_dir, run_id=run.run_id, trial_fn=trial_fn,
                              options=options))
@@ -488,7 +496,11 @@ def run_search(
     outcome: Outcome = "done"
     try:
         run.reconcile_retries()
+        if phases is not None and not phases.train_supernets_ray(
+                run_id=run.run_id, should_cancel=should_cancel, poll_s=options.poll_s):
+            cancel_since = time.monotonic()  # cancelled while the supernet trained
         while True:
+            target = phases.target() if phases is not None else cfg.trials
             now = time.monotonic()
             if cancel_since is None and should_cancel is not None and should_cancel():
                 cancel_since = now
@@ -517,7 +529,7 @@ def run_search(
             _check_pending(run, ray, now, resources, memory)
             failing = run.crash_streak >= max_streak or run.pending_error is not None
             if cancel_since is None and not timed_out and not failing:
-                need = cfg.trials - done - len(run.in_flight) - len(foreign)
+                need = target - done - len(run.in_flight) - len(foreign)
                 for _ in range(max(0, min(need, cfg.parallelism - len(run.in_flight)))):
                     token = uuid.uuid4().hex
                     ref = task.remote(spec, token, seed_base + run.dispatched)
@@ -525,11 +537,14 @@ def run_search(
                     run.tokens.add(token)
                     run.dispatched_at[token] = now
                     run.dispatched += 1
-            stopping = cancel_since is not None or timed_out or failing or done >= cfg.trials
+            stopping = cancel_since is not None or timed_out or failing or done >= target
             if not run.in_flight:
                 if stopping and (cancel_since is not None or not foreign):
+                    if (phases is not None and done >= target and cancel_since is None and not timed_out
+                            and not failing and phases.advance()):
+                        continue  # the next phase (retraining) enqueued its trials
                     outcome = ("cancelled" if cancel_since is not None else "failing" if failing
-                               else "done" if done >= cfg.trials else "timeout")
+                               else "done" if done >= target else "timeout")
                     break
                 time.sleep(options.poll_s)  # foreign trials (an earlier coordinator's) still running
                 continue
@@ -540,6 +555,8 @@ def run_search(
             for trial in run.trials(TrialState.RUNNING):
                 if trial.user_attrs.get(TASK_ATTR) in run.tokens:
                     run.fail_cancelled(trial)
+        if outcome in ("done", "timeout") and options.remeasure_finalists:
+            _remeasure_finalists(run, ray, spec, should_cancel)
         return _report(run, outcome, time.monotonic() - start, ray_mode)
     except KeyboardInterrupt:  # Ctrl-C of the CLI: stop the tasks, record their trials, re-raise
         for ref in run.in_flight:
@@ -557,6 +574,56 @@ def run_search(
         storage.close()
         if ray_mode != "caller":
             ray.shutdown()
+
+
+def _finalists_task(spec: _TaskSpec) -> dict[str, Any] | None:
+    """A Ray task: the finalists of the study re-measured together on this worker, under the host's
+    latency gate (workers.finalists.remeasure_finalists); a failure is recorded in the study."""
+    import ray
+
+    from workers.finalists import record_failure, remeasure_finalists
+
+    device = spec.cfg.device
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    storage = open_storage(spec.storage_url)
+    try:
+        study = optuna.load_study(study_name=spec.study_name, storage=storage)
+        gate = NodeGate(spec.options.lock_dir, pause_training=spec.options.pause_training_during_latency)
+        try:
+            return remeasure_finalists(study, device=device, latency_lock=gate.latency_lock)
+        except Exception as exc:
+            record_failure(study, device, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            gate.close()
+    finally:
+        storage.close()
+
+
+def _remeasure_finalists(run: _Run, ray: Any, spec: Any, should_cancel: Callable[[], bool] | None) -> None:
+    """After the last trial: the finalists re-measured together by one Ray task with a trial's
+    resources (so on the kind of worker the trials ran on); a cancel stops it; a failure is logged
+    and recorded in the study by the task, and never fails the search."""
+    from search_spaces.finalists import finalist_trials
+
+    if not finalist_trials(run.study):
+        return
+    resources = run.cfg.resources
+    ref = ray.remote(_finalists_task).options(
+        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+        memory=run.options.memory_limit(resources), resources=dict(run.options.resources) or None,
+        max_retries=0, retry_exceptions=False, name=f"spsa-nas-finalists:{run.study.study_name}",
+    ).remote(spec)
+    while not ray.wait([ref], timeout=run.options.poll_s)[0]:
+        if should_cancel is not None and should_cancel():
+            ray.cancel(ref, force=True)
+            return
+    try:
+        ray.get(ref)
+    except Exception as error:
+        logger.warning("search %s: the finalists' re-measurement failed: %s", run.study.study_name,
+                       str(error)[-600:])
 
 
 def _fits_some_node(ray: Any, resources: Resources, memory: int | None) -> bool:

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import core_schema
 
-from search_spaces.config import ObjectiveConfig, Resources, SearchConfig
+from search_spaces.config import ObjectiveConfig, OneshotConfig, Resources, SearchConfig
 from search_spaces.loading import builtin_spaces
 from search_spaces.run import RunReport
 from search_spaces.space import SearchSpace
@@ -107,6 +107,7 @@ _REST_TYPES: dict[str, Any] = {
     "train": _strict(TrainConfig),
     "latency": _strict(LatencyConfig),
     "resources": _strict(Resources),
+    "oneshot": _strict(OneshotConfig),
 }
 _REST_FIELDS: dict[str, FieldInfo] = {
     "space": Field(description="a built-in space name (GET /api/v1/spaces) or an inline space"),
@@ -235,6 +236,10 @@ class BestSoFar(BaseModel):
 
 
 class Progress(BaseModel):
+    phase: Literal["supernet", "candidates", "retrain", "done"] | None = Field(
+        None, description="oneshot searches: supernet training, candidate evaluation, retraining, done")
+    supernet: dict[str, Any] | None = Field(
+        None, description="oneshot: per supernet (backbone@width) its epoch, epochs and training curve")
     trials_requested: int
     finished: int = Field(description="complete + pruned: what counts towards `trials_requested`")
     complete: int

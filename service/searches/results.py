@@ -10,7 +10,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.study import finished, select_best, trial_counts
+from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, SUPERNET_ATTR
+from search_spaces.study import estimated_metrics, finished, select_best, trial_counts
 from service.api.schemas import BestSoFar, Progress, TrialPublic
 from service.core.models import Search, utcnow
 from service.core.redact import redact_paths
@@ -33,6 +34,10 @@ METRIC_KEYS = (
     "latency",
     "reason",
     "error",
+    "oneshot_estimate",  # oneshot: True when the accuracies come from the supernet's weights
+    "retrain_of",  # oneshot: the candidate this trial retrained from scratch
+    "oneshot_val_acc",  # ... and that candidate's estimates, beside this trial's real figures
+    "oneshot_top1",
 )
 
 
@@ -58,6 +63,8 @@ def trial_metrics(trial: FrozenTrial, *, settings: Settings) -> dict[str, Any]:
     for key in ("error", "reason"):
         if isinstance(metrics.get(key), str):
             metrics[key] = redact_paths(metrics[key], settings)
+    if trial.user_attrs.get(ESTIMATE_ATTR) is not None:
+        metrics["estimated"] = estimated_metrics(trial.user_attrs)
     return metrics
 
 
@@ -96,6 +103,15 @@ def best_so_far(
         return None
 
 
+def _supernet_progress(records: Any) -> dict[str, Any] | None:
+    """oneshot: per supernet its epoch, epochs and training curve (no artifact ids)."""
+    if not isinstance(records, dict):
+        return None
+    keep = ("epoch", "epochs", "done", "curve", "workers")
+    return {key: {k: _json_safe(v) for k, v in record.items() if k in keep}
+            for key, record in records.items() if isinstance(record, dict)}
+
+
 def progress(search: Search, study: StudyView | None, trials_requested: int) -> Progress:
     """Trial counts by state, the best trial so far and timings of a search."""
     # no study (not created yet, or gone): every count is 0
@@ -119,7 +135,10 @@ def progress(search: Search, study: StudyView | None, trials_requested: int) -> 
             )
     end: datetime = search.finished_at or utcnow()
     elapsed = (end - search.started_at).total_seconds() if search.started_at else None
+    attrs = study.user_attrs if study is not None else {}
     return Progress(
+        phase=attrs.get(PHASE_ATTR),
+        supernet=_supernet_progress(attrs.get(SUPERNET_ATTR)),
         trials_requested=trials_requested,
         finished=finished(counts),
         complete=counts["complete"],

@@ -1,0 +1,469 @@
+"""The `oneshot` strategy's phases: supernet training (in-process, or data-parallel with Ray Train),
+candidate evaluation on the supernet's weights, and the standalone retraining of the finalists.
+
+Phases, recorded in the study's user attr `spsa_nas:phase` (the API's progress shows it):
+  supernet   - one supernet per (backbone, width) of the space trains with single-path uniform
+               sampling; each epoch's checkpoint is a study artifact (`spsa_nas:supernet` holds
+               its id, the epoch and the training curve), so a killed run resumes from the last one;
+  candidates - the study's trials: each asks an architecture as a standalone trial does, is built
+               standalone (latency measured exactly as a standalone trial's), takes its path's
+               supernet weights, recalibrates BatchNorm, and is validated and tested (user attr
+               `oneshot_estimate`: its accuracies are estimates);
+  retrain    - the `retrain_top_k` best Pareto candidates are enqueued again and trained from
+               scratch as standalone trials (user attr `retrain_of`: the candidate's number);
+  done.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.config import SearchConfig
+from search_spaces.keys import (
+    ESTIMATE_ATTR,
+    PHASE_ATTR,
+    RETRAIN_ATTR,
+    RETRAIN_OF_ATTR,
+    SUPERNET_ATTR,
+    run_cancel_attr,
+)
+from search_spaces.space import AlphaRange, SearchSpace
+from search_spaces.storage import open_storage
+from search_spaces.study import pareto_front
+from search_spaces.suggest import resolve_io
+from spsa_nas.data import Splits, dataset_in_channels, dataset_num_classes, load_data
+from spsa_nas.evaluate import EvalHooks
+from spsa_nas.latency import resolve_device
+from spsa_nas.spec import ArchSpec, StageSpec
+from spsa_nas.supernet import (
+    PathSampler,
+    Supernet,
+    SupernetEpoch,
+    SupernetRun,
+    recalibrate_bn,
+    train_supernet,
+)
+from spsa_nas.train import TrainReport, evaluate_accuracy
+from workers.trial import run_trial
+
+PHASES = ("supernet", "candidates", "retrain", "done")
+CANCEL_CHECK_S = 2.0  # how often a supernet worker reads the study for a cancel
+
+
+def supernet_key(backbone: str, width: float) -> str:
+    """The name of the supernet of one backbone and width ("resnet18@w0.5")."""
+    return f"{backbone}@w{width:g}"
+
+
+def uniform_sampler(space: SearchSpace, base: ArchSpec) -> PathSampler:
+    """Draws paths of `space` at `base`'s backbone and width uniformly, choice by choice, with the
+    same structure as suggest_arch (heads, alpha and order only where SPSA is on; a continuous
+    alpha range uniformly, log-uniformly when it says log, on its grid when it has a step)."""
+    stages = [stage.choices for stage in space.stage_choices(base.backbone)]
+
+    def alpha(rng: random.Random, choices: Any) -> float:
+        if not isinstance(choices, AlphaRange):
+            return float(rng.choice(list(choices)))
+        grid = choices.values()
+        if grid is not None:
+            return float(rng.choice(grid))
+        if choices.log:
+            return math.exp(rng.uniform(math.log(choices.low), math.log(choices.high)))
+        return rng.uniform(choices.low, choices.high)
+
+    def sample(rng: random.Random) -> ArchSpec:
+        specs = []
+        for c in stages:
+            spsa = rng.choice(c.spsa)
+            attn = rng.choice(c.channel_attn)
+            if not spsa:
+                specs.append(StageSpec(channel_attn=attn))
+                continue
+            order = rng.choice(c.attn_order) if attn != "none" else "channel_first"
+            specs.append(StageSpec(spsa=True, spsa_heads=rng.choice(c.heads), spsa_alpha=alpha(rng, c.alpha),
+                                   channel_attn=attn, attn_order=order))  # type: ignore[arg-type]
+        return base.model_copy(update={"stages": tuple(specs)})
+
+    return sample
+
+
+@dataclass(frozen=True)
+class SupernetJob:
+    """Everything one supernet's training needs, picklable for Ray Train workers."""
+
+    storage_url: str
+    study_name: str
+    artifact_dir: str
+    cfg: SearchConfig
+    space: SearchSpace
+    base: ArchSpec  # backbone, width, stem, input size, classes, channels of the supernet
+    cancel_attr: str | None = None  # the study attr a coordinator sets to stop the run
+
+    @property
+    def key(self) -> str:
+        return supernet_key(self.base.backbone, self.base.width)
+
+    def choices(self) -> list[list[str]]:
+        return [list(s.choices.channel_attn) for s in self.space.stage_choices(self.base.backbone)]
+
+    def build(self) -> Supernet:
+        torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every worker
+        return Supernet(self.base, self.choices())
+
+    def splits(self) -> Splits:
+        return load_data(self.cfg.dataset, self.cfg.train.image_size or self.base.input_size,
+                         self.base.in_channels)
+
+
+def supernet_bases(cfg: SearchConfig, space: SearchSpace) -> list[ArchSpec]:
+    """One base spec per (backbone, width) of the space: a supernet each (a supernet has one width)."""
+    classes, channels = resolve_io(
+        space, num_classes=dataset_num_classes(cfg.dataset) if space.num_classes is None else None,
+        in_channels=dataset_in_channels(cfg.dataset) if space.in_channels is None else None)
+    return [ArchSpec.plain(backbone, num_classes=classes, in_channels=channels, stem=space.stem,
+                           input_size=space.input_size, width=width)  # type: ignore[arg-type]
+            for backbone in space.backbones for width in space.widths]
+
+
+def _record(study: optuna.Study, key: str) -> dict[str, Any]:
+    return dict((study.user_attrs.get(SUPERNET_ATTR) or {}).get(key) or {})
+
+
+def _set_record(study: optuna.Study, key: str, record: dict[str, Any]) -> None:
+    records = dict(study.user_attrs.get(SUPERNET_ATTR) or {})
+    records[key] = record
+    study.set_user_attr(SUPERNET_ATTR, records)
+
+
+def _load_checkpoint(artifact_dir: str, artifact_id: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
+        path = Path(tmp) / "supernet.pt"
+        download_artifact(artifact_store=FileSystemArtifactStore(artifact_dir), file_path=str(path),
+                          artifact_id=artifact_id)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_one_supernet(job: SupernetJob, device: str | torch.device, *, rank: int = 0, world: int = 1,
+                       wrapped: torch.nn.Module | None = None, supernet: Supernet | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> list[SupernetEpoch]:
+    """Train (or resume) the supernet of `job` to its epochs; worker `rank` of `world` (rank 0
+    stores each epoch's checkpoint as a study artifact and the curve in `spsa_nas:supernet`)."""
+    device = resolve_device(device)
+    storage = open_storage(job.storage_url)
+    try:
+        study = optuna.load_study(study_name=job.study_name, storage=storage)
+        record = _record(study, job.key)
+        epochs = job.cfg.oneshot.supernet_epochs(job.cfg.train)
+        if record.get("done"):
+            return [SupernetEpoch(**r) for r in record.get("curve", [])]
+        supernet = supernet or job.build()
+        resume = None
+        if record.get("checkpoint"):
+            resume = _load_checkpoint(job.artifact_dir, record["checkpoint"])
+        splits = job.splits()
+        run = SupernetRun(train=job.cfg.train, epochs=epochs, bn_batches=job.cfg.oneshot.bn_batches,
+                          shards=world, rank=rank)
+
+        def on_epoch(epoch: SupernetEpoch, checkpoint: Callable[[], dict[str, Any]]) -> None:
+            if rank != 0:
+                return
+            state = checkpoint()
+            state["base"] = job.base.model_dump_json()
+            state["choices"] = job.choices()
+            with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
+                path = Path(tmp) / f"supernet-{job.key}-epoch{epoch.epoch}.pt"
+                torch.save(state, path)
+                artifact = upload_artifact(artifact_store=FileSystemArtifactStore(job.artifact_dir),
+                                           file_path=str(path), study_or_trial=study,
+                                           mimetype="application/octet-stream")
+            _set_record(study, job.key, {"epoch": epoch.epoch, "epochs": epochs, "checkpoint": artifact,
+                                         "curve": state["curve"], "done": epoch.epoch >= epochs,
+                                         "workers": world})
+
+        curve = train_supernet(supernet, uniform_sampler(job.space, job.base), splits.train, splits.val, run,
+                               device, wrapped=wrapped, resume=resume, on_epoch=on_epoch,
+                               should_stop=should_stop)
+        if rank == 0 and not _record(study, job.key).get("done"):  # resumed at its last epoch
+            _set_record(study, job.key, {**_record(study, job.key), "done": True})
+        return curve
+    finally:
+        storage.close()
+
+
+def _cancel_poll(job: SupernetJob) -> Callable[[], bool] | None:
+    """should_stop for a supernet worker: True once the coordinator set the run's cancel attr."""
+    if job.cancel_attr is None:
+        return None
+    storage = open_storage(job.storage_url)
+    study_id = storage.get_study_id_from_name(job.study_name)
+    last = [0.0, False]
+
+    def should_stop() -> bool:
+        now = time.monotonic()
+        if now - last[0] >= CANCEL_CHECK_S:
+            last[0] = now
+            last[1] = bool(storage.get_study_user_attrs(study_id).get(job.cancel_attr))
+        return bool(last[1])
+
+    return should_stop
+
+
+def _ddp_worker(config: dict[str, Any]) -> None:
+    """Ray Train's loop per worker: DDP (gloo on CPU, NCCL on GPU) over the supernet."""
+    import ray.train
+    import ray.train.torch
+
+    job: SupernetJob = config["job"]
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    supernet = job.build()
+    device = ray.train.torch.get_device()
+    wrapped = None
+    if world > 1:  # one path per step: the other branches get no gradient that step
+        wrapped = ray.train.torch.prepare_model(
+            supernet, parallel_strategy_kwargs={"find_unused_parameters": True})
+    else:
+        supernet.to(device)
+    train_one_supernet(job, device, rank=rank, world=world, wrapped=wrapped, supernet=supernet,
+                       should_stop=_cancel_poll(job))
+
+
+def train_supernet_ray(job: SupernetJob, *, workers: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                       storage_path: str | None = None) -> None:
+    """Train the supernet of `job` with Ray Train's TorchTrainer: `workers` DDP workers (gloo on
+    CPU, NCCL when each has a GPU). Ray must be initialised. Raises what the training raised."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = num_gpus > 0
+    per_worker = {"CPU": num_cpus, **({"GPU": num_gpus} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"job": job, "threads": max(1, int(num_cpus))},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name=f"supernet-{job.study_name}-{job.key}".replace("@", "-"),
+                             storage_path=storage_path or str(Path(job.artifact_dir).resolve() / "ray")),
+    )
+    trainer.fit()
+
+
+@functools.lru_cache(maxsize=2)
+def _supernet_from(artifact_dir: str, artifact_id: str) -> Supernet:
+    """The trained supernet of a checkpoint artifact (cached: every candidate of a worker uses it)."""
+    state = _load_checkpoint(artifact_dir, artifact_id)
+    supernet = Supernet(ArchSpec.model_validate_json(state["base"]), state["choices"])
+    supernet.load_state_dict(state["model"])
+    return supernet.eval()
+
+
+def supernet_fit(study: optuna.Study, cfg: SearchConfig, artifact_dir: str) -> Callable[..., TrainReport]:
+    """evaluate_spec's `fit` for a candidate: its path's weights from the trained supernet of its
+    backbone and width, BN recalibrated on `oneshot.bn_batches` training batches, then validated."""
+
+    def fit(model: torch.nn.Module, splits: Splits, device: torch.device, hooks: EvalHooks) -> TrainReport:
+        start = time.perf_counter()
+        spec: ArchSpec = model.spec  # type: ignore[assignment]
+        key = supernet_key(spec.backbone, spec.width)
+        record = _record(study, key)
+        if not record.get("done") or not record.get("checkpoint"):
+            phase = study.user_attrs.get(PHASE_ATTR)
+            raise RuntimeError(f"the supernet {key} is not trained (phase {phase!r}); candidates are "
+                               "evaluated after the supernet phase")
+        supernet = _supernet_from(artifact_dir, record["checkpoint"])
+        weights = {k: v.detach() for k, v in supernet.path_state_dict(spec).items()}
+        model.load_state_dict(weights, strict=True)
+        recalibrate_bn(model, splits.train, device, batches=cfg.oneshot.bn_batches,
+                       batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+        acc = evaluate_accuracy(model, splits.val, device, topk=(1,),
+                                batch_size=max(cfg.train.batch_size, 256))[1]
+        return TrainReport(val_curve=[float(acc or 0.0)], epochs=0, steps=cfg.oneshot.bn_batches,
+                           seconds=time.perf_counter() - start)
+
+    return fit
+
+
+def run_oneshot_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
+                      artifact_dir: str, device: str | None = None,
+                      extra_hooks: EvalHooks | None = None) -> FrozenTrial:
+    """One trial of a oneshot search: a retraining (user attr `retrain_of`) trains standalone from
+    scratch; any other trial is a candidate evaluated on the supernet's weights."""
+    store = FileSystemArtifactStore(artifact_dir)
+    if RETRAIN_OF_ATTR in trial.user_attrs:
+        trial.set_user_attr(ESTIMATE_ATTR, False)
+        return run_trial(study, trial, cfg, space, artifact_store=store, device=device,
+                         extra_hooks=extra_hooks)
+    trial.set_user_attr(ESTIMATE_ATTR, True)
+    return run_trial(study, trial, cfg, space, artifact_store=store, device=device, extra_hooks=extra_hooks,
+                     fit=supernet_fit(study, cfg, artifact_dir))
+
+
+def oneshot_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: Any) -> None:
+    """The Ray runner's trial function of a oneshot search (workers.ray_runner.TrialFn)."""
+    Path(ctx.artifact_dir).mkdir(parents=True, exist_ok=True)
+    run_oneshot_trial(study, trial, ctx.cfg, ctx.space, artifact_dir=ctx.artifact_dir, device=ctx.device,
+                      extra_hooks=EvalHooks(latency_lock=ctx.latency_lock, should_stop=ctx.should_stop))
+
+
+def retrain_choice(study: optuna.Study, cfg: SearchConfig) -> list[FrozenTrial]:
+    """The candidates to retrain: the Pareto front of the one-shot estimates (score objective: the
+    best scores), the highest estimated accuracy first, filled up by accuracy to retrain_top_k."""
+    candidates = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                  if t.user_attrs.get(ESTIMATE_ATTR) and t.user_attrs.get("val_acc") is not None]
+    budget = cfg.objective.latency_budget_ms
+    if budget is not None:
+        candidates = [t for t in candidates if t.user_attrs["latency_ms"] <= budget]
+
+    def rank(t: FrozenTrial) -> tuple[float, float, int]:
+        primary = t.values[0] if cfg.objective.kind == "score" else t.user_attrs["val_acc"]
+        return (-primary, t.user_attrs["latency_ms"], t.number)
+
+    numbers = {t.number for t in candidates}
+    front = [] if cfg.objective.kind == "score" else [t for t in pareto_front(study) if t.number in numbers]
+    chosen = sorted(front, key=rank)[: cfg.retrain_top_k]
+    rest = sorted((t for t in candidates if t not in chosen), key=rank)
+    seen = {tuple(sorted(t.params.items())) for t in chosen}
+    for t in rest:  # fill up, never the same architecture twice
+        if len(chosen) >= cfg.retrain_top_k:
+            break
+        params = tuple(sorted(t.params.items()))
+        if params not in seen:
+            chosen.append(t)
+            seen.add(params)
+    return chosen
+
+
+class OneshotPhases:
+    """The phases of one oneshot search, driven by a runner (workers.local or workers.ray_runner)."""
+
+    def __init__(self, study: optuna.Study, cfg: SearchConfig, space: SearchSpace, storage_url: str,
+                 artifact_dir: str) -> None:
+        if cfg.strategy != "oneshot":
+            raise ValueError(f"OneshotPhases needs strategy 'oneshot', got {cfg.strategy!r}")
+        self.study, self.cfg, self.space = study, cfg, space
+        self.storage_url, self.artifact_dir = storage_url, str(artifact_dir)
+
+    @property
+    def phase(self) -> str | None:
+        return self.study.user_attrs.get(PHASE_ATTR)
+
+    def set_phase(self, phase: str) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; valid: {', '.join(PHASES)}")
+        if self.phase != phase:
+            self.study.set_user_attr(PHASE_ATTR, phase)
+
+    def jobs(self, cancel_attr: str | None = None) -> list[SupernetJob]:
+        return [SupernetJob(storage_url=self.storage_url, study_name=self.study.study_name,
+                            artifact_dir=self.artifact_dir, cfg=self.cfg, space=self.space, base=base,
+                            cancel_attr=cancel_attr)
+                for base in supernet_bases(self.cfg, self.space)]
+
+    def supernets_done(self) -> bool:
+        return all(_record(self.study, job.key).get("done") for job in self.jobs())
+
+    def train_supernets(self, *, device: str = "cpu", should_stop: Callable[[], bool] | None = None) -> None:
+        """In this process, one worker (the local runner). Cancelled when should_stop() says so."""
+        if self.supernets_done():
+            self._after_supernets()
+            return
+        self.set_phase("supernet")
+        for job in self.jobs():
+            train_one_supernet(job, device, should_stop=should_stop)
+        self._after_supernets()
+
+    def train_supernets_ray(self, *, run_id: str, should_cancel: Callable[[], bool] | None,
+                            poll_s: float = 1.0) -> bool:
+        """With Ray Train (cfg.oneshot.workers DDP workers each with the trial's resources); the
+        coordinator polls `should_cancel` meanwhile and tells the workers through the run's cancel
+        attr. Returns False when cancelled."""
+        if self.supernets_done():
+            self._after_supernets()
+            return True
+        self.set_phase("supernet")
+        cancel_attr = run_cancel_attr(run_id)
+        for job in self.jobs(cancel_attr=cancel_attr):
+            if _record(self.study, job.key).get("done"):
+                continue
+            errors: list[BaseException] = []
+
+            def fit(job: SupernetJob = job, errors: list[BaseException] = errors) -> None:
+                resources = self.cfg.resources
+                try:
+                    train_supernet_ray(job, workers=self.cfg.oneshot.workers, num_cpus=resources.num_cpus,
+                                       num_gpus=resources.num_gpus)
+                except BaseException as exc:  # handed to the coordinator's thread
+                    errors.append(exc)
+
+            thread = threading.Thread(target=fit, name=f"supernet-{job.key}", daemon=True)
+            thread.start()
+            cancelled = False
+            while thread.is_alive():
+                thread.join(poll_s)
+                if not cancelled and should_cancel is not None and should_cancel():
+                    cancelled = True
+                    self.study.set_user_attr(cancel_attr, True)
+            if cancelled:
+                return False
+            if errors:
+                raise RuntimeError(f"supernet {job.key} training failed: {errors[0]}") from errors[0]
+        self._after_supernets()
+        return True
+
+    def _after_supernets(self) -> None:
+        if self.phase in (None, "supernet"):
+            self.set_phase("candidates")
+
+    def retrains(self) -> list[int]:
+        return list(self.study.user_attrs.get(RETRAIN_ATTR) or [])
+
+    def target(self) -> int:
+        """Finished trials the search needs now: the candidates, plus the retrainings once enqueued."""
+        return self.cfg.trials + len(self.retrains())
+
+    def advance(self) -> bool:
+        """Called when `target()` trials are finished: enqueue the retrainings (True: more trials to
+        run) or mark the search done (False)."""
+        if self.phase in (None, "supernet", "candidates") and RETRAIN_ATTR not in self.study.user_attrs:
+            chosen = retrain_choice(self.study, self.cfg)
+            for trial in chosen:  # the retrained trial carries the estimate it is compared with
+                attrs = {RETRAIN_OF_ATTR: trial.number, "oneshot_val_acc": trial.user_attrs.get("val_acc"),
+                         "oneshot_top1": trial.user_attrs.get("top1")}
+                self.study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
+            self.study.set_user_attr(RETRAIN_ATTR, [t.number for t in chosen])
+            if chosen:
+                self.set_phase("retrain")
+                return True
+        self.set_phase("done")
+        return False
+
+
+__all__ = [
+    "PHASES",
+    "OneshotPhases",
+    "SupernetJob",
+    "oneshot_trial_fn",
+    "retrain_choice",
+    "run_oneshot_trial",
+    "supernet_bases",
+    "supernet_fit",
+    "supernet_key",
+    "train_one_supernet",
+    "train_supernet_ray",
+    "uniform_sampler",
+]
