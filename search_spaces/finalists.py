@@ -1,0 +1,251 @@
+"""Finalists and ties: which trials are re-measured together, which latency figure of a trial counts,
+and the candidates `best` cannot tell apart from its choice (docs/latency.md)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from optuna.trial import FrozenTrial, TrialState
+
+from search_spaces.keys import CONFIG_ATTR, FINALISTS_ATTR, LATENCY_CI_ATTR
+from search_spaces.study import mnas_score, pareto_front, select_best, study_config
+
+ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
+MAX_FINALISTS = 16  # re-measured together at most (the Pareto front first)
+NOTE_MARK = "<!-- spsa-nas:finalists -->"  # first line of the study note this module writes
+
+
+class StudyLike(Protocol):
+    """What this module reads of a study (optuna.Study, or the service's StudyView)."""
+
+    study_name: str
+    user_attrs: dict[str, Any]
+
+    def get_trials(self, deepcopy: bool = ..., states: Any = ...) -> list[FrozenTrial]: ...
+
+
+def _complete(study: StudyLike) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get("val_acc") is not None and t.user_attrs.get("latency_ms") is not None]
+
+
+def finalist_trials(study: StudyLike, *, accuracy_tolerance: float = ACCURACY_TOLERANCE,
+                    max_count: int = MAX_FINALISTS) -> list[FrozenTrial]:
+    """The trials to re-measure together: the Pareto front (by latency), then the complete trials
+    whose validation accuracy is within `accuracy_tolerance` of the best (the ones `best` could
+    tie with), by accuracy; only trials with a spec; at most `max_count`."""
+    if max_count < 1:
+        raise ValueError(f"max_count must be at least 1, got {max_count}")
+    complete = [t for t in _complete(study) if isinstance(t.user_attrs.get("spec"), dict)]
+    if not complete:
+        return []
+    front = [t for t in pareto_front(study) if isinstance(t.user_attrs.get("spec"), dict)]  # type: ignore[arg-type]
+    best_acc = max(t.user_attrs["val_acc"] for t in complete)
+    near = sorted((t for t in complete if t.user_attrs["val_acc"] >= best_acc - accuracy_tolerance),
+                  key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs["latency_ms"], t.number))
+    chosen: dict[int, FrozenTrial] = {}
+    for trial in [*front, *near]:
+        chosen.setdefault(trial.number, trial)
+    return list(chosen.values())[:max_count]
+
+
+def remeasurement(study: StudyLike) -> dict[str, Any] | None:
+    """The last re-measurement of the finalists (study attr FINALISTS_ATTR), or None."""
+    record = study.user_attrs.get(FINALISTS_ATTR)
+    return record if isinstance(record, dict) else None
+
+
+@dataclass(frozen=True)
+class LatencyFigure:
+    """The latency of a trial that counts, its interval (None: not recorded) and where it is from."""
+
+    ms: float
+    low: float | None
+    high: float | None
+    source: Literal["remeasured", "first_pass"]
+
+    def bounds(self) -> tuple[float, float]:
+        """(low, high); a figure without an interval is a point."""
+        low = self.low if self.low is not None else self.ms
+        return (low, self.high if self.high is not None else self.ms)
+
+    def overlaps(self, other: LatencyFigure) -> bool:
+        """Whether the two intervals share a point."""
+        (a_low, a_high), (b_low, b_high) = self.bounds(), other.bounds()
+        return a_low <= b_high and b_low <= a_high
+
+    def to_dict(self) -> dict[str, Any]:
+        interval = [self.low, self.high] if self.low is not None and self.high is not None else None
+        return {"latency_ms": self.ms, "latency_ci_ms": interval, "latency_source": self.source}
+
+
+def latency_figure(trial: FrozenTrial, record: dict[str, Any] | None = None) -> LatencyFigure | None:
+    """The trial's latency: its figure of the last re-measurement of the finalists (`record`) when
+    it was one of them, else its first-pass figure (`latency_ms`, `latency_ci_ms`); None without."""
+    measured = (record or {}).get("trials", {}).get(str(trial.number))
+    if isinstance(measured, dict) and measured.get("median_ms") is not None:
+        low, high = measured.get("ci_low_ms"), measured.get("ci_high_ms")
+        return LatencyFigure(float(measured["median_ms"]), low, high, "remeasured")
+    ms = trial.user_attrs.get("latency_ms")
+    if ms is None:
+        return None
+    interval = trial.user_attrs.get(LATENCY_CI_ATTR)
+    if isinstance(interval, list) and len(interval) == 2 and None not in interval:
+        return LatencyFigure(float(ms), float(interval[0]), float(interval[1]), "first_pass")
+    return LatencyFigure(float(ms), None, None, "first_pass")
+
+
+@dataclass(frozen=True)
+class BestDecision:
+    """What `best` picked, and whether it could tell: the tied set (the pick first) and the rules."""
+
+    chosen: FrozenTrial
+    tied: list[FrozenTrial]
+    figures: dict[int, LatencyFigure | None]
+    rule: str  # how one trial is picked (from the tied set)
+    tie_rule: str  # when two trials are tied
+    accuracy_noise: str
+    latency_noise: str
+
+    @property
+    def decided(self) -> bool:
+        """True when no other candidate is within the noise of the pick."""
+        return len(self.tied) == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        def row(t: FrozenTrial) -> dict[str, Any]:
+            figure = self.figures.get(t.number)
+            return {"trial": t.number, "val_acc": t.user_attrs.get("val_acc"),
+                    **(figure.to_dict() if figure is not None else {"latency_ms": None})}
+
+        return {"decided": self.decided, "chosen": self.chosen.number, "tied": [row(t) for t in self.tied],
+                "rule": self.rule, "tie_rule": self.tie_rule, "accuracy_noise": self.accuracy_noise,
+                "latency_noise": self.latency_noise}
+
+
+def _score_bounds(acc: float, figure: LatencyFigure, tolerance: float, objective: Any) -> tuple[float, float]:
+    low_ms, high_ms = figure.bounds()
+    worst = mnas_score(max(0.0, acc - tolerance), high_ms, objective)
+    best = mnas_score(min(1.0, acc + tolerance), low_ms, objective)
+    return (min(worst, best), max(worst, best))
+
+
+def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, trial_number: int | None = None,
+                accuracy_tolerance: float = ACCURACY_TOLERANCE) -> BestDecision:
+    """select_best's pick and the candidates within the noise of it (LookupError as select_best).
+
+    Candidates: the complete trials select_best considers (within the latency budget). Latency:
+    each trial's latency_figure (re-measured together when it was a finalist, else first pass).
+    Pareto studies: a candidate is tied with the pick when their validation accuracies differ by
+    at most `accuracy_tolerance` and the candidate is not clearly slower (its interval does not
+    lie wholly above the pick's): the pick's lead is then within the noise of accuracy and of
+    latency. Score studies: when their scores' ranges overlap, each range spanning accuracy
+    ± tolerance and the latency interval. A figure without an interval (first protocol) is a point.
+    """
+    if not math.isfinite(accuracy_tolerance) or not 0 <= accuracy_tolerance < 1:
+        raise ValueError(f"accuracy_tolerance must be in [0, 1), got {accuracy_tolerance}")
+    chosen = select_best(study, latency_budget_ms=latency_budget_ms, trial_number=trial_number)  # type: ignore[arg-type]
+    objective = study_config(study).objective if CONFIG_ATTR in study.user_attrs else None  # type: ignore[arg-type]
+    kind = objective.kind if objective is not None else "pareto"
+    budget = latency_budget_ms if latency_budget_ms is not None else (
+        objective.latency_budget_ms if objective is not None else None)
+    record = remeasurement(study)
+    candidates = [t for t in _complete(study) if budget is None or t.user_attrs["latency_ms"] <= budget]
+    if chosen.number not in {t.number for t in candidates}:
+        candidates.append(chosen)
+    figures = {t.number: latency_figure(t, record) for t in candidates}
+    pick, pick_acc = figures[chosen.number], float(chosen.user_attrs.get("val_acc") or 0.0)
+
+    def tied(t: FrozenTrial) -> bool:
+        figure, acc = figures[t.number], float(t.user_attrs["val_acc"])
+        if figure is None or pick is None:
+            return False
+        if kind == "score":
+            a, b = _score_bounds(acc, figure, accuracy_tolerance, objective), \
+                _score_bounds(pick_acc, pick, accuracy_tolerance, objective)
+            return a[0] <= b[1] and b[0] <= a[1]
+        clearly_slower = figure.bounds()[0] > pick.bounds()[1]
+        return abs(acc - pick_acc) <= accuracy_tolerance and not clearly_slower
+
+    def order(t: FrozenTrial) -> tuple[float, float, int]:
+        primary = t.values[0] if kind == "score" and t.values else t.user_attrs["val_acc"]
+        figure = figures[t.number]
+        return (-primary, figure.ms if figure is not None else math.inf, t.number)
+
+    others = sorted((t for t in candidates if t.number != chosen.number and tied(t)), key=order)
+    first = "the highest score" if kind == "score" else "the highest validation accuracy"
+    rule = (f"trial {trial_number} as asked" if trial_number is not None else
+            f"{first}, then the lower first-pass latency, then the lower trial number (select_best)")
+    if kind == "score":
+        tie_rule = (f"score ranges overlap (accuracy ± {accuracy_tolerance:g}, latency over its "
+                    "confidence interval)")
+    else:
+        tie_rule = (f"validation accuracy within ± {accuracy_tolerance:g} of the pick and latency not "
+                    "clearly slower (confidence intervals overlap, or faster)")
+    accuracy_noise = (f"one training seed per candidate: accuracy noise is not measured here; differences "
+                      f"within ± {accuracy_tolerance:g} are taken as noise (accuracy_tolerance)")
+    if record is not None and record.get("trials"):
+        latency_noise = (f"{record.get('ci_level', 0.95):g} confidence intervals; finalists re-measured "
+                         f"together at {record.get('at')} on {record.get('device')}, other trials first pass")
+    else:
+        latency_noise = "first-pass confidence intervals (the finalists were not re-measured together)"
+    if pick is not None and pick.low is None:
+        latency_noise += "; the pick has no interval (measured with the first protocol): a point"
+    return BestDecision(chosen=chosen, tied=[chosen, *others], figures=figures, rule=rule, tie_rule=tie_rule,
+                        accuracy_noise=accuracy_noise, latency_noise=latency_noise)
+
+
+def remeasurement_record(results: dict[int, dict[str, Any]], *, device: str, reference: dict[str, Any] | None,
+                         error: str | None = None) -> dict[str, Any]:
+    """The study attr FINALISTS_ATTR of one re-measurement: when, where, the reference's figure and
+    every finalist's LatencyResult dict by trial number (or the error that stopped it)."""
+    level = next((r.get("ci_level") for r in results.values() if r.get("ci_level") is not None), None)
+    return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "device": device, "ci_level": level,
+            "reference": reference, "trials": {str(n): r for n, r in sorted(results.items())},
+            "error": error}
+
+
+def finalists_note(record: dict[str, Any], trials: list[FrozenTrial]) -> str:
+    """A Markdown note for optuna-dashboard's study page: the finalists' re-measured latencies with
+    their intervals beside the first-pass figures."""
+    lines = [NOTE_MARK, f"## Finalists re-measured together ({record.get('at')}, {record.get('device')})", ""]
+    if record.get("error"):
+        lines.append(f"The re-measurement failed: {record['error']}")
+        return "\n".join(lines) + "\n"
+    reference = record.get("reference") or {}
+    if reference:
+        lines.append(f"Reference: {reference.get('name')}, {reference.get('median_ms', 0):.3f} ms. "
+                     f"Intervals: {record.get('ci_level')} confidence.")
+        lines.append("")
+    lines += ["| trial | val acc | re-measured ms [interval] | ratio to reference | first pass ms "
+              "[interval] |", "|---:|---:|---|---|---|"]
+    by_number = {t.number: t for t in trials}
+    for number, r in record.get("trials", {}).items():
+        trial = by_number.get(int(number))
+        attrs = trial.user_attrs if trial is not None else {}
+        first = attrs.get(LATENCY_CI_ATTR)
+        first_text = f"{attrs.get('latency_ms', math.nan):.3f}" + (
+            f" [{first[0]:.3f}, {first[1]:.3f}]" if isinstance(first, list) and None not in first else "")
+        ratio = (f"{r['ratio']:.3f} [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]"
+                 if r.get("ratio") is not None else "-")
+        lines.append(f"| {number} | {attrs.get('val_acc', math.nan):.4f} | {r['median_ms']:.3f} "
+                     f"[{r['ci_low_ms']:.3f}, {r['ci_high_ms']:.3f}] | {ratio} | {first_text} |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "ACCURACY_TOLERANCE",
+    "MAX_FINALISTS",
+    "NOTE_MARK",
+    "BestDecision",
+    "LatencyFigure",
+    "decide_best",
+    "finalist_trials",
+    "finalists_note",
+    "latency_figure",
+    "remeasurement",
+    "remeasurement_record",
+]
