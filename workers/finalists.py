@@ -33,7 +33,8 @@ def _write_note(study: optuna.Study, body: str) -> bool:
         from optuna_dashboard._note import get_note_from_system_attrs
     except ImportError:  # optuna-dashboard is a dependency; an install without it shows no note
         return False
-    current = get_note_from_system_attrs(study.system_attrs, None).get("body", "")
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)  # where the dashboard keeps notes
+    current = get_note_from_system_attrs(system_attrs, None).get("body", "")
     if current and not current.startswith(NOTE_MARK):
         logger.info("study %s has a note of its own: the finalists are not written into it", study.study_name)
         return False

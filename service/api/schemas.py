@@ -312,12 +312,33 @@ class TrialsPublic(BaseModel):
     count: int
 
 
+class TiedCandidate(BaseModel):
+    trial: int
+    val_acc: float | None
+    latency_ms: float | None = Field(description="re-measured with the finalists when it was one, else "
+                                                 "the first pass (latency_source)")
+    latency_ci_ms: list[float] | None = Field(None, description="its confidence interval; None: not recorded")
+    latency_source: Literal["remeasured", "first_pass"] | None = None
+
+
+class TiePublic(BaseModel):
+    decided: bool = Field(description="False when other candidates are within the noise of the pick")
+    chosen: int
+    tied: list[TiedCandidate] = Field(description="the pick first, then the candidates tied with it")
+    rule: str = Field(description="how the one trial was picked")
+    tie_rule: str = Field(description="when two candidates count as tied")
+    accuracy_noise: str
+    latency_noise: str
+
+
 class BestPublic(BaseModel):
     trial: int
     spec: dict[str, Any]
     metrics: dict[str, Any]
     values: list[float] | None
     links: dict[str, str]
+    tie: TiePublic | None = Field(None, description="whether the pick's lead is beyond the noise of "
+                                                    "accuracy and latency; the tied set and the rule")
 
 
 class SpacePublic(BaseModel):

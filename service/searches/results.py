@@ -10,6 +10,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from search_spaces.finalists import BestDecision, decide_best
 from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, SUPERNET_ATTR
 from search_spaces.study import estimated_metrics, finished, select_best, trial_counts
 from service.api.schemas import BestSoFar, Progress, TrialPublic
@@ -38,6 +39,9 @@ METRIC_KEYS = (
     "retrain_of",  # oneshot: the candidate this trial retrained from scratch
     "oneshot_val_acc",  # ... and that candidate's estimates, beside this trial's real figures
     "oneshot_top1",
+    "latency_ci_ms",  # the first pass's confidence interval of latency_ms, and its ratio to the reference
+    "latency_ratio",
+    "latency_ratio_ci",
 )
 
 
@@ -74,7 +78,25 @@ def _optuna_time(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value is not None else None
 
 
-def trial_public(trial: FrozenTrial, *, settings: Settings) -> TrialPublic:
+def remeasured_metrics(trial: FrozenTrial, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The trial's figures of the finalists' re-measurement together (`record`: the study attr
+    FINALISTS_ATTR), as metrics beside the first-pass ones; {} when it was not one of them."""
+    measured = (record or {}).get("trials", {}).get(str(trial.number))
+    if not isinstance(measured, dict):
+        return {}
+    return _json_safe({
+        "latency_remeasured_ms": measured.get("median_ms"),
+        "latency_remeasured_ci_ms": [measured.get("ci_low_ms"), measured.get("ci_high_ms")],
+        "latency_remeasured_ratio": measured.get("ratio"),
+        "latency_remeasured_ratio_ci": [measured.get("ratio_ci_low"), measured.get("ratio_ci_high")],
+        "latency_remeasured_at": record.get("at") if record else None,
+    })
+
+
+def trial_public(
+    trial: FrozenTrial, *, settings: Settings, record: dict[str, Any] | None = None
+) -> TrialPublic:
+    """The API's view of a trial; with `record` (the finalists' re-measurement), its figures too."""
     duration = None
     if trial.datetime_start and trial.datetime_complete:
         duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -84,13 +106,24 @@ def trial_public(trial: FrozenTrial, *, settings: Settings) -> TrialPublic:
         state=trial.state.name,  # type: ignore[arg-type]
         values=_finite(trial.values),
         params=_json_safe(dict(trial.params)),
-        metrics=trial_metrics(trial, settings=settings),
+        metrics={**trial_metrics(trial, settings=settings), **remeasured_metrics(trial, record)},
         spec=spec if isinstance(spec, dict) else None,
         has_weights=bool(trial.user_attrs.get("weights_artifact")),
         datetime_start=_optuna_time(trial.datetime_start),
         datetime_complete=_optuna_time(trial.datetime_complete),
         duration_s=duration,
     )
+
+
+def best_decision(
+    study: StudyView, *, latency_budget_ms: float | None, trial_number: int | None, accuracy_tolerance: float
+) -> BestDecision | None:
+    """search_spaces.finalists.decide_best (the pick and the candidates tied with it), or None."""
+    try:
+        return decide_best(study, latency_budget_ms=latency_budget_ms, trial_number=trial_number,
+                           accuracy_tolerance=accuracy_tolerance)
+    except LookupError:
+        return None
 
 
 def best_so_far(

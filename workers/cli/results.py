@@ -5,16 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import optuna
 from rich.console import Console
+from rich.table import Table
 
+from search_spaces.finalists import (
+    ACCURACY_TOLERANCE,
+    MAX_FINALISTS,
+    BestDecision,
+    decide_best,
+    latency_figure,
+    remeasurement,
+)
 from search_spaces.study import describe_spec, pareto_front, select_best, trial_counts
 from workers.cli import UsageError
 from workers.cli.common import (
     DEFAULT_ARTIFACTS,
     fmt,
-    front_table,
     open_storage_arg,
     positive_float,
     resolve_study,
@@ -35,18 +44,84 @@ def _chosen(args: argparse.Namespace) -> tuple[optuna.Study, optuna.trial.Frozen
     return study, trial
 
 
+def _latency_row(trial: optuna.trial.FrozenTrial, record: dict[str, Any] | None) -> dict[str, Any]:
+    """trial_row with the latency figures: first pass (interval, ratio) and, for a finalist, its
+    re-measured figure; `latency` is the figure that counts (latency_figure)."""
+    a = trial.user_attrs
+    measured = (record or {}).get("trials", {}).get(str(trial.number))
+    figure = latency_figure(trial, record)
+    return {
+        **trial_row(trial),
+        "latency_ci_ms": a.get("latency_ci_ms"),
+        "latency_ratio": a.get("latency_ratio"),
+        "latency_remeasured_ms": measured.get("median_ms") if measured else None,
+        "latency_remeasured_ci_ms": (
+            [measured.get("ci_low_ms"), measured.get("ci_high_ms")] if measured else None
+        ),
+        "latency_remeasured_ratio": measured.get("ratio") if measured else None,
+        "latency": figure.to_dict() if figure is not None else None,
+    }
+
+
+def _interval(ms: Any, ci: Any) -> str:
+    if ms is None:
+        return "-"
+    text = fmt(ms, ".3f")
+    if isinstance(ci, list) and len(ci) == 2 and None not in ci:
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return text
+
+
+def _latency_table(title: str, trials: list[optuna.trial.FrozenTrial], record: dict[str, Any] | None,
+                   chosen: int | None = None) -> Table:
+    """Trials with both latency figures: first pass and re-measured together (with intervals)."""
+    table = Table(title=title)
+    for column in ("trial", "val acc", "first pass ms [interval]", "re-measured ms [interval]",
+                   "ratio to reference", "architecture"):
+        table.add_column(column, justify="left" if column == "architecture" else "right")
+    for t in trials:
+        row = _latency_row(t, record)
+        ratio = row["latency_remeasured_ratio"] or row["latency_ratio"]
+        table.add_row(f"{t.number}{' *' if t.number == chosen else ''}", fmt(row["val_acc"]),
+                      _interval(row["latency_ms"], row["latency_ci_ms"]),
+                      _interval(row["latency_remeasured_ms"], row["latency_remeasured_ci_ms"]),
+                      fmt(ratio, ".3f"), describe_spec(t.user_attrs.get("spec") or {}))
+    return table
+
+
+def _print_decision(out: Console, decision: BestDecision) -> None:
+    if decision.decided:
+        out.print(f"no other candidate is within the noise of trial {decision.chosen.number} "
+                  f"({decision.tie_rule})", markup=False, highlight=False)
+    else:
+        others = ", ".join(str(t.number) for t in decision.tied[1:])
+        out.print(f"TIE: trials {others} are within the noise of trial {decision.chosen.number} "
+                  f"({decision.tie_rule}); picked by: {decision.rule}", markup=False, highlight=False)
+    out.print(f"accuracy noise: {decision.accuracy_noise}", markup=False, highlight=False)
+    out.print(f"latency noise: {decision.latency_noise}", markup=False, highlight=False)
+
+
 def run_best(args: argparse.Namespace) -> int:
-    """Print the Pareto front and the chosen trial (or their JSON with --json)."""
-    study, trial = _chosen(args)
-    front = pareto_front(study)
+    """Print the Pareto front with both latency figures, the chosen trial and whether it is tied
+    (or their JSON with --json)."""
+    storage = open_storage_arg(args.storage, must_exist=True)
+    study = resolve_study(storage, args.study)
+    try:
+        decision = decide_best(study, latency_budget_ms=args.latency_budget, trial_number=args.trial,
+                               accuracy_tolerance=args.accuracy_tolerance)
+    except (LookupError, ValueError) as exc:
+        raise UsageError(str(exc.args[0])) from None
+    trial, front, record = decision.chosen, pareto_front(study), remeasurement(study)
     if args.json:
         print(
             json.dumps(
                 {
                     "study": study.study_name,
                     "latency_budget_ms": args.latency_budget,
-                    "best": trial_row(trial),
-                    "pareto_front": [trial_row(t) for t in front],
+                    "best": _latency_row(trial, record),
+                    "tie": decision.to_dict(),
+                    "pareto_front": [_latency_row(t, record) for t in front],
+                    "finalists": {k: v for k, v in (record or {}).items() if k != "trials"} or None,
                     "counts": trial_counts(study),
                 },
                 indent=2,
@@ -54,7 +129,7 @@ def run_best(args: argparse.Namespace) -> int:
         )
         return 0
     out = Console()
-    out.print(front_table(f"Pareto front of {study.study_name}", front, trial.number))
+    out.print(_latency_table(f"Pareto front of {study.study_name}", front, record, trial.number))
     a = trial.user_attrs
     out.print(
         f"best: trial {trial.number}: val acc {fmt(a.get('val_acc'))}, test top1 "
@@ -64,6 +139,36 @@ def run_best(args: argparse.Namespace) -> int:
         highlight=False,
     )
     out.print(describe_spec(a.get("spec") or {}), markup=False, highlight=False)
+    _print_decision(out, decision)
+    return 0
+
+
+def run_remeasure(args: argparse.Namespace) -> int:
+    """Re-measure the study's finalists together on this machine, under the host's latency gate."""
+    from workers.finalists import remeasure_finalists
+    from workers.latency_gate import LockDirError, NodeGate
+
+    storage = open_storage_arg(args.storage, must_exist=True)
+    study = resolve_study(storage, args.study)
+    gate = NodeGate(args.lock_dir, pause_training=False)
+    try:
+        record = remeasure_finalists(study, device=args.device, latency_lock=gate.latency_lock,
+                                     accuracy_tolerance=args.accuracy_tolerance, max_count=args.max_finalists)
+    except (KeyError, ValueError, LockDirError) as exc:
+        raise UsageError(str(exc.args[0]) if exc.args else str(exc)) from None
+    finally:
+        gate.close()
+    if record is None:
+        raise UsageError(f"study {study.study_name!r} has no complete trial with a spec to re-measure")
+    numbers = {int(n) for n in record["trials"]}
+    trials = [t for t in study.get_trials(deepcopy=False) if t.number in numbers]
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    reference = record.get("reference") or {}
+    Console().print(_latency_table(
+        f"Finalists of {study.study_name} re-measured together on {record['device']} "
+        f"(reference {reference.get('name', 'none')})", trials, record))
     return 0
 
 
@@ -116,8 +221,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     storage_args(p)
     p.add_argument("--latency-budget", type=positive_float, default=None, help="ms")
     p.add_argument("--trial", type=int, default=None, help="show this trial instead")
+    p.add_argument("--accuracy-tolerance", type=float, default=ACCURACY_TOLERANCE,
+                   help="validation-accuracy differences within this are noise (one seed per trial)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_best)
+
+    p = subparsers.add_parser("remeasure", help="re-measure a study's finalists' latencies together, here")
+    storage_args(p)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: the search's device)")
+    p.add_argument("--max-finalists", type=int, default=MAX_FINALISTS, help="the Pareto front first")
+    p.add_argument("--accuracy-tolerance", type=float, default=ACCURACY_TOLERANCE,
+                   help="also re-measure the trials this close to the best accuracy (they may tie)")
+    p.add_argument("--lock-dir", default=None,
+                   help="the host's latency lock directory (default: the runners')")
+    p.add_argument("--json", action="store_true", help="print the stored record as JSON")
+    p.set_defaults(run=run_remeasure)
 
     p = subparsers.add_parser("export", help="write a trial's spec.json, weights and model.onnx")
     storage_args(p)
@@ -130,4 +248,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_export)
 
 
-__all__ = ["register", "run_best", "run_export"]
+__all__ = ["register", "run_best", "run_export", "run_remeasure"]

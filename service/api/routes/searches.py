@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
+from search_spaces.finalists import ACCURACY_TOLERANCE, remeasurement
 from search_spaces.run import RunReport
 from search_spaces.study import create_study, pareto_front
 from service import crud
@@ -28,6 +29,7 @@ from service.api.schemas import (
     SearchPublic,
     SearchStatus,
     SearchSummary,
+    TiePublic,
     TrialsPublic,
     TrialStateName,
     ValidationErrorPublic,
@@ -224,8 +226,12 @@ def read_trials(
     """The search's trials in order of their number."""
     study = _study(runtime, find_search(session, search_id, user))
     trials = study.get_trials(deepcopy=False, states=tuple(TrialState[s] for s in state) if state else None)
+    record = remeasurement(study)  # type: ignore[arg-type]
     return TrialsPublic(
-        data=[results.trial_public(t, settings=runtime.settings) for t in trials[skip : skip + limit]],
+        data=[
+            results.trial_public(t, settings=runtime.settings, record=record)
+            for t in trials[skip : skip + limit]
+        ],
         count=len(trials),
     )
 
@@ -234,11 +240,14 @@ def read_trials(
 def read_pareto(
     search_id: SearchId, session: SessionDep, user: CurrentUser, runtime: RuntimeDep
 ) -> TrialsPublic:
-    """The non-dominated trials (accuracy vs latency; the best trial for a score search)."""
+    """The non-dominated trials (accuracy vs first-pass latency; the best trial for a score search),
+    with the finalists' re-measured latencies (`latency_remeasured_*`) beside the first-pass ones."""
     study = _study(runtime, find_search(session, search_id, user))
     front = pareto_front(study)  # type: ignore[arg-type]
+    record = remeasurement(study)  # type: ignore[arg-type]
     return TrialsPublic(
-        data=[results.trial_public(t, settings=runtime.settings) for t in front], count=len(front)
+        data=[results.trial_public(t, settings=runtime.settings, record=record) for t in front],
+        count=len(front),
     )
 
 
@@ -291,6 +300,10 @@ BudgetQuery = Annotated[
     float | None, Query(gt=0, le=1e7, description="pick the best trial under this latency")
 ]
 TrialQuery = Annotated[int | None, Query(ge=0, le=10_000_000, description="pick this trial number")]
+ToleranceQuery = Annotated[
+    float,
+    Query(ge=0, lt=1, description="validation-accuracy differences within this count as noise (one seed)"),
+]
 
 
 @dataclass(frozen=True)
@@ -319,17 +332,35 @@ BestChoice = Annotated[Choice, Depends(choose_best)]
 
 
 @router.get("/{search_id}/best", response_model=BestPublic, responses=NOT_FOUND_RESPONSE)
-def read_best(choice: BestChoice, runtime: RuntimeDep) -> BestPublic:
-    """The chosen architecture: its ArchSpec JSON, metrics, and where to download it."""
+def read_best(
+    choice: BestChoice,
+    runtime: RuntimeDep,
+    latency_budget_ms: BudgetQuery = None,
+    trial: TrialQuery = None,
+    accuracy_tolerance: ToleranceQuery = ACCURACY_TOLERANCE,
+) -> BestPublic:
+    """The chosen architecture: its ArchSpec JSON, metrics (with the finalists' re-measured latency),
+    where to download it, and `tie`: the candidates within the noise of it and the rule that picked it."""
     search, chosen = choice.search, choice.trial
+    study = _study(runtime, search)
+    decision = results.best_decision(
+        study, latency_budget_ms=latency_budget_ms, trial_number=trial, accuracy_tolerance=accuracy_tolerance
+    )
+    tie = None
+    if decision is not None and decision.chosen.number == chosen.number:
+        tie = TiePublic.model_validate(decision.to_dict())
     base = f"/api/v1/searches/{search.id}/best"
     query = f"?trial={chosen.number}"
     return BestPublic(
         trial=chosen.number,
         spec=chosen.user_attrs["spec"],
-        metrics=results.trial_metrics(chosen, settings=runtime.settings),
+        metrics={
+            **results.trial_metrics(chosen, settings=runtime.settings),
+            **results.remeasured_metrics(chosen, remeasurement(study)),  # type: ignore[arg-type]
+        },
         values=results._finite(chosen.values),
         links={"weights": f"{base}/weights{query}", "onnx": f"{base}/onnx{query}"},
+        tie=tie,
     )
 
 
