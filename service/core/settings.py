@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     # latency.min_time_s at most: a measurement holds the host-wide latency lock this long.
     max_latency_min_time_s: float = Field(10.0, ge=0)
     max_latency_threads: int = Field(16, ge=1)  # latency.threads at most
+    # latency.max_time_s and .max_warmup_s at most (per model): how long the interleaved protocol may
+    # hold the host-wide latency lock timing, and warming up, one candidate (docs/latency.md).
+    max_latency_time_s: float = Field(60.0, gt=0)
+    max_latency_warmup_s: float = Field(10.0, ge=0)
     max_loader_workers: int = Field(8, ge=0)  # train.num_workers at most
     # Per user: searches queued + running + cancelling (429 beyond it); queued alone (429 beyond
     # it); running at once (applied when a dispatcher claims a search: the rest wait).
