@@ -323,19 +323,20 @@ def _warm_up(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: 
 
 def _time_rounds(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> int:
     """Rounds of one block per model, the order rotated each round, until every model has
-    `cfg.blocks` blocks, `cfg.min_time_s` of timed calls and an interval within `cfg.max_ci_rel`
-    (or the time budget is spent). Returns the rounds added for a too wide interval."""
-    budget_ms = cfg.max_time_s * 1e3 * len(tracks)
+    `cfg.blocks` blocks, `cfg.min_time_s` of timed calls and an interval within `cfg.max_ci_rel`,
+    or until the time budget (max(max_time_s, min_time_s) per model) is spent, whichever comes
+    first. Returns the rounds added for a too wide interval."""
+    budget_ms = max(cfg.max_time_s, cfg.min_time_s) * 1e3 * len(tracks)
     extensions = 0
     for round_index in range(MAX_SAMPLES):
         shift = round_index % len(tracks)
         for track in tracks[shift:] + tracks[:shift]:
             track.run_block(x, device, timed=True)
-        if round_index + 1 < cfg.blocks:
-            continue
         spent = sum(sum(t.samples) for t in tracks)
         if spent >= budget_ms or min(len(t.samples) for t in tracks) >= MAX_SAMPLES:
-            break
+            break  # the budget bounds everything, the minimum number of blocks included
+        if round_index + 1 < cfg.blocks:
+            continue
         if any(sum(t.samples) < cfg.min_time_s * 1e3 for t in tracks):
             continue
         if all(_relative_width(t.block_means, cfg.ci_level) <= cfg.max_ci_rel for t in tracks):

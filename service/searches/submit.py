@@ -76,6 +76,12 @@ PER_SEARCH_QUOTAS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "min_time_s {v} exceeds this server's quota of {q} s",
     ),
     (("latency", "threads"), "max_latency_threads", "threads {v} exceed this server's quota of {q}"),
+    (("latency", "max_time_s"), "max_latency_time_s", "max_time_s {v} exceeds this server's quota of {q} s"),
+    (
+        ("latency", "max_warmup_s"),
+        "max_latency_warmup_s",
+        "max_warmup_s {v} exceeds this server's quota of {q} s",
+    ),
     (
         ("dataset", "synthetic_samples"),
         "max_synthetic_samples",

@@ -74,6 +74,12 @@ def _refusals(response: Any) -> dict[tuple[str, ...], str]:
             "SPSA_NAS_MAX_LATENCY_MIN_TIME_S",
         ),
         ({"latency": {"threads": 1024}}, ("body", "latency", "threads"), "SPSA_NAS_MAX_LATENCY_THREADS"),
+        ({"latency": {"max_time_s": 600}}, ("body", "latency", "max_time_s"), "SPSA_NAS_MAX_LATENCY_TIME_S"),
+        (
+            {"latency": {"max_warmup_s": 300}},
+            ("body", "latency", "max_warmup_s"),
+            "SPSA_NAS_MAX_LATENCY_WARMUP_S",
+        ),
     ],
 )
 def test_each_per_search_quota_is_a_422_naming_field_limit_and_setting(
