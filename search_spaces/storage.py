@@ -84,10 +84,28 @@ def sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# SQLite errors after which a connection stays broken even once the file is fine again: a connection
+# that met an unwritable file was opened (or fell back to) read-only, one that met an I/O error may
+# keep a stale view. Treated as disconnects, so the pool drops the connection and a retry opens anew.
+SQLITE_BROKEN_CONNECTION = ("readonly database", "disk i/o error", "unable to open database file")
+
+
+def _sqlite_error_drops_connection(context: Any) -> None:
+    error = context.original_exception
+    if isinstance(error, sqlite3.Error) and any(
+        text in str(error).lower() for text in SQLITE_BROKEN_CONNECTION
+    ):
+        context.is_disconnect = True
+
+
 def configure_engine(engine: Engine) -> None:
-    """Attach the SQLite connect settings to `engine` (no-op for other databases)."""
-    if engine.dialect.name == "sqlite" and not event.contains(engine, "connect", sqlite_on_connect):
+    """Attach the SQLite connect settings and error handling to `engine` (no-op for other databases)."""
+    if engine.dialect.name != "sqlite":
+        return
+    if not event.contains(engine, "connect", sqlite_on_connect):
         event.listen(engine, "connect", sqlite_on_connect)
+    if not event.contains(engine, "handle_error", _sqlite_error_drops_connection):
+        event.listen(engine, "handle_error", _sqlite_error_drops_connection)
 
 
 # --- BEGIN IMMEDIATE for writes --------------------------------------------------------------------
@@ -129,7 +147,7 @@ def serialise_sqlite_writes(storage: BaseStorage) -> None:
     engine = storage.engine
     if not event.contains(engine, "begin", _begin):
         event.listen(engine, "connect", _driver_autocommit)
-        event.listen(engine, "connect", sqlite_on_connect)
+        configure_engine(engine)
         event.listen(engine, "begin", _begin)
         engine.dispose()  # pooled connections were opened without the listeners
 

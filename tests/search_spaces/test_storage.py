@@ -9,16 +9,19 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.storages import RDBStorage
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
+from sqlalchemy.exc import OperationalError
 
 from search_spaces.storage import (
     POSTGRES_POOL,
     SQLITE_BUSY_TIMEOUT_S,
     RetryingStorage,
     RetryPolicy,
+    configure_engine,
     engine_options,
     open_storage,
 )
+from tests.fsfaults import unwritable
 
 
 def _statements(storage: RetryingStorage) -> list[str]:
@@ -87,3 +90,45 @@ def test_a_pickled_storage_still_begins_writes_immediate(tmp_path: Path) -> None
     assert "BEGIN IMMEDIATE" in statements and copy.policy.attempts == storage.policy.attempts
     copy.close()
     storage.close()
+
+
+def _unwritable_error(error: BaseException | None) -> bool:
+    return error is not None and any(text in str(error).lower() for text in ("readonly", "i/o error"))
+
+
+def test_a_storage_writes_again_once_its_sqlite_file_is_writable_again(tmp_path: Path) -> None:
+    # A connection opened while the file is unwritable is read-only for good (SQLite's fallback);
+    # the pool must drop it, or every later write of this process fails although the file is fine.
+    path = tmp_path / "study.db"
+    url = f"sqlite:///{path}"
+    policy = RetryPolicy(attempts=2, base_delay_s=0.01)
+    study = optuna.create_study(study_name="s", storage=open_storage(url, policy))
+    study.set_user_attr("before", 1)
+    with unwritable(path):
+        late = optuna.load_study(study_name="s", storage=open_storage(url, policy))  # e.g. a new worker
+        assert late.user_attrs == {"before": 1}  # reads go on
+        with pytest.raises(optuna.exceptions.StorageInternalError) as refused:
+            late.set_user_attr("during", 2)
+        assert _unwritable_error(refused.value.__cause__)
+    late.set_user_attr("after", 3)
+    reloaded = optuna.load_study(study_name="s", storage=url)
+    assert reloaded.user_attrs == {"before": 1, "after": 3}
+
+
+def test_the_service_engine_writes_again_once_its_sqlite_file_is_writable_again(tmp_path: Path) -> None:
+    path = tmp_path / "service.db"
+    url = f"sqlite:///{path}"
+    with sqlite3.connect(path) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE t (x INTEGER)")
+    engine = create_engine(url, **engine_options(url))
+    configure_engine(engine)  # as service.core.db.make_engine does
+    with unwritable(path):
+        with engine.connect() as conn:  # the pool's first connection, opened read-only
+            assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 0
+        with pytest.raises(OperationalError) as refused, engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        assert _unwritable_error(refused.value)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+        assert conn.exec_driver_sql("SELECT x FROM t").scalars().all() == [2]
