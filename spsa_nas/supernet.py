@@ -148,6 +148,18 @@ class Supernet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def drop_off_path_grads(self) -> None:
+        """Set the gradients of the branches off the current path to None, so that the optimizer
+        skips them (no weight decay, no momentum) — also under DDP, whose reducer may hand
+        parameters unused in a step a zero gradient instead of none."""
+        for block, _ in self.blocks:
+            attn = self.net.get_submodule(block).attn
+            chosen = attn.path.channel_attn if attn.path is not None else None
+            for name, branch in attn.branches.items():
+                if name != chosen:
+                    for param in branch.parameters():
+                        param.grad = None
+
     def path_state_dict(self, spec: ArchSpec) -> dict[str, Tensor]:
         """The weights of path `spec` under the keys of `build_model(spec)` (the supernet's own
         tensors, not copies: loading them into a candidate copies their values)."""
@@ -324,9 +336,15 @@ def train_supernet(
                                              f"step {index + 1}; lower train.lr")
                 (loss / len(shards)).backward()
                 step_loss += float(loss.detach()) / len(shards)
+            supernet.drop_off_path_grads()
             optimizer.step()
             losses.append(step_loss)
-        record = SupernetEpoch(epoch=epoch, train_loss=sum(losses) / max(1, len(losses)),
+        mean_loss = sum(losses) / max(1, len(losses))
+        if wrapped is not None and torch.distributed.is_initialized():  # every worker's shards
+            summed = torch.tensor([mean_loss], dtype=torch.float64)
+            torch.distributed.all_reduce(summed)
+            mean_loss = float(summed) / torch.distributed.get_world_size()
+        record = SupernetEpoch(epoch=epoch, train_loss=mean_loss,
                                val_acc=probe_accuracy(supernet, sampler, train_set, val_set, run, dev),
                                seconds=time.perf_counter() - start)
         run.curve.append(record)

@@ -149,7 +149,8 @@ def _set_record(study: optuna.Study, key: str, record: dict[str, Any]) -> None:
     study.set_user_attr(SUPERNET_ATTR, records)
 
 
-def _load_checkpoint(artifact_dir: str, artifact_id: str) -> dict[str, Any]:
+def load_checkpoint(artifact_dir: str, artifact_id: str) -> dict[str, Any]:
+    """A supernet checkpoint (what train_supernet's checkpoint() returned, plus base and choices)."""
     with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
         path = Path(tmp) / "supernet.pt"
         download_artifact(artifact_store=FileSystemArtifactStore(artifact_dir), file_path=str(path),
@@ -157,11 +158,13 @@ def _load_checkpoint(artifact_dir: str, artifact_id: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def train_one_supernet(job: SupernetJob, device: str | torch.device, *, rank: int = 0, world: int = 1,
+def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: int = 1, rank: int = 0,
                        wrapped: torch.nn.Module | None = None, supernet: Supernet | None = None,
                        should_stop: Callable[[], bool] | None = None) -> list[SupernetEpoch]:
-    """Train (or resume) the supernet of `job` to its epochs; worker `rank` of `world` (rank 0
-    stores each epoch's checkpoint as a study artifact and the curve in `spsa_nas:supernet`)."""
+    """Train (or resume) the supernet of `job` to its epochs. Each global batch is `shards` BN
+    batches: a DDP worker (`wrapped`) computes shard `rank`, a single worker all of them (what
+    `shards` DDP workers compute together). Rank 0 stores each epoch's checkpoint as a study
+    artifact and the curve in `spsa_nas:supernet`."""
     device = resolve_device(device)
     storage = open_storage(job.storage_url)
     try:
@@ -173,10 +176,10 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, rank: in
         supernet = supernet or job.build()
         resume = None
         if record.get("checkpoint"):
-            resume = _load_checkpoint(job.artifact_dir, record["checkpoint"])
+            resume = load_checkpoint(job.artifact_dir, record["checkpoint"])
         splits = job.splits()
         run = SupernetRun(train=job.cfg.train, epochs=epochs, bn_batches=job.cfg.oneshot.bn_batches,
-                          shards=world, rank=rank)
+                          shards=shards, rank=rank)
 
         def on_epoch(epoch: SupernetEpoch, checkpoint: Callable[[], dict[str, Any]]) -> None:
             if rank != 0:
@@ -192,7 +195,7 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, rank: in
                                            mimetype="application/octet-stream")
             _set_record(study, job.key, {"epoch": epoch.epoch, "epochs": epochs, "checkpoint": artifact,
                                          "curve": state["curve"], "done": epoch.epoch >= epochs,
-                                         "workers": world})
+                                         "workers": shards if wrapped is not None else 1})
 
         curve = train_supernet(supernet, uniform_sampler(job.space, job.base), splits.train, splits.val, run,
                                device, wrapped=wrapped, resume=resume, on_epoch=on_epoch,
@@ -239,7 +242,7 @@ def _ddp_worker(config: dict[str, Any]) -> None:
             supernet, parallel_strategy_kwargs={"find_unused_parameters": True})
     else:
         supernet.to(device)
-    train_one_supernet(job, device, rank=rank, world=world, wrapped=wrapped, supernet=supernet,
+    train_one_supernet(job, device, shards=world, rank=rank, wrapped=wrapped, supernet=supernet,
                        should_stop=_cancel_poll(job))
 
 
@@ -266,7 +269,7 @@ def train_supernet_ray(job: SupernetJob, *, workers: int, num_cpus: float = 1.0,
 @functools.lru_cache(maxsize=2)
 def _supernet_from(artifact_dir: str, artifact_id: str) -> Supernet:
     """The trained supernet of a checkpoint artifact (cached: every candidate of a worker uses it)."""
-    state = _load_checkpoint(artifact_dir, artifact_id)
+    state = load_checkpoint(artifact_dir, artifact_id)
     supernet = Supernet(ArchSpec.model_validate_json(state["base"]), state["choices"])
     supernet.load_state_dict(state["model"])
     return supernet.eval()
@@ -457,6 +460,7 @@ __all__ = [
     "PHASES",
     "OneshotPhases",
     "SupernetJob",
+    "load_checkpoint",
     "oneshot_trial_fn",
     "retrain_choice",
     "run_oneshot_trial",
