@@ -1,7 +1,8 @@
-"""A PostgreSQL outage longer than the retry budget under a running search: the coordinator stops
-the search's trials and releases it for resumption (never FAILED), then finishes it once the
-database is back. The outage is real: connections to the service's database are refused
-(ALLOW_CONNECTIONS false) and the open ones ended with pg_terminate_backend."""
+"""A storage outage longer than the retry budget under a running search: the coordinator stops the
+search's trials and releases it for resumption (never FAILED), then finishes it once the database
+is back. The outages are real: on PostgreSQL, connections to the service's database are refused
+(ALLOW_CONNECTIONS false) and the open ones ended with pg_terminate_backend; on SQLite, the
+database file and its WAL are made unwritable (tests.fsfaults)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from service.testing import Server, add_user
+from tests.fsfaults import unwritable
 from tests.service.conftest import PG_ADMIN
 from tests.service.helpers import wait_for
 
@@ -30,9 +33,14 @@ TINY = {
 LEASE_S = 6.0  # the search's lease: a lapse of it (database unreachable) stops the run
 
 
-@pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[tuple[str, str]]:
-    """(URL, name) of a new PostgreSQL database of this test alone, dropped afterwards."""
+@pytest.fixture(params=["postgres", "sqlite"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(URL, PostgreSQL database name or SQLite file) of a new database of this test alone."""
+    if request.param == "sqlite":
+        path = tmp_path / "data" / "spsa-nas.db"
+        yield f"sqlite:///{path}", str(path)
+        return
+    postgres_url = request.getfixturevalue("postgres_url")
     name = f"spsa_outage_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -45,14 +53,19 @@ def pg_database(postgres_url: str) -> Iterator[tuple[str, str]]:
 
 
 @contextlib.contextmanager
-def database_down(name: str) -> Iterator[psycopg.Connection]:
-    """The database refuses new connections and its open ones are ended (again and again: the
-    caller may end more with `end_connections`) until the block exits."""
+def database_down(url: str, name: str) -> Iterator[Callable[[], object]]:
+    """The database cannot be written (SQLite) or reached (PostgreSQL: it refuses new connections
+    and its open ones are ended) until the block exits; yields a function that ends the
+    connections opened meanwhile (PostgreSQL) or does nothing."""
+    if url.startswith("sqlite"):
+        with unwritable(Path(name)):
+            yield lambda: None
+        return
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
         try:
             end_connections(admin, name)
-            yield admin
+            yield lambda: end_connections(admin, name)
         finally:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
@@ -99,10 +112,10 @@ def wait_until(condition, timeout_s: float, what: str, server: Server) -> None: 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_postgres_outage_releases_the_search_and_it_finishes_after(
-    tmp_path: Path, pg_database: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+def test_a_storage_outage_releases_the_search_and_it_finishes_after(
+    tmp_path: Path, database: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url, name = pg_database
+    url, name = database
     data_dir = tmp_path / "data"
     env = {
         "SPSA_NAS_DATABASE_URL": url,
@@ -120,13 +133,13 @@ def test_a_postgres_outage_releases_the_search_and_it_finishes_after(
         wait_for(client, url_search, lambda b: b["progress"]["running"] >= 1, 600, "a running trial", server)
         wait_until(lambda: trial_processes(server.api_pid) != [], 120, "a trial process", server)
 
-        with database_down(name) as admin:
+        with database_down(url, name) as end_new_connections:
             # Down for longer than the lease and the storage retries: the coordinator must stop the
             # run (its trial processes end) and give the search back, not fail it.
             lapsed = "stopping its run, to be resumed"
             wait_until(lambda: lapsed in full_log(server), 120, "the lease lapse", server)
             wait_until(lambda: trial_processes(server.api_pid) == [], 120, "the trials to stop", server)
-            end_connections(admin, name)
+            end_new_connections()
             wait_until(lambda: "released for resumption" in full_log(server), 120, "the run's end", server)
 
         # Back: the search is resumed (by this coordinator once its lease is free) and completes.
@@ -137,8 +150,10 @@ def test_a_postgres_outage_releases_the_search_and_it_finishes_after(
         trials = client.get(f"{url_search}/trials").json()["data"]
         complete = [t for t in trials if t["state"] == "COMPLETE"]
         assert len(complete) == 2, trials  # exactly the trials asked for, none counted twice
-        with psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False)) as db:
-            attempts = db.execute("SELECT attempts FROM searches WHERE id = %s", (done["id"],)).fetchone()
-        assert attempts is not None and attempts[0] >= 2, attempts  # released and claimed again
+        engine = create_engine(url)
+        with engine.connect() as db:
+            attempts = db.execute(text("SELECT attempts FROM searches WHERE id = :id"), {"id": done["id"]})
+            assert attempts.scalar_one() >= 2  # released and claimed again, not run through
+        engine.dispose()
     finally:
         server.kill()
