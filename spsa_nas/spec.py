@@ -6,7 +6,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -30,10 +38,18 @@ Backbone = Literal[
     "shufflenet_v2_x1_0",
 ]
 Stem = Literal["imagenet", "cifar"]
+#: What a spec's model does: classify images, or detect objects (a torchvision detector around the
+#: backbone with an FPN, spsa_nas.detection).
+Task = Literal["classification", "detection"]
+Detector = Literal["fasterrcnn", "retinanet", "maskrcnn"]
 
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 STEMS: tuple[str, ...] = get_args(Stem)
 ATTN_ORDERS: tuple[str, ...] = get_args(AttnOrder)
+TASKS: tuple[str, ...] = get_args(Task)
+DETECTORS: tuple[str, ...] = get_args(Detector)
+#: Backbones a detector can be built on (torchvision's FPN extractor takes ResNet-named stages).
+DETECTION_BACKBONES: tuple[str, ...] = tuple(b for b in get_args(Backbone) if b.startswith("res"))
 
 MAX_ALPHA = 10.0  # (1 - sigmoid(r)) ** 10 is already below 0.045 everywhere: beyond is absurd
 
@@ -171,6 +187,16 @@ class StageSpec(BaseModel):
         return value
 
 
+class DetectorSpec(BaseModel):
+    """The detector around a detection spec's backbone: torchvision's Faster R-CNN, RetinaNet or
+    Mask R-CNN over an FPN of `fpn_channels` channels (spsa_nas.detection builds it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: Detector
+    fpn_channels: int = Field(256, ge=8, le=1024, description="channels of every FPN level")
+
+
 class ArchSpec(BaseModel):
     """A whole candidate architecture: backbone, stem, width, classes and one StageSpec per stage."""
 
@@ -184,9 +210,35 @@ class ArchSpec(BaseModel):
     input_size: int = Field(224, ge=8, le=4096, description="side of the square input it is for")
     width: float = Field(1.0, gt=0.0, le=4.0, description="channel width multiplier")
     stages: tuple[StageSpec, ...]
+    # detection: num_classes counts the background as class 0 (torchvision's convention), so a
+    # dataset of K categories needs num_classes K + 1; input_size is the side images are resized to
+    task: Task = "classification"
+    detector: DetectorSpec | None = None
+
+    @field_validator("detector", mode="before")
+    @classmethod
+    def _detector_by_name(cls, value: object) -> object:
+        return {"name": value} if isinstance(value, str) else value  # "fasterrcnn" is short for it
+
+    @model_serializer(mode="wrap")
+    def _omit_task_of_classifiers(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # a classifier's JSON stays what it was before detection existed (stored specs, cache keys)
+        data = handler(self)
+        if self.task == "classification" and self.detector is None:
+            data.pop("task", None)
+            data.pop("detector", None)
+        return data
 
     @model_validator(mode="after")
     def _fits_backbone(self) -> ArchSpec:
+        if self.task == "detection":
+            if self.detector is None:
+                raise ValueError(f"detector: a detection spec needs one; valid: {', '.join(DETECTORS)}")
+            if self.backbone not in DETECTION_BACKBONES:
+                raise ValueError(f"backbone: {self.backbone} cannot carry a detector; valid: "
+                                 f"{', '.join(DETECTION_BACKBONES)}")
+        elif self.detector is not None:
+            raise ValueError("detector: only a spec with task 'detection' has one")
         table = stage_table(self.backbone, self.width)
         if len(self.stages) != len(table):
             raise ValueError(
