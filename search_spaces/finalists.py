@@ -3,6 +3,8 @@ and the candidates `best` cannot tell apart from its choice (docs/latency.md).""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -10,7 +12,7 @@ from typing import Any, Literal, Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.keys import CONFIG_ATTR, FINALISTS_ATTR, LATENCY_CI_ATTR
+from search_spaces.keys import ANCHOR_PREFIX, CONFIG_ATTR, FINALISTS_ATTR, LATENCY_CI_ATTR
 from search_spaces.study import mnas_score, pareto_front, select_best, study_config
 
 ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
@@ -52,6 +54,67 @@ def finalist_trials(study: StudyLike, *, accuracy_tolerance: float = ACCURACY_TO
     return list(chosen.values())[:max_count]
 
 
+def anchor_attr(latency: dict[str, Any]) -> str | None:
+    """The study attr of the anchor of a latency record's conditions (reference, hardware, threads,
+    timed input), or None for a record without a reference ratio."""
+    if latency.get("ratio") is None or latency.get("reference") is None:
+        return None
+    names = ("reference", "device_name", "threads", "input_shape", "torch_version")
+    conditions = [latency.get(name) for name in names]
+    digest = hashlib.sha256(json.dumps(conditions, sort_keys=True).encode()).hexdigest()[:16]
+    return ANCHOR_PREFIX + digest
+
+
+def anchor_ms(study: Any, latency: dict[str, Any]) -> float | None:
+    """The study's anchor for `latency`'s conditions: the reference's time in the first measurement of
+    the study under them (stored as a study attr by the first caller). A search's `latency_ms` is
+    the candidate's ratio to the reference times this anchor: the candidate's time at the speed the
+    machine had then, the same figure whatever the load of the moment (docs/latency.md). None
+    without a ratio. Measurements of a host are serialised by its latency gate, so the first writer
+    is the first measurement; the value stored is re-read, so concurrent writers agree."""
+    key = anchor_attr(latency)
+    if key is None or latency.get("reference_ms") is None:
+        return None
+    stored = study.user_attrs.get(key)
+    if not isinstance(stored, dict) or stored.get("ms") is None:
+        first = {name: latency.get(name) for name in ("reference", "device_name", "threads", "measured_at")}
+        study.set_user_attr(key, {"ms": float(latency["reference_ms"]), **first})
+        stored = study.user_attrs.get(key) or {"ms": float(latency["reference_ms"])}
+    return float(stored["ms"])
+
+
+def normalized(latency: dict[str, Any], anchor: float | None) -> tuple[float, list[float] | None]:
+    """(figure ms, [low, high] or None): ratio x anchor with the ratio's interval when there is an
+    anchor, else the record's own time and interval."""
+    if anchor is not None and latency.get("ratio") is not None:
+        low, high = latency.get("ratio_ci_low"), latency.get("ratio_ci_high")
+        interval = [low * anchor, high * anchor] if low is not None and high is not None else None
+        return float(latency["ratio"]) * anchor, interval
+    low, high = latency.get("ci_low_ms"), latency.get("ci_high_ms")
+    return float(latency["median_ms"]), ([low, high] if low is not None and high is not None else None)
+
+
+def remeasured_fields(record: dict[str, Any] | None, number: int) -> dict[str, Any]:
+    """Trial `number`'s figures of the finalists' re-measurement `record` (FINALISTS_ATTR), as the
+    metrics the API and the CLI show beside the first pass; {} when it was not a finalist.
+    `latency_remeasured_ms` is on the same scale as `latency_ms` (ratio x anchor when it has a
+    ratio); `latency_remeasured_time_ms` is the time measured."""
+    measured = (record or {}).get("trials", {}).get(str(number))
+    if not isinstance(measured, dict) or measured.get("median_ms") is None:
+        return {}
+    interval = measured.get("figure_ci_ms")
+    if interval is None and measured.get("ci_low_ms") is not None:
+        interval = [measured["ci_low_ms"], measured.get("ci_high_ms")]
+    return {
+        "latency_remeasured_ms": measured.get("figure_ms", measured["median_ms"]),
+        "latency_remeasured_ci_ms": interval,
+        "latency_remeasured_time_ms": measured["median_ms"],
+        "latency_remeasured_ratio": measured.get("ratio"),
+        "latency_remeasured_ratio_ci": [measured.get("ratio_ci_low"), measured.get("ratio_ci_high")],
+        "latency_remeasured_at": (record or {}).get("at"),
+    }
+
+
 def remeasurement(study: StudyLike) -> dict[str, Any] | None:
     """The last re-measurement of the finalists (study attr FINALISTS_ATTR), or None."""
     record = study.user_attrs.get(FINALISTS_ATTR)
@@ -85,10 +148,10 @@ class LatencyFigure:
 def latency_figure(trial: FrozenTrial, record: dict[str, Any] | None = None) -> LatencyFigure | None:
     """The trial's latency: its figure of the last re-measurement of the finalists (`record`) when
     it was one of them, else its first-pass figure (`latency_ms`, `latency_ci_ms`); None without."""
-    measured = (record or {}).get("trials", {}).get(str(trial.number))
-    if isinstance(measured, dict) and measured.get("median_ms") is not None:
-        low, high = measured.get("ci_low_ms"), measured.get("ci_high_ms")
-        return LatencyFigure(float(measured["median_ms"]), low, high, "remeasured")
+    fields = remeasured_fields(record, trial.number)
+    if fields.get("latency_remeasured_ms") is not None:
+        interval = fields["latency_remeasured_ci_ms"] or [None, None]
+        return LatencyFigure(float(fields["latency_remeasured_ms"]), interval[0], interval[1], "remeasured")
     ms = trial.user_attrs.get("latency_ms")
     if ms is None:
         return None
@@ -231,8 +294,11 @@ def finalists_note(record: dict[str, Any], trials: list[FrozenTrial]) -> str:
             f" [{first[0]:.3f}, {first[1]:.3f}]" if isinstance(first, list) and None not in first else "")
         ratio = (f"{r['ratio']:.3f} [{r['ratio_ci_low']:.3f}, {r['ratio_ci_high']:.3f}]"
                  if r.get("ratio") is not None else "-")
-        lines.append(f"| {number} | {attrs.get('val_acc', math.nan):.4f} | {r['median_ms']:.3f} "
-                     f"[{r['ci_low_ms']:.3f}, {r['ci_high_ms']:.3f}] | {ratio} | {first_text} |")
+        fields = remeasured_fields(record, int(number))
+        interval = fields["latency_remeasured_ci_ms"] or [math.nan, math.nan]
+        lines.append(f"| {number} | {attrs.get('val_acc', math.nan):.4f} | "
+                     f"{fields['latency_remeasured_ms']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}] | "
+                     f"{ratio} | {first_text} |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,10 +308,14 @@ __all__ = [
     "NOTE_MARK",
     "BestDecision",
     "LatencyFigure",
+    "anchor_attr",
+    "anchor_ms",
     "decide_best",
     "finalist_trials",
     "finalists_note",
     "latency_figure",
+    "normalized",
+    "remeasured_fields",
     "remeasurement",
     "remeasurement_record",
 ]

@@ -8,6 +8,8 @@ SPACE_ATTR = "spsa_nas:space"  # the resolved search space (workers need no file
 PHASE_ATTR = "spsa_nas:phase"  # oneshot: supernet, candidates, retrain or done (the search's phase)
 SUPERNET_ATTR = "spsa_nas:supernet"  # oneshot: {key: {epoch, curve, checkpoint, done}} per supernet
 RETRAIN_ATTR = "spsa_nas:retrain"  # oneshot: the candidate trial numbers enqueued for retraining
+ANCHOR_PREFIX = "spsa_nas:latency_anchor:"  # + a hash of the conditions: the reference's time in the
+# first measurement of the study under them; latency_ms = ratio to the reference x this (docs/latency.md)
 FINALISTS_ATTR = "spsa_nas:finalists"  # the last re-measurement of the finalists together: when,
 # which trials, where, the reference's figure, or the error that stopped it (docs/latency.md)
 RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: True asks the tasks of that run to stop; written
@@ -29,6 +31,8 @@ LATENCY_KEY_ATTR = "latency_key"  # the latency cache's key of the trial's measu
 LATENCY_CI_ATTR = "latency_ci_ms"  # [low, high]: confidence interval of latency_ms (first pass)
 LATENCY_RATIO_ATTR = "latency_ratio"  # latency / the reference's, measured interleaved (first pass)
 LATENCY_RATIO_CI_ATTR = "latency_ratio_ci"  # [low, high] of that ratio
+LATENCY_TIME_ATTR = "latency_time_ms"  # the candidate's own time (median of block means), ms
+LATENCY_ANCHOR_ATTR = "latency_anchor_ms"  # the anchor latency_ms is on (ratio x anchor); None: time
 REMEASURED_ATTR = "latency_remeasured"  # the LatencyResult dict of the finalists' re-measurement
 REMEASURED_MS_ATTR = "latency_remeasured_ms"  # its figure (median of block means), ms
 REMEASURED_CI_ATTR = "latency_remeasured_ci_ms"  # [low, high] of that figure
@@ -48,6 +52,7 @@ WORKER_LOST_ATTR = "worker_lost"  # True on a trial failed because its worker va
 CANCELLED_ATTR = "cancelled"  # True on a trial stopped by a cancellation
 
 __all__ = [
+    "ANCHOR_PREFIX",
     "ATTEMPT_ATTR",
     "CANCELLED_ATTR",
     "CONFIG_ATTR",
@@ -55,10 +60,12 @@ __all__ = [
     "ESTIMATE_ATTR",
     "FINALISTS_ATTR",
     "HEARTBEAT_ATTR",
+    "LATENCY_ANCHOR_ATTR",
     "LATENCY_CI_ATTR",
     "LATENCY_KEY_ATTR",
     "LATENCY_RATIO_ATTR",
     "LATENCY_RATIO_CI_ATTR",
+    "LATENCY_TIME_ATTR",
     "ONNX_ARTIFACT_ATTR",
     "ONNX_ERROR_ATTR",
     "PHASE_ATTR",

@@ -15,8 +15,10 @@ from search_spaces.finalists import (
     ACCURACY_TOLERANCE,
     MAX_FINALISTS,
     NOTE_MARK,
+    anchor_ms,
     finalist_trials,
     finalists_note,
+    normalized,
     remeasurement_record,
 )
 from search_spaces.keys import FINALISTS_ATTR
@@ -54,7 +56,9 @@ def remeasure_finalists(
 
     One spsa_nas.latency.measure_group per input shape (the finalists of a space share one), the
     space's reference interleaved, under `latency_lock()` (the host to itself); the search's
-    latency config with the interleaved protocol (intervals are the point). The result is stored
+    latency config with the interleaved protocol (intervals are the point). Each figure is also
+    put on the scale of the trials' `latency_ms` (`figure_ms`, `figure_ci_ms`: the ratio to the
+    reference times the study's anchor, search_spaces.finalists.anchor_ms). The result is stored
     as the study attr FINALISTS_ATTR (remeasurement_record) and shown as the study's note in
     optuna-dashboard; the trials' first-pass figures are left as they are. Returns the record,
     or None when the study has no finalist (no complete trial with a spec).
@@ -87,7 +91,9 @@ def remeasure_finalists(
                                      reference=ref[0] if ref else None,
                                      reference_name=ref[1] if ref else None)
             for name in specs:
-                results[int(name)] = measured[name].to_dict()
+                figure = measured[name].to_dict()
+                ms, interval = normalized(figure, anchor_ms(study, figure))  # on latency_ms's scale
+                results[int(name)] = {**figure, "figure_ms": ms, "figure_ci_ms": interval}
             if ref is not None and reference is None:
                 r = measured[REFERENCE]
                 reference = {"name": ref[1], "median_ms": r.median_ms, "ci_low_ms": r.ci_low_ms,

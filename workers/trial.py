@@ -14,12 +14,15 @@ from optuna.artifacts import upload_artifact
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import SearchConfig
+from search_spaces.finalists import anchor_ms, normalized
 from search_spaces.keys import (
     ERROR_ATTR,
+    LATENCY_ANCHOR_ATTR,
     LATENCY_CI_ATTR,
     LATENCY_KEY_ATTR,
     LATENCY_RATIO_ATTR,
     LATENCY_RATIO_CI_ATTR,
+    LATENCY_TIME_ATTR,
     ONNX_ARTIFACT_ATTR,
     ONNX_ERROR_ATTR,
     REASON_ATTR,
@@ -34,13 +37,20 @@ from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, evaluate_s
 from spsa_nas.latency import LatencyResult
 
 
-def latency_interval_attrs(latency: LatencyResult) -> dict[str, Any]:
-    """The trial user attrs beside `latency_ms` that optuna-dashboard shows as columns: its
-    interval and the ratio to the reference with its interval (None for the simple protocol)."""
-    interval = latency.interval_ms()
+def latency_interval_attrs(latency: LatencyResult, study: optuna.Study) -> dict[str, Any]:
+    """The trial user attrs of a latency measurement, scalars optuna-dashboard shows as columns:
+    `latency_ms` (the figure the search uses: the ratio to the reference times the study's anchor,
+    search_spaces.finalists.anchor_ms; the time itself without a reference) with its interval
+    `latency_ci_ms`, the time `latency_time_ms`, the anchor, and the ratio with its interval."""
+    record = latency.to_dict()
+    anchor = anchor_ms(study, record)
+    figure, interval = normalized(record, anchor)
     ratio = latency.ratio
     return {
-        LATENCY_CI_ATTR: list(interval) if interval is not None else None,
+        "latency_ms": figure,
+        LATENCY_CI_ATTR: interval,
+        LATENCY_TIME_ATTR: latency.median_ms,
+        LATENCY_ANCHOR_ATTR: anchor,
         LATENCY_RATIO_ATTR: ratio,
         LATENCY_RATIO_CI_ATTR: [latency.ratio_ci_low, latency.ratio_ci_high] if ratio is not None else None,
     }
@@ -126,13 +136,13 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
     state: dict[str, float] = {}
 
     def on_measured(m: Measurement) -> None:
-        state["latency_ms"] = m.latency.median_ms
+        figures = latency_interval_attrs(m.latency, study)
+        state["latency_ms"] = figures["latency_ms"]
         trial.set_user_attr("params", m.params)
         trial.set_user_attr("flops", m.flops)
         trial.set_user_attr("latency", m.latency.to_dict())
-        trial.set_user_attr("latency_ms", m.latency.median_ms)
         trial.set_user_attr("latency_cached", m.cached)
-        for key, value in latency_interval_attrs(m.latency).items():
+        for key, value in figures.items():
             trial.set_user_attr(key, value)
 
     curve: list[float] = []
@@ -162,7 +172,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
                                device=device or cfg.device,
                                latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks,
                                fit=fit)
-        metrics = result.metrics()
+        metrics = {**result.metrics(), "latency_ms": state["latency_ms"]}  # the figure on_measured chose
         if not result.feasible:
             for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):
                 trial.set_user_attr(key, metrics[key])

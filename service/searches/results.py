@@ -10,7 +10,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.finalists import BestDecision, decide_best
+from search_spaces.finalists import BestDecision, decide_best, remeasured_fields
 from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, SUPERNET_ATTR
 from search_spaces.study import estimated_metrics, finished, select_best, trial_counts
 from service.api.schemas import BestSoFar, Progress, TrialPublic
@@ -81,16 +81,7 @@ def _optuna_time(value: datetime | None) -> datetime | None:
 def remeasured_metrics(trial: FrozenTrial, record: dict[str, Any] | None) -> dict[str, Any]:
     """The trial's figures of the finalists' re-measurement together (`record`: the study attr
     FINALISTS_ATTR), as metrics beside the first-pass ones; {} when it was not one of them."""
-    measured = (record or {}).get("trials", {}).get(str(trial.number))
-    if not isinstance(measured, dict):
-        return {}
-    return _json_safe({
-        "latency_remeasured_ms": measured.get("median_ms"),
-        "latency_remeasured_ci_ms": [measured.get("ci_low_ms"), measured.get("ci_high_ms")],
-        "latency_remeasured_ratio": measured.get("ratio"),
-        "latency_remeasured_ratio_ci": [measured.get("ratio_ci_low"), measured.get("ratio_ci_high")],
-        "latency_remeasured_at": record.get("at") if record else None,
-    })
+    return _json_safe(remeasured_fields(record, trial.number))  # type: ignore[no-any-return]
 
 
 def trial_public(

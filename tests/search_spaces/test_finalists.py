@@ -11,10 +11,13 @@ import pytest
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
 from search_spaces.finalists import (
+    anchor_attr,
+    anchor_ms,
     decide_best,
     finalist_trials,
     finalists_note,
     latency_figure,
+    normalized,
     remeasurement_record,
 )
 from search_spaces.keys import FINALISTS_ATTR, LATENCY_CI_ATTR
@@ -119,3 +122,19 @@ def test_finalists_are_the_front_and_the_near_best(study: optuna.Study) -> None:
     _add(study, 0.70, 4.0, [3.9, 4.1])  # dominated and far: not a finalist
     assert [t.number for t in finalist_trials(study)] == [b, a, c]
     assert [t.number for t in finalist_trials(study, max_count=2)] == [b, a]
+
+
+def test_the_anchor_is_the_first_measurement_and_figures_are_ratio_times_anchor(study: optuna.Study) -> None:
+    first = {"median_ms": 4.0, "ci_low_ms": 3.9, "ci_high_ms": 4.1, "ratio": 0.5, "ratio_ci_low": 0.49,
+             "ratio_ci_high": 0.51, "reference": "resnet18 w0.5 plain", "reference_ms": 8.0,
+             "device_name": "cpu x", "threads": 1, "input_shape": [1, 1, 16, 16], "torch_version": "2"}
+    assert anchor_ms(study, first) == 8.0
+    # later, the machine is twice as slow: time and reference both doubled, the ratio the same
+    later = {**first, "median_ms": 8.0, "reference_ms": 16.0, "ratio": 0.5}
+    anchor = anchor_ms(study, later)
+    assert anchor == 8.0 and normalized(later, anchor) == (4.0, [0.49 * 8.0, 0.51 * 8.0])
+    assert anchor_attr(first) == anchor_attr(later) and study.user_attrs[anchor_attr(first)]["ms"] == 8.0
+    other = {**first, "threads": 2, "reference_ms": 5.0}  # other conditions: an anchor of their own
+    assert anchor_attr(other) != anchor_attr(first) and anchor_ms(study, other) == 5.0
+    plain = {"median_ms": 4.0, "ci_low_ms": 3.9, "ci_high_ms": 4.1, "ratio": None}  # no reference
+    assert anchor_ms(study, plain) is None and normalized(plain, None) == (4.0, [3.9, 4.1])

@@ -17,6 +17,7 @@ from search_spaces.finalists import (
     BestDecision,
     decide_best,
     latency_figure,
+    remeasured_fields,
     remeasurement,
 )
 from search_spaces.study import describe_spec, pareto_front, select_best, trial_counts
@@ -48,17 +49,16 @@ def _latency_row(trial: optuna.trial.FrozenTrial, record: dict[str, Any] | None)
     """trial_row with the latency figures: first pass (interval, ratio) and, for a finalist, its
     re-measured figure; `latency` is the figure that counts (latency_figure)."""
     a = trial.user_attrs
-    measured = (record or {}).get("trials", {}).get(str(trial.number))
     figure = latency_figure(trial, record)
     return {
         **trial_row(trial),
         "latency_ci_ms": a.get("latency_ci_ms"),
+        "latency_time_ms": a.get("latency_time_ms"),
         "latency_ratio": a.get("latency_ratio"),
-        "latency_remeasured_ms": measured.get("median_ms") if measured else None,
-        "latency_remeasured_ci_ms": (
-            [measured.get("ci_low_ms"), measured.get("ci_high_ms")] if measured else None
-        ),
-        "latency_remeasured_ratio": measured.get("ratio") if measured else None,
+        "latency_remeasured_ms": None,
+        "latency_remeasured_ci_ms": None,
+        "latency_remeasured_ratio": None,
+        **remeasured_fields(record, trial.number),
         "latency": figure.to_dict() if figure is not None else None,
     }
 
