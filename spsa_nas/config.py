@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder"]
+DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder", "coco", "shapes"]
+#: Datasets of the detection task (spsa_nas.detection.data); the others are classification data.
+DETECTION_DATASETS: tuple[str, ...] = ("coco", "shapes")
 
 
 class _Config(BaseModel):
@@ -17,6 +19,8 @@ class DataConfig(_Config):
     """Which data a trial trains and evaluates on, and how it is split."""
 
     name: DatasetName = "digits"
+    # coco: a directory relative to `data_root` with annotations/instances_train.json (and
+    # instances_val.json) and the images in train/ (val/), or COCO 2017's train2017 names.
     # imagefolder: a directory relative to `data_root` with train/ (and optionally val/, test/)
     # or one folder per class; cifar10/cifar100: where the torchvision files are, relative to
     # `data_root` (default: the data root itself).
@@ -34,6 +38,10 @@ class DataConfig(_Config):
     synthetic_samples: int = Field(512, ge=16, le=1_000_000)
     synthetic_classes: int = Field(4, ge=2, le=1000)
     synthetic_size: int = Field(16, ge=4, le=512)
+    # shapes only (detection): a generated COCO-format dataset under the data root
+    shapes_images: int = Field(128, ge=2, le=100_000)
+    shapes_size: int = Field(128, ge=16, le=1024)
+    shapes_categories: int = Field(3, ge=1, le=3, description="square, circle, triangle")
 
 
 class TrainConfig(_Config):
