@@ -19,7 +19,10 @@ def reduced_channels(name: str, channels: int, rd_ratio: float) -> int:
 
 
 def check_input(name: str, x: torch.Tensor, channels: int) -> None:
-    """Raise a ValueError when `x` is not (N, channels, H, W)."""
+    """Raise a ValueError when `x` is not (N, channels, H, W); a no-op while torch.fx or
+    torch.jit.trace traces (there are no values to check, and a check would become control flow)."""
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+        return
     if x.dim() != 4 or x.shape[1] != channels:
         raise ValueError(
             f"{name}: expected input of shape (N, {channels}, H, W), got {tuple(x.shape)}"

@@ -36,7 +36,8 @@ class CBAMAttention(nn.Module):
         self.spatial_bn = nn.BatchNorm2d(1, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("CBAMAttention", x, self.channels)
+        if not torch.jit.is_scripting():
+            check_input("CBAMAttention", x, self.channels)
         avg = self.fc2(self.act(self.fc1(x.mean((2, 3)))))
         mx = self.fc2(self.act(self.fc1(x.amax((2, 3)))))
         x = x * torch.sigmoid(avg + mx)[:, :, None, None]

@@ -27,7 +27,8 @@ class ECAAttention(nn.Module):
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("ECAAttention", x, self.channels)
+        if not torch.jit.is_scripting():
+            check_input("ECAAttention", x, self.channels)
         w = x.mean((2, 3))[:, None, :]  # (N, 1, C): the channels are the 1-D "sequence"
         w = torch.sigmoid(self.conv(w))
         return x * w[:, 0, :, None, None]

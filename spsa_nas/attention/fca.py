@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from spsa_nas.attention._common import check_channels, check_input, reduced_channels
 
@@ -47,6 +46,37 @@ def dct_filters(channels: int, dct_size: int) -> torch.Tensor:
     return basis.float()
 
 
+def _pooling_matrix(size_in: int, size_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(size_out, size_in): adaptive average pooling of a length-`size_in` axis to `size_out`
+    (output i averages inputs floor(i·in/out) .. ceil((i+1)·in/out) - 1, as PyTorch's does)."""
+    matrix = torch.zeros(size_out, size_in, dtype=like.dtype, device=like.device)
+    for i in range(size_out):
+        start = (i * size_in) // size_out
+        end = ((i + 1) * size_in + size_out - 1) // size_out
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix
+
+
+def dct_pool(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ over (h, w) of x adaptively average-pooled to weight's (S, S) times weight, per (n, c).
+
+    Pooling is linear and separable, so it is folded into the weight (R^T·weight·C, with R and C
+    the pooling matrices of the two axes): one multiply and one sum over x, with no adaptive
+    pooling operator (which TorchScript's ONNX exporter refuses when S does not divide the input).
+    A leaf of torch.fx tracing (it reads x's shape).
+    """
+    size = weight.shape[-1]
+    h, w = int(x.shape[2]), int(x.shape[3])
+    if h != size or w != size:
+        rows = _pooling_matrix(h, size, weight)
+        cols = _pooling_matrix(w, size, weight)
+        weight = torch.matmul(torch.matmul(rows.t(), weight), cols)
+    return (x * weight.to(x.dtype)).sum((2, 3))
+
+
+torch.fx.wrap("dct_pool")
+
+
 class FCAAttention(nn.Module):
     """FcaNet's MultiSpectralAttentionLayer: top-16 DCT frequencies, bias-free FCs with ratio 1/16.
 
@@ -74,11 +104,9 @@ class FCAAttention(nn.Module):
         self.fc2 = nn.Linear(hidden, channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("FCAAttention", x, self.channels)
-        pooled = x
-        if x.shape[2] != self.dct_size or x.shape[3] != self.dct_size:
-            pooled = F.adaptive_avg_pool2d(x, (self.dct_size, self.dct_size))
-        w = (pooled * self.dct_weight.to(x.dtype)).sum((2, 3))
+        if not torch.jit.is_scripting():
+            check_input("FCAAttention", x, self.channels)
+        w = dct_pool(x, self.dct_weight)
         w = torch.sigmoid(self.fc2(self.act(self.fc1(w))))
         return x * w[:, :, None, None]
 

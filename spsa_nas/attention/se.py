@@ -27,7 +27,8 @@ class SEAttention(nn.Module):
         self.fc2 = nn.Linear(hidden, channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("SEAttention", x, self.channels)
+        if not torch.jit.is_scripting():
+            check_input("SEAttention", x, self.channels)
         w = x.mean((2, 3))
         w = torch.sigmoid(self.fc2(self.act(self.fc1(w))))
         return x * w[:, :, None, None]

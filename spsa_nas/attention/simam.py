@@ -8,6 +8,14 @@ from torch import nn
 from spsa_nas.attention._common import check_channels, check_input
 
 
+def spread_divisor(x: torch.Tensor) -> int:
+    """H·W − 1, at least 1 (SimAM's variance divisor); a leaf of torch.fx tracing."""
+    return max(x.shape[2] * x.shape[3] - 1, 1)
+
+
+torch.fx.wrap("spread_divisor")
+
+
 class SimAMAttention(nn.Module):
     """out = x · sigmoid(d / (4 (σ² + λ)) + 0.5), d = (x − μ)², σ² = Σd / (HW − 1), per channel.
 
@@ -24,8 +32,9 @@ class SimAMAttention(nn.Module):
         self.lambda_ = lambda_
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input("SimAMAttention", x, self.channels)
-        n = max(x.shape[2] * x.shape[3] - 1, 1)
+        if not torch.jit.is_scripting():
+            check_input("SimAMAttention", x, self.channels)
+        n = spread_divisor(x)
         d = (x - x.mean((2, 3), keepdim=True)).square()
         var = d.sum((2, 3), keepdim=True) / n
         return x * torch.sigmoid(d / (4 * (var + self.lambda_)) + 0.5)

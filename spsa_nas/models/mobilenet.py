@@ -19,6 +19,7 @@ BN and the attention again in the backward pass when training (`memory_efficient
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import Conv2dNormActivation
 
@@ -55,16 +56,21 @@ class InvertedResidual(nn.Module):
         return self.attn(self.conv[-1](out))
 
     def forward(self, x: Tensor) -> Tensor:
-        if recomputes(self, self.attn):
-            out = x
-            for i, layer in enumerate(self.conv):
-                if i == len(self.conv) - 1:  # the projection's BN: recomputed in the backward pass
-                    break
-                out = layer(out)
-            out = recompute_in_backward(self._tail, out, self.conv[-1], self.attn)
-        else:
-            out = self.attn(self.conv(x))
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles none of it)
+            if recomputes(self, self.attn):
+                out = self._recomputed(x)
+                return x + out if self.use_res_connect else out
+        out = self.attn(self.conv(x))
         return x + out if self.use_res_connect else out
+
+    def _recomputed(self, x: Tensor) -> Tensor:
+        """The block with the projection's BN and the attention recomputed in the backward pass."""
+        out = x
+        for i, layer in enumerate(self.conv):
+            if i == len(self.conv) - 1:  # the projection's BN: recomputed in the backward pass
+                break
+            out = layer(out)
+        return recompute_in_backward(self._tail, out, self.conv[-1], self.attn)
 
 
 class MobileNetV2(nn.Module):

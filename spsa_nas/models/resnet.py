@@ -21,6 +21,7 @@ block's `memory_efficient` attribute (default True; `set_memory_efficient`) swit
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from spsa_nas.models._attn import (
@@ -68,11 +69,11 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.conv2(self.relu(self.bn1(self.conv1(x))))
-        if recomputes(self, self.attn):
-            out = recompute_in_backward(self._tail, out, self.bn2, self.attn)
-        else:
-            out = self._tail(out)
-        return self.relu(out + identity)
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles none of it)
+            if recomputes(self, self.attn):
+                out = recompute_in_backward(self._tail, out, self.bn2, self.attn)
+                return self.relu(out + identity)
+        return self.relu(self._tail(out) + identity)
 
 
 class Bottleneck(nn.Module):
@@ -103,11 +104,11 @@ class Bottleneck(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv3(self.relu(self.bn2(self.conv2(out))))
-        if recomputes(self, self.attn):
-            out = recompute_in_backward(self._tail, out, self.bn3, self.attn)
-        else:
-            out = self._tail(out)
-        return self.relu(out + identity)
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles none of it)
+            if recomputes(self, self.attn):
+                out = recompute_in_backward(self._tail, out, self.bn3, self.attn)
+                return self.relu(out + identity)
+        return self.relu(self._tail(out) + identity)
 
 
 class ResNet(nn.Module):

@@ -73,8 +73,13 @@ class ShuffleBlock(nn.Module):
         return self.attn(self.branch2[7](self.branch2[6](out)))
 
     def _right(self, x: Tensor) -> Tensor:
-        if not recomputes(self, self.attn):
-            return self.attn(self.branch2(x))
+        if not torch.jit.is_scripting():  # noqa: SIM102 (nested: TorchScript then compiles none of it)
+            if recomputes(self, self.attn):
+                return self._right_recomputed(x)
+        return self.attn(self.branch2(x))
+
+    def _right_recomputed(self, x: Tensor) -> Tensor:
+        """branch2 and the attention, the tail recomputed in the backward pass (training)."""
         for i, layer in enumerate(self.branch2):
             if i == 6:  # the last BN: from here on, recomputed in the backward pass
                 break

@@ -1,4 +1,4 @@
-"""Tests of SPSA: fast == reference, gradients, NaN-free extremes, offset accuracy, compile."""
+"""Tests of SPSA: fused op == decomposition == reference, gradients, NaN-free extremes, offsets, compile."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from spsa_nas.attention import SPSA, spsa_fast, spsa_reference
+from spsa_nas.attention import SPSA, spsa_decomposed, spsa_fused, spsa_reference
+
+FAST = [spsa_fused, spsa_decomposed]
 
 
 def _rand(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int) -> torch.Tensor:
@@ -41,7 +43,8 @@ def test_reference_equals_corrcoef(heads: int, alpha: float) -> None:
     gate = _corr_gate(x, alpha, heads)
     expected = (x.view(2, heads, 8 // heads, 3, 4) * gate[:, :, None]).view_as(x)
     torch.testing.assert_close(spsa_reference(x, alpha, heads), expected)
-    torch.testing.assert_close(spsa_fast(x, alpha, heads), expected)
+    for fn in FAST:
+        torch.testing.assert_close(fn(x, alpha, heads), expected)
 
 
 CASES = [
@@ -54,15 +57,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fn", FAST)
 @pytest.mark.parametrize(("shape", "heads"), CASES)
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fast_equals_reference(
-    shape: tuple[int, ...], heads: int, alpha: float, dtype: torch.dtype, channels_last: bool
+    fn: object, shape: tuple[int, ...], heads: int, alpha: float, dtype: torch.dtype, channels_last: bool
 ) -> None:
     x = _rand(shape, dtype, channels_last, seed=sum(shape) + heads)
-    fast = spsa_fast(x, alpha, heads)
+    fast = fn(x, alpha, heads)  # type: ignore[operator]
     ref = spsa_reference(x, alpha, heads)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(fast, ref, atol=tol, rtol=tol)
@@ -73,15 +77,16 @@ def test_fast_equals_reference(
     assert gate.max() - gate.min() > 0.05
 
 
+@pytest.mark.parametrize("fast", FAST)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fast_backward_equals_reference(channels_last: bool, dtype: torch.dtype) -> None:
+def test_fast_backward_equals_reference(fast: object, channels_last: bool, dtype: torch.dtype) -> None:
     x = _rand((2, 16, 5, 6), dtype, channels_last, seed=7)
     grad = _rand((2, 16, 5, 6), dtype, channels_last, seed=8)
     grads = []
-    for fn in (spsa_fast, spsa_reference):
+    for fn in (fast, spsa_reference):
         xx = x.clone().requires_grad_(True)
-        fn(xx, 1.5, 2).backward(grad)
+        fn(xx, 1.5, 2).backward(grad)  # type: ignore[operator]
         grads.append(xx.grad)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(grads[0], grads[1], atol=tol, rtol=tol)
@@ -89,7 +94,7 @@ def test_fast_backward_equals_reference(channels_last: bool, dtype: torch.dtype)
         assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("fn", [*FAST, spsa_reference])
 @pytest.mark.parametrize(("heads", "alpha"), [(1, 1.0), (2, 0.7), (4, 2.5)])
 def test_gradcheck_float64(fn: object, heads: int, alpha: float) -> None:
     x = _rand((2, max(6, 3 * heads), 3, 3), torch.float64, False, seed=heads)  # 3+ channels a head
@@ -97,9 +102,10 @@ def test_gradcheck_float64(fn: object, heads: int, alpha: float) -> None:
     assert torch.autograd.gradcheck(lambda t: fn(t, alpha, heads), (x,))  # type: ignore[operator]
 
 
-def test_gradcheck_channels_last() -> None:
+@pytest.mark.parametrize("fn", FAST)
+def test_gradcheck_channels_last(fn: object) -> None:
     x = _rand((1, 6, 3, 3), torch.float64, True, seed=3).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: spsa_fast(t, 1.0, 2), (x,))
+    assert torch.autograd.gradcheck(lambda t: fn(t, 1.0, 2), (x,))  # type: ignore[operator]
 
 
 def _finite_forward_backward(fn: object, x: torch.Tensor, heads: int = 2) -> torch.Tensor:
@@ -135,14 +141,14 @@ def _degenerate_inputs() -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("fn", [*FAST, spsa_reference])
 @pytest.mark.parametrize("case", list(_degenerate_inputs()))
 def test_no_nan_or_inf(fn: object, case: str) -> None:
     torch.manual_seed(0)
     _finite_forward_backward(fn, _degenerate_inputs()[case])
 
 
-@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("fn", [*FAST, spsa_reference])
 def test_constant_pixel_vector_gives_r_zero(fn: object) -> None:
     torch.manual_seed(1)
     x = torch.randn(1, 8, 4, 4)
@@ -153,7 +159,7 @@ def test_constant_pixel_vector_gives_r_zero(fn: object) -> None:
     assert torch.equal(zeros, torch.zeros(1, 8, 4, 4))
 
 
-@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("fn", [*FAST, spsa_reference])
 @pytest.mark.parametrize("scale", [1e-30, 1e-3, 1e4, 1e30])
 def test_scale_invariant(fn: object, scale: float) -> None:
     x = _rand((2, 16, 5, 5), torch.float32, False, seed=11)
@@ -164,7 +170,7 @@ def test_scale_invariant(fn: object, scale: float) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fn", [spsa_fast, spsa_reference])
+@pytest.mark.parametrize("fn", [*FAST, spsa_reference])
 def test_half_precision(dtype: torch.dtype, fn: object) -> None:
     x = _rand((2, 16, 5, 5), torch.float32, False, seed=12)
     out = _finite_forward_backward(fn, x.to(dtype))
@@ -200,10 +206,12 @@ def test_offset_accuracy() -> None:
     def err(out: torch.Tensor) -> float:
         return ((out.double() - truth) / x32.double()).abs().max().item()  # error of the gate
 
-    fast, ref, naive = err(spsa_fast(x32)), err(spsa_reference(x32)), err(_one_pass_shortcut_out(x32))
-    assert fast < 1e-5
-    assert fast <= 4 * ref + 1e-7
-    assert naive > 50 * fast  # the test can tell a one-pass shortcut from the shifted one
+    ref, naive = err(spsa_reference(x32)), err(_one_pass_shortcut_out(x32))
+    for fn in FAST:
+        fast = err(fn(x32))
+        assert fast < 1e-5
+        assert fast <= 4 * ref + 1e-7
+        assert naive > 50 * fast  # the test can tell a one-pass shortcut from the shifted one
 
 
 def test_parameter_free_and_stateless() -> None:
@@ -219,9 +227,10 @@ def test_small_alpha_is_nearly_identity() -> None:
 
 def test_module_impls_agree() -> None:
     x = _rand((2, 16, 4, 4), torch.float32, True, seed=14)
-    fast = SPSA(16, alpha=1.5, heads=2)(x)
     ref = SPSA(16, alpha=1.5, heads=2, impl="reference")(x)
-    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=2e-5)
+    for impl in ("fused", "decomposed"):
+        torch.testing.assert_close(SPSA(16, alpha=1.5, heads=2, impl=impl)(x), ref, atol=2e-5, rtol=2e-5)
+    assert SPSA(16).impl == "fused"
 
 
 @pytest.mark.parametrize(
@@ -247,11 +256,12 @@ def test_bad_input() -> None:
         SPSA(16)(torch.randn(16, 4, 4))
 
 
+@pytest.mark.parametrize("impl", ["fused", "decomposed"])
 @pytest.mark.parametrize("backend", ["aot_eager"])
-def test_torch_compile(backend: str) -> None:
+def test_torch_compile(backend: str, impl: str) -> None:
     torch._dynamo.reset()
     x = _rand((2, 16, 4, 5), torch.float32, False, seed=15)
-    module = SPSA(16, alpha=1.5, heads=2)
+    module = SPSA(16, alpha=1.5, heads=2, impl=impl)
     compiled = torch.compile(module, backend=backend, fullgraph=True)
     xx = x.clone().requires_grad_(True)
     out = compiled(xx)
@@ -266,7 +276,7 @@ def test_torch_compile(backend: str) -> None:
 
 
 @pytest.mark.parametrize("heads", [1, 4])
-def test_fast_backward_saves_only_x_and_small_tensors(heads: int) -> None:
+def test_fused_backward_saves_only_x(heads: int) -> None:
     x = _rand((2, 32, 8, 8), torch.float32, False, seed=16).requires_grad_(True)
     saved: list[torch.Tensor] = []
 
@@ -275,11 +285,8 @@ def test_fast_backward_saves_only_x_and_small_tensors(heads: int) -> None:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = spsa_fast(x, 1.0, heads)
-    full = [t for t in saved if t.numel() >= x.numel()]
-    assert len(full) == 1 and full[0].data_ptr() == x.data_ptr()  # x itself, nothing else full-size
-    small = sum(t.numel() for t in saved if t.data_ptr() != x.data_ptr())
-    assert small <= 6 * heads * 2 * 8 * 8 + 5 * 2 * 32  # per-pixel stats per head + per-channel
+        out = spsa_fused(x, 1.0, heads)
+    assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr()  # x itself, nothing else
     out.sum().backward()
     # the reference, through autograd, keeps several full-size intermediates alive
     saved.clear()

@@ -1,0 +1,118 @@
+"""SPSA written with plain torch operators: the decomposition (export, tracing, fallback) and the backward.
+
+Both follow the numerical decisions of `spsa_nas.attention.spsa` (shift by the key's mean s, scale
+by 1/m, relative eps, r = 0 where the denominator is degenerate). The functions are TorchScript-
+compatible (typed, no dicts), so that `torch.jit.script` can compile them, and written as few,
+fusable operators: per group, one mean for the key, then over the shifted and scaled x̃ one sum
+(Σx̃), one contraction with the centred key (Σx̃·ũ, an einsum, not a block-diagonal matmul) and one
+L2 norm (‖x̃‖), and the final scaling of x by the gate. An ONNX graph of `spsa_decomposed` is
+therefore a handful of reductions that an inference runtime runs in one pass each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are computed in fp32, or fp64 for fp64 input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """The smallest normal number of the statistics' dtype (torch.finfo is not TorchScript)."""
+    return 2.2250738585072014e-308 if dtype == torch.float64 else 1.1754943508222875e-38
+
+
+def key_stats(k: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """From the key k (N, G, Cg, 1, 1) in the statistics' dtype: the shift s and scale 1/m
+    (N, G, 1, 1, 1; m = max|k - s|, or 1 for a constant key), the centred scaled key ũ
+    (N, G, Cg, 1, 1), its floored norm b and whether b is above its floor (N, G, 1, 1, 1).
+    s and 1/m carry no gradient (r does not depend on them)."""
+    s = k.mean(2, keepdim=True).detach()
+    m = (k - s).abs().amax(2, keepdim=True).detach()
+    inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
+    u = (k - s) * inv
+    uc = u - u.mean(2, keepdim=True)
+    norm_k = torch.linalg.vector_norm(uc, dim=2, keepdim=True)
+    floor_k = (eps * torch.linalg.vector_norm(k * inv, dim=2, keepdim=True)).detach()
+    above_k = norm_k > floor_k
+    b = torch.where(above_k, norm_k, floor_k)
+    return s, inv, uc, b, above_k
+
+
+def pixel_correlation(sum_y: Tensor, sum_yu: Tensor, norm_y: Tensor, sum_uc: Tensor, b: Tensor,
+                      channels: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """r per pixel from Σx̃, Σx̃·ũ and ‖x̃‖ (N, G, 1, H, W); also a (the pixel's floored spread), ok
+    (denominator usable) and above_x (a above its floor), as the backward needs them."""
+    s_xk = sum_yu - sum_y * sum_uc / channels
+    var_x = (norm_y.square() - sum_y.square() / channels).clamp_min(0.0)
+    floor_x = (eps * norm_y).detach()
+    above_x = var_x > floor_x.square()
+    a = torch.where(above_x, torch.where(above_x, var_x, torch.ones_like(var_x)).sqrt(), floor_x)
+    d = a * b
+    ok = torch.isfinite(d) & (d > _tiny(d.dtype))
+    r = torch.where(ok, s_xk / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(d))
+    return r, a, ok, above_x
+
+
+def _grouped(x: Tensor, heads: int) -> Tensor:
+    """x (N, C, H, W) as (N, G, C/G, H, W) in the statistics' dtype (a view for fp32/fp64 input)."""
+    return x.unflatten(1, [heads, x.shape[1] // heads]).to(stat_dtype(x.dtype))
+
+
+def spsa_stats(x: Tensor, heads: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                              Tensor, Tensor, Tensor]:
+    """Everything SPSA computes before the gate: s, inv, uc, b, above_k (see `key_stats`), the
+    pixel mean of x̃ (N, G, 1, H, W), then r, a, ok, above_x (see `pixel_correlation`)."""
+    x5 = _grouped(x, heads)
+    s, inv, uc, b, above_k = key_stats(x5.mean((3, 4), keepdim=True), eps)
+    y = (x5 - s) * inv  # x̃: shifted and scaled (r is invariant to both)
+    sum_y = y.sum(2, keepdim=True)
+    sum_yu = torch.einsum("ngchw,ngc->nghw", y, uc[:, :, :, 0, 0]).unsqueeze(2)
+    norm_y = torch.linalg.vector_norm(y, dim=2, keepdim=True)
+    cg = x5.shape[2]
+    r, a, ok, above_x = pixel_correlation(sum_y, sum_yu, norm_y, uc.sum(2, keepdim=True), b, cg, eps)
+    return s, inv, uc, b, above_k, sum_y / cg, r, a, ok, above_x
+
+
+def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float) -> Tensor:
+    """SPSA as plain torch operators (the op's decomposition); equal to `spsa_reference`."""
+    x5 = _grouped(x, heads)
+    s, inv, uc, b, _ = key_stats(x5.mean((3, 4), keepdim=True), eps)
+    y = (x5 - s) * inv
+    sum_y = y.sum(2, keepdim=True)
+    sum_yu = torch.einsum("ngchw,ngc->nghw", y, uc[:, :, :, 0, 0]).unsqueeze(2)
+    norm_y = torch.linalg.vector_norm(y, dim=2, keepdim=True)
+    r, _, _, _ = pixel_correlation(sum_y, sum_yu, norm_y, uc.sum(2, keepdim=True), b, x5.shape[2], eps)
+    gate = torch.sigmoid(-r).pow(alpha).to(x.dtype)  # 1 - sigmoid(r) == sigmoid(-r)
+    return (x.unflatten(1, [heads, x.shape[1] // heads]) * gate).flatten(1, 2)
+
+
+def spsa_backward(grad_out: Tensor, x: Tensor, alpha: float, heads: int, eps: float) -> Tensor:
+    """dL/dx of SPSA, analytically, from x and the statistics recomputed from it.
+
+    With q = dL/dr / (a·b) and β = dL/dr · r / a² (0 where a or a·b is floored / degenerate):
+    dL/dx̃ = q·ũ_c − β·(x̃ − mean x̃); through the key, dL/dũ_c = Σ_p q·(x̃ − mean x̃) − R·ũ_c / b²
+    with R = Σ_p dL/dr · r (0 where b is floored), centred over the channels and spread as
+    1/(H·W) over the pixels (k is their mean); dL/dx = g·A + dL/dx̃ / m + that key term.
+    """
+    s, inv, uc, b, above_k, mean_y, r, a, ok, above_x = spsa_stats(x.detach(), heads, eps)
+    x5 = _grouped(x.detach(), heads)
+    g5 = grad_out.unflatten(1, [heads, x.shape[1] // heads]).to(x5.dtype)
+    pixels = x.shape[2] * x.shape[3]
+    gate = torch.sigmoid(-r).pow(alpha)
+    grad_r = (g5 * x5).sum(2, keepdim=True) * (-alpha) * gate * torch.sigmoid(r)
+    zero = torch.zeros_like(r)
+    q = torch.where(ok, grad_r / torch.where(ok, a * b, torch.ones_like(a)), zero)
+    flat = ok & above_x
+    beta = torch.where(flat, grad_r * r / torch.where(flat, a.square(), torch.ones_like(a)), zero)
+    big_r = torch.where(ok, grad_r * r, zero).sum((3, 4), keepdim=True)
+    yc = (x5 - s) * inv - mean_y  # x̃ − mean x̃
+    grad_u = (yc * q).sum((3, 4), keepdim=True)
+    b2 = torch.where(above_k, b.square(), torch.ones_like(b))
+    grad_u = grad_u - torch.where(above_k, big_r / b2, torch.zeros_like(b)) * uc
+    grad_key = (grad_u - grad_u.mean(2, keepdim=True)) * inv / pixels  # dL/dk_c · 1/(H·W)
+    grad_x = (q * uc - beta * yc) * inv + grad_key + g5 * gate
+    return grad_x.flatten(1, 2).to(x.dtype)

@@ -1,0 +1,250 @@
+// SPSA's fused CPU kernel: key pass, then per-pixel statistics, gate and output in one cache-resident pass.
+//
+// For x (N, C, H, W), NCHW- or channels_last-contiguous, fp32 or fp64, heads G (groups of Cg = C/G
+// contiguous channels). The numerics are those of spsa_nas/attention/spsa.py: per (n, g) the key
+// k_c = mean_p x[c, p] (accumulated in double), shift s = mean_c k, scale 1/m with m = max|k - s|
+// (1 if 0), centred scaled key uc, its floored norm b; per pixel, over the group's channels, with
+// y = (x - s)/m: Σy, Σy·uc, Σy² (accumulated in the statistics' dtype: fp32, fp64 for fp64), then
+// r = S/(a·b) with the relative eps floors (r = 0 where a·b is 0 or not finite) and
+// out = x · (1 - sigmoid(r))^alpha.
+//
+// Memory traffic: one read of x for the key, one read of x and one write of out for the rest
+// (x's block of a tile of pixels is read once from memory and once more from the cache). NCHW
+// works on tiles of pixels sized to stay in L2 (all the group's channels x TILE pixels); channels_last
+// on one pixel's channel vector at a time (in L1). out may be x itself (in place).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename acc_t>
+struct GroupKey {
+  acc_t s_inv;    // s / m
+  acc_t inv;      // 1 / m
+  acc_t sum_uc;   // Σ_c uc_c
+  acc_t b;        // floored norm of uc
+};
+
+// Per (n, g): the key statistics from the key k (Cg values, double), and uc written to `uc`.
+template <typename acc_t>
+GroupKey<acc_t> key_stats(const double* k, int64_t cg, double eps, acc_t* uc) {
+  double s = 0.0;
+  for (int64_t c = 0; c < cg; ++c) s += k[c];
+  s /= static_cast<double>(cg);
+  // the reference does these in the statistics' dtype; k is accurate to that dtype's rounding
+  acc_t s_a = static_cast<acc_t>(s);
+  acc_t m = 0;
+  for (int64_t c = 0; c < cg; ++c) m = std::max(m, std::abs(static_cast<acc_t>(k[c]) - s_a));
+  acc_t inv = static_cast<acc_t>(1) / (m > 0 ? m : static_cast<acc_t>(1));
+  acc_t mean_u = 0;
+  for (int64_t c = 0; c < cg; ++c) {
+    uc[c] = (static_cast<acc_t>(k[c]) - s_a) * inv;
+    mean_u += uc[c];
+  }
+  mean_u /= static_cast<acc_t>(cg);
+  acc_t norm2 = 0, knorm2 = 0, sum_uc = 0;
+  for (int64_t c = 0; c < cg; ++c) {
+    uc[c] -= mean_u;
+    norm2 += uc[c] * uc[c];
+    sum_uc += uc[c];
+    acc_t kk = static_cast<acc_t>(k[c]) * inv;
+    knorm2 += kk * kk;
+  }
+  acc_t norm_k = std::sqrt(norm2);
+  acc_t floor_k = static_cast<acc_t>(eps) * std::sqrt(knorm2);
+  GroupKey<acc_t> key;
+  key.s_inv = s_a * inv;
+  key.inv = inv;
+  key.sum_uc = sum_uc;
+  key.b = norm_k > floor_k ? norm_k : floor_k;
+  return key;
+}
+
+// The gate of one pixel from its sums (the same formula as composite.pixel_correlation).
+template <typename acc_t>
+inline acc_t pixel_gate(acc_t sy, acc_t syu, acc_t syy, const GroupKey<acc_t>& key, acc_t cg,
+                        acc_t eps, double alpha) {
+  acc_t s_xk = syu - sy * key.sum_uc / cg;
+  acc_t var_x = std::max(syy - sy * sy / cg, static_cast<acc_t>(0));
+  acc_t floor_x = eps * std::sqrt(syy);
+  acc_t a = var_x > floor_x * floor_x ? std::sqrt(var_x) : floor_x;
+  acc_t d = a * key.b;
+  acc_t r = (std::isfinite(d) && d > std::numeric_limits<acc_t>::min()) ? s_xk / d : static_cast<acc_t>(0);
+  acc_t g = static_cast<acc_t>(1) / (static_cast<acc_t>(1) + std::exp(r));  // 1 - sigmoid(r)
+  if (alpha == 1.0) return g;
+  if (alpha == 2.0) return g * g;
+  return static_cast<acc_t>(std::pow(static_cast<double>(g), alpha));
+}
+
+// The key k (N, C) in double: mean over the pixels of each channel.
+template <typename scalar_t>
+std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64_t p, bool channels_last) {
+  std::vector<double> k(n * c, 0.0);
+  if (!channels_last) {
+    at::parallel_for(0, n * c, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* src = x + row * p;
+        double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < p; ++i) acc += static_cast<double>(src[i]);
+        k[row] = acc / static_cast<double>(p);
+      }
+    });
+    return k;
+  }
+  // channels_last: pixels are rows of C; split each sample's pixels into chunks, reduce after
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p, 65536 / std::max<int64_t>(c, 1)));
+  const int64_t chunks = (p + chunk - 1) / chunk;
+  std::vector<double> partial(n * chunks * c, 0.0);
+  at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      int64_t i = job / chunks, j = job % chunks;
+      double* acc = partial.data() + job * c;
+      int64_t p0 = j * chunk, p1 = std::min(p, p0 + chunk);
+      for (int64_t q = p0; q < p1; ++q) {
+        const scalar_t* src = x + (i * p + q) * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) acc[ch] += static_cast<double>(src[ch]);
+      }
+    }
+  });
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < chunks; ++j) {
+      const double* acc = partial.data() + (i * chunks + j) * c;
+      for (int64_t ch = 0; ch < c; ++ch) k[i * c + ch] += acc[ch];
+    }
+  for (auto& v : k) v /= static_cast<double>(p);
+  return k;
+}
+
+template <typename scalar_t, typename acc_t>
+void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t p, int64_t heads,
+                 double alpha, double eps, bool channels_last) {
+  const int64_t cg = c / heads;
+  std::vector<double> k = channel_means(x, n, c, p, channels_last);
+  std::vector<GroupKey<acc_t>> keys(n * heads);
+  std::vector<acc_t> uc(n * c);
+  for (int64_t ng = 0; ng < n * heads; ++ng)
+    keys[ng] = key_stats<acc_t>(k.data() + ng * cg, cg, eps, uc.data() + ng * cg);
+  const acc_t cg_a = static_cast<acc_t>(cg), eps_a = static_cast<acc_t>(eps);
+
+  if (channels_last) {
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p, 16384 / std::max<int64_t>(c, 1)));
+    const int64_t chunks = (p + chunk - 1) / chunk;
+    at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t job = begin; job < end; ++job) {
+        int64_t i = job / chunks, p0 = (job % chunks) * chunk, p1 = std::min(p, p0 + chunk);
+        for (int64_t q = p0; q < p1; ++q) {
+          const scalar_t* src = x + (i * p + q) * c;
+          scalar_t* dst = out + (i * p + q) * c;
+          for (int64_t g = 0; g < heads; ++g) {
+            const GroupKey<acc_t>& key = keys[i * heads + g];
+            const acc_t* u = uc.data() + (i * heads + g) * cg;
+            const scalar_t* xs = src + g * cg;
+            const acc_t inv = key.inv, s_inv = key.s_inv;
+            acc_t sy = 0, syu = 0, syy = 0;
+#pragma omp simd reduction(+ : sy, syu, syy)
+            for (int64_t ch = 0; ch < cg; ++ch) {
+              acc_t y = static_cast<acc_t>(xs[ch]) * inv - s_inv;
+              sy += y;
+              syu += y * u[ch];
+              syy += y * y;
+            }
+            const scalar_t gate = static_cast<scalar_t>(pixel_gate(sy, syu, syy, key, cg_a, eps_a, alpha));
+            scalar_t* ds = dst + g * cg;
+#pragma omp simd
+            for (int64_t ch = 0; ch < cg; ++ch) ds[ch] = xs[ch] * gate;
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  // NCHW: tiles of TILE pixels x the group's channels (about 128 KiB), sums kept per pixel
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(1024, (32768 / std::max<int64_t>(cg, 1)) / 16 * 16));
+  const int64_t tiles = (p + tile - 1) / tile;
+  at::parallel_for(0, n * heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(3 * tile);
+    std::vector<scalar_t> gates(tile);
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t ng = job / tiles, p0 = (job % tiles) * tile, len = std::min(tile, p - p0);
+      const GroupKey<acc_t>& key = keys[ng];
+      const acc_t* u = uc.data() + ng * cg;
+      const scalar_t* base = x + ng * cg * p + p0;
+      scalar_t* obase = out + ng * cg * p + p0;
+      acc_t* sy = sums.data();
+      acc_t* syu = sy + tile;
+      acc_t* syy = syu + tile;
+      std::fill(sums.begin(), sums.end(), static_cast<acc_t>(0));
+      const acc_t inv = key.inv, s_inv = key.s_inv;
+      for (int64_t ch = 0; ch < cg; ++ch) {
+        const scalar_t* row = base + ch * p;
+        const acc_t uch = u[ch];
+#pragma omp simd
+        for (int64_t q = 0; q < len; ++q) {
+          acc_t y = static_cast<acc_t>(row[q]) * inv - s_inv;
+          sy[q] += y;
+          syu[q] += y * uch;
+          syy[q] += y * y;
+        }
+      }
+      for (int64_t q = 0; q < len; ++q)
+        gates[q] = static_cast<scalar_t>(pixel_gate(sy[q], syu[q], syy[q], key, cg_a, eps_a, alpha));
+      for (int64_t ch = 0; ch < cg; ++ch) {
+        const scalar_t* row = base + ch * p;
+        scalar_t* orow = obase + ch * p;
+#pragma omp simd
+        for (int64_t q = 0; q < len; ++q) orow[q] = row[q] * gates[q];
+      }
+    }
+  });
+}
+
+void check(const at::Tensor& x, const at::Tensor& out, int64_t heads) {
+  TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "spsa_cpu: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 4, "spsa_cpu: expected a 4-D input, got ", x.dim(), "-D");
+  TORCH_CHECK(heads >= 1 && x.size(1) % heads == 0 && x.size(1) / heads >= 2,
+              "spsa_cpu: heads=", heads, " must divide channels=", x.size(1), " leaving >= 2 each");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "spsa_cpu: expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides() && out.scalar_type() == x.scalar_type(),
+              "spsa_cpu: out must have x's shape, strides and dtype");
+}
+
+// out = SPSA(x); x and out NCHW- or channels_last-contiguous with the same strides (out may be x).
+void spsa_forward_out(const at::Tensor& x, at::Tensor& out, double alpha, int64_t heads, double eps) {
+  check(x, out, heads);
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "spsa_cpu: x must be NCHW- or channels_last-contiguous");
+  const int64_t n = x.size(0), c = x.size(1), p = x.size(2) * x.size(3);
+  if (x.numel() == 0) return;
+  if (x.scalar_type() == at::kFloat) {
+    spsa_kernel<float, float>(x.data_ptr<float>(), out.data_ptr<float>(), n, c, p, heads, alpha, eps,
+                              channels_last);
+  } else {
+    spsa_kernel<double, double>(x.data_ptr<double>(), out.data_ptr<double>(), n, c, p, heads, alpha, eps,
+                                channels_last);
+  }
+}
+
+at::Tensor spsa_forward(const at::Tensor& x, double alpha, int64_t heads, double eps) {
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor src = channels_last ? x : x.contiguous();
+  at::Tensor out = at::empty_like(src);
+  spsa_forward_out(src, out, alpha, heads, eps);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &spsa_forward, "SPSA forward (fused CPU kernel)");
+  m.def("forward_out", &spsa_forward_out, "SPSA forward into out (which may be x)");
+}
