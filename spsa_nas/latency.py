@@ -321,9 +321,19 @@ def _warm_up(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: 
             track.last_mean = mean
 
 
-def _time_rounds(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: torch.device) -> int:
+def _figure_samples(track: _Track, reference: _Track | None) -> list[float]:
+    """What a model's figure is the median of: its ratios to the reference, round by round, when
+    there is one (the figure a search uses), else its block means."""
+    if reference is None:
+        return track.block_means
+    return [c / r for c, r in zip(track.block_means, reference.block_means, strict=True)]
+
+
+def _time_rounds(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: torch.device,
+                 reference: _Track | None) -> int:
     """Rounds of one block per model, the order rotated each round, until every model has
-    `cfg.blocks` blocks, `cfg.min_time_s` of timed calls and an interval within `cfg.max_ci_rel`,
+    `cfg.blocks` blocks, `cfg.min_time_s` of timed calls and the interval of its figure (of its
+    ratio to `reference` when there is one, _figure_samples) within `cfg.max_ci_rel`,
     or until the time budget (max(max_time_s, min_time_s) per model) is spent, whichever comes
     first. Returns the rounds added for a too wide interval."""
     budget_ms = max(cfg.max_time_s, cfg.min_time_s) * 1e3 * len(tracks)
@@ -339,7 +349,8 @@ def _time_rounds(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, devi
             continue
         if any(sum(t.samples) < cfg.min_time_s * 1e3 for t in tracks):
             continue
-        if all(_relative_width(t.block_means, cfg.ci_level) <= cfg.max_ci_rel for t in tracks):
+        if all(_relative_width(_figure_samples(t, reference), cfg.ci_level) <= cfg.max_ci_rel
+               for t in tracks if t is not reference):
             break
         extensions += 1
     return extensions
@@ -409,7 +420,7 @@ def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], c
     with (_prepared_models([t.model for t in tracks], cfg, dev), _threads(cfg.threads) as threads,
           _pinned(threads, cfg.pin_cpus) as affinity, torch.inference_mode()):
         _warm_up(tracks, x, cfg, dev)
-        extensions = _time_rounds(tracks, x, cfg, dev)
+        extensions = _time_rounds(tracks, x, cfg, dev, tracks[0] if reference is not None else None)
     clocks = cuda_clocks(dev) if dev.type == "cuda" else None
     now = time.time()
     ref_track = tracks[0] if reference is not None else None
@@ -417,17 +428,16 @@ def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], c
     out = {}
     for track in tracks:
         center, low, high = median_ci(track.block_means, cfg.ci_level)
-        ratio: tuple[float, float, float] | tuple[None, None, None] = (None, None, None)
-        if ref_track is not None and track is not ref_track:
-            ratios = [c / r for c, r in zip(track.block_means, ref_track.block_means, strict=True)]
-            ratio = median_ci(ratios, cfg.ci_level)
+        versus = ref_track if track is not ref_track else None
+        figure = median_ci(_figure_samples(track, versus), cfg.ci_level)  # the ratio's, or the time's
+        ratio = figure if versus is not None else (None, None, None)
         out[track.name] = LatencyResult(
             **{**_spread(track.samples), "median_ms": center},
             repeats=len(track.samples), warmup=track.warmup, batch_size=cfg.batch_size,
             input_shape=shape, device=str(dev), device_name=device_name(dev), threads=threads,
             torch_version=torch.__version__, protocol="interleaved", ci_low_ms=low, ci_high_ms=high,
             ci_level=cfg.ci_level, blocks=len(track.block_means), block_size=track.calls,
-            ci_extensions=extensions, converged=(high - low) <= cfg.max_ci_rel * center,
+            ci_extensions=extensions, converged=(figure[2] - figure[1]) <= cfg.max_ci_rel * figure[0],
             settled=track.settled, reference=reference_name if reference is not None else None,
             reference_ms=ref_ms, ratio=ratio[0], ratio_ci_low=ratio[1], ratio_ci_high=ratio[2],
             group_size=len(tracks), affinity=affinity, clocks=clocks, measured_at=now,
