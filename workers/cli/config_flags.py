@@ -58,6 +58,8 @@ HELP = {
     "seed": "the search's seed (the sampler's; also --train.seed unless that is given)",
     "parallelism": "trials in flight at once; > 1: trials on Ray",
     "max_retries": "re-runs of a trial whose worker died (Ray)",
+    "strategy": "standalone: every candidate trains from scratch; oneshot: one weight-sharing supernet "
+                "is trained, candidates are evaluated on its weights, the best are retrained",
 }
 
 

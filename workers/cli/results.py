@@ -20,7 +20,7 @@ from search_spaces.finalists import (
     remeasured_fields,
     remeasurement,
 )
-from search_spaces.study import describe_spec, pareto_front, select_best, trial_counts
+from search_spaces.study import describe_spec, estimated_metrics, pareto_front, select_best, trial_counts
 from workers.cli import UsageError
 from workers.cli.common import (
     DEFAULT_ARTIFACTS,
@@ -118,7 +118,7 @@ def run_best(args: argparse.Namespace) -> int:
                 {
                     "study": study.study_name,
                     "latency_budget_ms": args.latency_budget,
-                    "best": _latency_row(trial, record),
+                    "best": {**_latency_row(trial, record), **_oneshot_labels(trial)},
                     "tie": decision.to_dict(),
                     "pareto_front": [_latency_row(t, record) for t in front],
                     "finalists": {k: v for k, v in (record or {}).items() if k != "trials"} or None,
@@ -139,8 +139,27 @@ def run_best(args: argparse.Namespace) -> int:
         highlight=False,
     )
     out.print(describe_spec(a.get("spec") or {}), markup=False, highlight=False)
+    labels = _oneshot_labels(trial)
+    if labels.get("estimated"):
+        out.print("one-shot estimate: val acc and top1 come from the supernet's weights (no candidate "
+                  "was retrained)", markup=False, highlight=False)
+    elif "retrain_of" in labels:
+        out.print(f"retrained from scratch from one-shot candidate {labels['retrain_of']} (its estimate: "
+                  f"val acc {fmt(labels.get('oneshot_val_acc'))})", markup=False, highlight=False)
     _print_decision(out, decision)
     return 0
+
+
+def _oneshot_labels(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """oneshot studies: which figures are estimates, and the candidate a retrained trial came from."""
+    a = trial.user_attrs
+    if "oneshot_estimate" not in a:
+        return {}
+    labels: dict[str, Any] = {"estimated": estimated_metrics(a)}
+    for key in ("retrain_of", "oneshot_val_acc", "oneshot_top1"):
+        if key in a:
+            labels[key] = a[key]
+    return labels
 
 
 def run_remeasure(args: argparse.Namespace) -> int:

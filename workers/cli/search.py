@@ -78,6 +78,13 @@ def run_search_command(args: argparse.Namespace) -> int:
         f"study {cfg.study_name!r} in {args.storage}: {before}/{cfg.trials} trials finished; "
         f"objective {cfg.objective.kind}, sampler {cfg.sampler}, space {space.name}"
     )
+    if cfg.strategy == "oneshot":
+        console.print(
+            f"strategy oneshot: a supernet per backbone and width trains first "
+            f"({cfg.oneshot.supernet_epochs(cfg.train)} epochs), then {cfg.trials} candidates are "
+            f"evaluated on its weights (accuracies are estimates), then the best {cfg.retrain_top_k} "
+            "retrain from scratch"
+        )
     if cfg.parallelism > 1 or args.ray_address:
         try:
             ray_runner = import_module("workers.ray_runner")
@@ -114,6 +121,8 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
             line = (
                 f"trial {trial.number}: val {fmt(a.get('val_acc'))} top1 {fmt(a.get('top1'))} "
                 f"{fmt(a.get('latency_ms'), '.3f')} ms  {describe_spec(a.get('spec') or {})}"
+                + (" (one-shot estimate)" if a.get("oneshot_estimate") else "")
+                + (f" (retrained trial {a['retrain_of']})" if "retrain_of" in a else "")
             )
         else:
             why = a.get("error") or a.get("reason") or ""
