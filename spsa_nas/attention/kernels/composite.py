@@ -78,16 +78,41 @@ def spsa_stats(x: Tensor, heads: int, eps: float) -> tuple[Tensor, Tensor, Tenso
 
 
 def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float) -> Tensor:
-    """SPSA as plain torch operators (the op's decomposition); equal to `spsa_reference`."""
-    x5 = _grouped(x, heads)
-    s, inv, uc, b, _ = key_stats(x5.mean((3, 4), keepdim=True), eps)
-    y = (x5 - s) * inv
-    sum_y = y.sum(2, keepdim=True)
-    sum_yu = torch.einsum("ngchw,ngc->nghw", y, uc[:, :, :, 0, 0]).unsqueeze(2)
-    norm_y = torch.linalg.vector_norm(y, dim=2, keepdim=True)
-    r, _, _, _ = pixel_correlation(sum_y, sum_yu, norm_y, uc.sum(2, keepdim=True), b, x5.shape[2], eps)
-    gate = torch.sigmoid(-r).pow(alpha).to(x.dtype)  # 1 - sigmoid(r) == sigmoid(-r)
-    return (x.unflatten(1, [heads, x.shape[1] // heads]) * gate).flatten(1, 2)
+    """SPSA as plain torch operators (the op's decomposition); equal to `spsa_reference`.
+
+    Written for inference graphs (its gradient is `spsa_backward`, not autograd through it): on
+    x as (N, G, Cg, H·W), one mean for the key, x̃ = (x - s)/m, one batched matmul of x̃ with
+    [1; ũ] per (n, g) for Σx̃ and Σx̃·ũ, one L2 norm for ‖x̃‖, and x times the gate; the rest
+    works on (N, G, Cg) or (N, G, 1, H·W) tensors. The floors are maxima of squares
+    (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of `pixel_correlation`.
+    """
+    sd = stat_dtype(x.dtype)
+    x4 = x.flatten(2).unflatten(1, [heads, x.shape[1] // heads])  # (N, G, Cg, P)
+    xs = x4.to(sd)
+    k = xs.mean(3, keepdim=True)  # (N, G, Cg, 1)
+    s = k.mean(2, keepdim=True)
+    kc = k - s
+    m = kc.abs().amax(2, keepdim=True)
+    inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
+    u = kc * inv
+    uc = u - u.mean(2, keepdim=True)
+    b2 = torch.maximum(uc.square().sum(2, keepdim=True),
+                       (eps * eps) * (k * inv).square().sum(2, keepdim=True))
+    y = (xs - s) * inv
+    weights = torch.cat([torch.ones_like(uc), uc], dim=3).transpose(2, 3)  # (N, G, 2, Cg)
+    sums = torch.matmul(weights, y)  # (N, G, 2, P): Σx̃ and Σx̃·ũ
+    sum_y, sum_yu = sums[:, :, :1], sums[:, :, 1:]
+    syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
+    cg = float(x4.shape[2])
+    s_xk = sum_yu - sum_y * (uc.sum(2, keepdim=True) / cg)
+    a2 = torch.maximum(syy - sum_y.square() / cg, (eps * eps) * syy)
+    d = a2.sqrt() * b2.sqrt()
+    ok = (d > _tiny(d.dtype)) & (d < float("inf"))
+    r = torch.where(ok, s_xk / d, torch.zeros_like(d))
+    gate = torch.sigmoid(-r)  # 1 - sigmoid(r) == sigmoid(-r)
+    if alpha != 1.0:
+        gate = gate.pow(alpha)
+    return (x4 * gate.to(x.dtype)).reshape(x.shape)
 
 
 def spsa_backward(grad_out: Tensor, x: Tensor, alpha: float, heads: int, eps: float) -> Tensor:
