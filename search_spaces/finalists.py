@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.keys import ANCHOR_PREFIX, CONFIG_ATTR, FINALISTS_ATTR, LATENCY_CI_ATTR
+from search_spaces.keys import ANCHOR_PREFIX, CONFIG_ATTR, FINALISTS_ATTR, LATENCY_CI_ATTR, RETRAIN_OF_ATTR
 from search_spaces.study import mnas_score, pareto_front, select_best, study_config
 
 ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
@@ -217,6 +217,9 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
         objective.latency_budget_ms if objective is not None else None)
     record = remeasurement(study)
     candidates = [t for t in _complete(study) if budget is None or t.user_attrs["latency_ms"] <= budget]
+    retrained = [t for t in candidates if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
+    if retrained:  # oneshot: select_best chooses among the retrained (measured) accuracies; so do ties
+        candidates = retrained
     if chosen.number not in {t.number for t in candidates}:
         candidates.append(chosen)
     figures = {t.number: latency_figure(t, record) for t in candidates}

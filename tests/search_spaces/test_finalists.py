@@ -138,3 +138,13 @@ def test_the_anchor_is_the_first_measurement_and_figures_are_ratio_times_anchor(
     assert anchor_attr(other) != anchor_attr(first) and anchor_ms(study, other) == 5.0
     plain = {"median_ms": 4.0, "ci_low_ms": 3.9, "ci_high_ms": 4.1, "ratio": None}  # no reference
     assert anchor_ms(study, plain) is None and normalized(plain, None) == (4.0, [3.9, 4.1])
+
+
+def test_ties_are_among_retrained_trials_when_there_are_some(study: optuna.Study) -> None:
+    """A one-shot study picks among its retrained trials (measured accuracies); a supernet estimate
+    close to the pick is no tie."""
+    _add(study, 0.905, 3.0, [2.9, 3.1])  # an estimate (no retrain_of)
+    a = _add(study, 0.900, 3.0, [2.9, 3.1], retrain_of=0)
+    b = _add(study, 0.899, 3.0, [2.9, 3.1], retrain_of=5)
+    decision = decide_best(study)
+    assert decision.chosen.number == a and [t.number for t in decision.tied] == [a, b]
