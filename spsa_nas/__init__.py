@@ -10,6 +10,7 @@ from spsa_nas.spec import ArchSpec, StageSpec
 __all__ = [
     "ArchSpec",
     "StageSpec",
+    "build_detector",
     "build_model",
     "count_flops",
     "count_params",
@@ -20,6 +21,7 @@ __all__ = [
 # torch-heavy entry points load on first use, so that `spsa_nas.spec` stays importable without torch
 _LAZY = {
     "build_model": "spsa_nas.models",
+    "build_detector": "spsa_nas.detection",
     "load_weights": "spsa_nas.models",
     "count_params": "spsa_nas.counting",
     "count_flops": "spsa_nas.counting",

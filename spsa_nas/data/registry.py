@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from spsa_nas.config import DataConfig
+from spsa_nas.config import DETECTION_DATASETS, DataConfig
 from spsa_nas.data.cifar import CIFAR_CLASSES, load_cifar
 from spsa_nas.data.digits import DIGITS_CLASSES, load_digits
 from spsa_nas.data.errors import DataError
@@ -32,6 +32,10 @@ def dataset_num_classes(cfg: DataConfig) -> int:
         return _FIXED[cfg.name][0]
     if cfg.name == "synthetic":
         return cfg.synthetic_classes
+    if cfg.name in DETECTION_DATASETS:  # a detector's classes: the categories + the background
+        from spsa_nas.detection.data import detection_num_classes
+
+        return detection_num_classes(cfg)
     return imagefolder_num_classes(cfg)
 
 
@@ -57,6 +61,9 @@ def load_data(cfg: DataConfig, image_size: int, in_channels: int) -> Splits:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(cfg: DataConfig, image_size: int, in_channels: int) -> Splits:
+    if cfg.name in DETECTION_DATASETS:
+        raise DataError(f"{cfg.name} is detection data (boxes, not class labels): search it with a "
+                        "detection space (task: detection), e.g. detection_quick")
     if cfg.name not in LOADERS:
         raise DataError(f"unknown dataset {cfg.name!r}; valid: {', '.join(LOADERS)}")
     return LOADERS[cfg.name](cfg, image_size, in_channels)

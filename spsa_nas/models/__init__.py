@@ -47,6 +47,8 @@ def build_model(spec: ArchSpec, weights: Weights | None = None, *,
                 memory_efficient: bool = True) -> nn.Module:
     """Build the model `spec` describes; load `weights` (state_dict or file) when given.
 
+    A detection spec (`task: detection`) gives its detector (spsa_nas.detection.build_detector).
+
     The model carries its spec as `model.spec` and, when weights were given, the `LoadReport`
     as `model.load_report` (None otherwise). `memory_efficient` (default True): in training,
     blocks with SPSA run their last BN and attention again in the backward pass instead of
@@ -55,6 +57,10 @@ def build_model(spec: ArchSpec, weights: Weights | None = None, *,
     """
     if not isinstance(spec, ArchSpec):
         raise TypeError(f"build_model needs an ArchSpec, got {type(spec).__name__}")
+    if spec.task == "detection":
+        from spsa_nas.detection.model import build_detector  # torchvision's detection package: only here
+
+        return build_detector(spec, weights, memory_efficient=memory_efficient)
     if spec.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {spec.backbone!r}; valid: {', '.join(BACKBONES)}")
     if not isinstance(memory_efficient, bool):
