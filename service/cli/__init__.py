@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = (
     "workers.cli.search",  # search: the search engine, no server needed
     "workers.cli.results",  # best, export
     "workers.cli.spaces",  # spaces
+    "workers.cli.maps",  # attention-map
     "service.cli.serve",  # serve: the API, plus a coordinator child process
     "service.cli.coordinator",  # coordinator: runs searches
     "service.cli.users",  # users add|token|revoke|list
