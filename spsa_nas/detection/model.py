@@ -24,6 +24,8 @@ decides (see docs/detection.md):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -34,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from spsa_nas.models._attn import set_memory_efficient
 from spsa_nas.models.resnet import ResNet
-from spsa_nas.models.weights import LoadReport, Weights, load_weights
+from spsa_nas.models.weights import LoadReport, Weights, load_state_dict_file, load_weights
 from spsa_nas.spec import ArchSpec
 
 __all__ = ["anchor_sizes", "backbone_spec", "build_detector", "proposal_count", "transfer_backbone"]
@@ -136,15 +138,19 @@ def transfer_backbone(detector: nn.Module, weights: Weights) -> LoadReport:
     The report's keys are the backbone's (`layer1.0.conv1.weight`, ...): `loaded` were copied,
     `initialised` kept their initialisation (e.g. attention the classifier lacked), `unexpected`
     are the classifier's tensors the backbone has no place for (its `fc.*` head), `mismatched`
-    differ in shape (another width or backbone). The FPN and the heads stay initialised.
+    differ in shape — refused before anything is copied: a classifier of another width or backbone
+    is a ValueError. The FPN and the heads stay initialised.
     """
     backbone = getattr(detector, "backbone", None)
     body = getattr(backbone, "body", None)
     if not isinstance(body, nn.Module):
         raise TypeError("transfer_backbone: the model has no backbone.body (not a detector from "
                         "build_detector)")
-    report = load_weights(body, weights)
-    if not report.loaded:
-        raise ValueError(f"transfer_backbone: none of the weights fit the backbone ({report.summary()}); "
-                         "are they a classifier of the same backbone and width?")
-    return report
+    state = load_state_dict_file(weights) if isinstance(weights, str | Path) else dict(weights)
+    own = body.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched or not any(k in own for k in state):
+        raise ValueError(f"transfer_backbone: the weights do not fit the backbone ({len(mismatched)} tensors "
+                         f"differ in shape, e.g. {mismatched[:3]}); they must be a classifier of the same "
+                         "backbone and width")
+    return load_weights(body, state)
