@@ -58,7 +58,7 @@ def _build() -> ModuleType:
         raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; install g++ or set CXX)")
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", "-march=native"]
+    flags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
     return cpp_extension.load(
         name=f"spsa_nas_cpu_{build_dir.name[-16:]}", sources=[str(SOURCE)], build_directory=str(build_dir),
         extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False,

@@ -9,9 +9,9 @@
 // out = x · (1 - sigmoid(r))^alpha.
 //
 // Memory traffic: one read of x for the key, one read of x and one write of out for the rest
-// (x's block of a tile of pixels is read once from memory and once more from the cache). NCHW
-// works on tiles of pixels sized to stay in L2 (all the group's channels x TILE pixels); channels_last
-// on one pixel's channel vector at a time (in L1). out may be x itself (in place).
+// (a block of pixels is read once from memory and once more from the cache). NCHW works on blocks
+// of 4 SIMD vectors of pixels x the group's channels, the sums in registers; channels_last on one
+// pixel's channel vector at a time (in L1). out may be x itself (in place).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,6 +22,17 @@
 #include <vector>
 
 namespace {
+
+// SIMD vectors through GCC/Clang vector extensions: 64 bytes (AVX-512, or two AVX2 / four SSE
+// registers where the CPU has less); unaligned loads and stores through memcpy.
+template <typename T>
+struct Vec {
+  static constexpr int64_t lanes = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(64)));
+  static type splat(T v) { return type{} + v; }
+  static type load(const T* p) { type v; __builtin_memcpy(&v, p, sizeof(type)); return v; }
+  static void store(T* p, type v) { __builtin_memcpy(p, &v, sizeof(type)); }
+};
 
 template <typename acc_t>
 struct GroupKey {
@@ -88,12 +99,21 @@ std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64
   std::vector<double> k(n * c, 0.0);
   if (!channels_last) {
     at::parallel_for(0, n * c, 16, [&](int64_t begin, int64_t end) {
+      using V = typename Vec<scalar_t>::type;
+      constexpr int64_t lanes = Vec<scalar_t>::lanes;
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* src = x + row * p;
-        double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < p; ++i) acc += static_cast<double>(src[i]);
-        k[row] = acc / static_cast<double>(p);
+        // four independent vector accumulators (each lane sums <= p / 64 values), then double
+        V acc[4] = {Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0),
+                    Vec<scalar_t>::splat(0)};
+        int64_t i = 0;
+        for (; i + 4 * lanes <= p; i += 4 * lanes)
+          for (int a = 0; a < 4; ++a) acc[a] += Vec<scalar_t>::load(src + i + a * lanes);
+        double total = 0.0;
+        for (int a = 0; a < 4; ++a)
+          for (int64_t l = 0; l < lanes; ++l) total += static_cast<double>(acc[a][l]);
+        for (; i < p; ++i) total += static_cast<double>(src[i]);
+        k[row] = total / static_cast<double>(p);
       }
     });
     return k;
@@ -130,8 +150,10 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
   std::vector<double> k = channel_means(x, n, c, p, channels_last);
   std::vector<GroupKey<acc_t>> keys(n * heads);
   std::vector<acc_t> uc(n * c);
-  for (int64_t ng = 0; ng < n * heads; ++ng)
-    keys[ng] = key_stats<acc_t>(k.data() + ng * cg, cg, eps, uc.data() + ng * cg);
+  at::parallel_for(0, n * heads, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng)
+      keys[ng] = key_stats<acc_t>(k.data() + ng * cg, cg, eps, uc.data() + ng * cg);
+  });
   const acc_t cg_a = static_cast<acc_t>(cg), eps_a = static_cast<acc_t>(eps);
 
   if (channels_last) {
@@ -167,27 +189,53 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
     return;
   }
 
-  // NCHW: tiles of TILE pixels x the group's channels (about 128 KiB), sums kept per pixel
-  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(1024, (32768 / std::max<int64_t>(cg, 1)) / 16 * 16));
-  const int64_t tiles = (p + tile - 1) / tile;
-  at::parallel_for(0, n * heads * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(3 * tile);
-    std::vector<scalar_t> gates(tile);
+  // NCHW: blocks of BLOCK pixels (a few SIMD vectors) x the group's channels; the three sums of a
+  // block stay in registers while the loop runs down the channels, then the block is scaled from
+  // the cache (Cg x BLOCK values: 64 KiB at Cg = 256). Pixels past the last full block: scalar.
+  constexpr int64_t lanes = Vec<scalar_t>::lanes, width = 4, block = lanes * width;
+  const int64_t blocks = (p + block - 1) / block;
+  at::parallel_for(0, n * heads * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t ng = job / tiles, p0 = (job % tiles) * tile, len = std::min(tile, p - p0);
+      const int64_t ng = job / blocks, p0 = (job % blocks) * block, len = std::min(block, p - p0);
       const GroupKey<acc_t>& key = keys[ng];
       const acc_t* u = uc.data() + ng * cg;
       const scalar_t* base = x + ng * cg * p + p0;
       scalar_t* obase = out + ng * cg * p + p0;
-      acc_t* sy = sums.data();
-      acc_t* syu = sy + tile;
-      acc_t* syy = syu + tile;
-      std::fill(sums.begin(), sums.end(), static_cast<acc_t>(0));
+      alignas(64) scalar_t gates[block];
+      if (len == block) {
+        using V = typename Vec<scalar_t>::type;
+        const V inv = Vec<scalar_t>::splat(static_cast<scalar_t>(key.inv));
+        const V s_inv = Vec<scalar_t>::splat(static_cast<scalar_t>(key.s_inv));
+        V sy[width], syu[width], syy[width];
+        for (int w = 0; w < width; ++w) sy[w] = syu[w] = syy[w] = Vec<scalar_t>::splat(0);
+        for (int64_t ch = 0; ch < cg; ++ch) {
+          const scalar_t* row = base + ch * p;
+          const V uch = Vec<scalar_t>::splat(static_cast<scalar_t>(u[ch]));
+          for (int w = 0; w < width; ++w) {
+            V y = Vec<scalar_t>::load(row + w * lanes) * inv - s_inv;
+            sy[w] += y;
+            syu[w] += y * uch;
+            syy[w] += y * y;
+          }
+        }
+        for (int w = 0; w < width; ++w)
+          for (int64_t l = 0; l < lanes; ++l)
+            gates[w * lanes + l] = static_cast<scalar_t>(
+                pixel_gate<acc_t>(sy[w][l], syu[w][l], syy[w][l], key, cg_a, eps_a, alpha));
+        V g[width];
+        for (int w = 0; w < width; ++w) g[w] = Vec<scalar_t>::load(gates + w * lanes);
+        for (int64_t ch = 0; ch < cg; ++ch) {
+          const scalar_t* row = base + ch * p;
+          scalar_t* orow = obase + ch * p;
+          for (int w = 0; w < width; ++w) Vec<scalar_t>::store(orow + w * lanes, Vec<scalar_t>::load(row + w * lanes) * g[w]);
+        }
+        continue;
+      }
+      acc_t sy[block] = {}, syu[block] = {}, syy[block] = {};
       const acc_t inv = key.inv, s_inv = key.s_inv;
       for (int64_t ch = 0; ch < cg; ++ch) {
         const scalar_t* row = base + ch * p;
         const acc_t uch = u[ch];
-#pragma omp simd
         for (int64_t q = 0; q < len; ++q) {
           acc_t y = static_cast<acc_t>(row[q]) * inv - s_inv;
           sy[q] += y;
@@ -200,7 +248,6 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
       for (int64_t ch = 0; ch < cg; ++ch) {
         const scalar_t* row = base + ch * p;
         scalar_t* orow = obase + ch * p;
-#pragma omp simd
         for (int64_t q = 0; q < len; ++q) orow[q] = row[q] * gates[q];
       }
     }

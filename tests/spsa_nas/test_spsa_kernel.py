@@ -1,0 +1,183 @@
+"""SPSA's custom op and its fused C++ CPU kernel: equal to the reference, fully registered, a fallback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spsa_nas.attention import SPSA, spsa_fused, spsa_reference
+from spsa_nas.attention.kernels import DECOMPOSITIONS, cpu, fused_available
+
+pytestmark = pytest.mark.skipif(cpu.load() is None, reason=f"no fused CPU kernel here: {cpu.status()}")
+
+
+def _rand(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, seed: int,
+          offset: float = 0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x + torch.randn(1, shape[1], 1, 1, generator=gen, dtype=torch.float64) + offset
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _kernel(x: torch.Tensor, alpha: float, heads: int) -> torch.Tensor:
+    """The compiled kernel itself (not through the op): the test is about it."""
+    return cpu.load().forward(x, alpha, heads, 1e-5)  # type: ignore[union-attr]
+
+
+#: shapes that exercise the NCHW path's full SIMD blocks and scalar tails and the channels_last
+#: path's groups: pixels 1, 35, 64, 130, 196; channels per group 2 to 300
+SHAPES = [((3, 16, 5, 7), 1), ((2, 32, 8, 8), 4), ((2, 300, 13, 10), 1), ((1, 8, 1, 1), 2),
+          ((2, 64, 14, 14), 2), ((4, 6, 1, 35), 3)]
+
+
+@pytest.mark.parametrize(("shape", "heads"), SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 0.7])
+def test_kernel_equals_reference(shape: tuple[int, ...], heads: int, channels_last: bool,
+                                 dtype: torch.dtype, alpha: float) -> None:
+    x = _rand(shape, dtype, channels_last, seed=sum(shape))
+    assert fused_available(x)
+    got = _kernel(x, alpha, heads)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, spsa_reference(x, alpha, heads), atol=tol, rtol=tol)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_large_offset_and_scale(channels_last: bool) -> None:
+    """The shift by the key's mean keeps the one-pass sums accurate at large offsets."""
+    for offset, scale in ((1e3, 1.0), (100.0, 1e-3), (0.0, 1e30), (0.0, 1e-30)):
+        x = (_rand((2, 64, 9, 9), torch.float64, channels_last, seed=5) + offset) * scale
+        truth = spsa_reference(x, 1.0, 2)
+        gate_err = ((_kernel(x.float(), 1.0, 2).double() - truth) / x).abs().max().item()
+        assert gate_err < 2e-5, (offset, scale)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_degenerate_pixels_and_keys_are_finite(channels_last: bool) -> None:
+    x = _rand((3, 16, 6, 5), torch.float32, channels_last, seed=6)
+    x[0, :, 1, 1] = 0.7  # a constant pixel vector
+    x[0, :, 2, 2] = 0.0  # an all-zero pixel vector
+    x[1] = 0.0  # an all-zero sample (all-zero key)
+    x[2] = torch.randn(1, 1, 6, 5).expand(1, 16, 6, 5)  # every pixel constant (constant key)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    got = _kernel(x, 1.5, 2)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert got[0, 0, 1, 1] / 0.7 == pytest.approx(0.5 ** 1.5, abs=1e-3)
+    xx = x.clone().requires_grad_(True)
+    spsa_fused(xx, 1.5, 2).square().sum().backward()
+    assert xx.grad is not None and torch.isfinite(xx.grad).all()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_in_place_op_writes_into_x(channels_last: bool) -> None:
+    x = _rand((2, 32, 7, 9), torch.float32, channels_last, seed=7)
+    expected = _kernel(x, 1.0, 4)
+    y = x.clone()
+    with torch.no_grad():
+        out = SPSA(32, heads=4, inplace=True)(y)
+    assert out.data_ptr() == y.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gradcheck_through_the_op(channels_last: bool) -> None:
+    x = _rand((2, 8, 3, 4), torch.float64, channels_last, seed=8).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.spsa_nas.spsa(t, 1.3, 2, 1e-5), (x,))
+
+
+def test_non_contiguous_input_and_other_dtypes() -> None:
+    x = _rand((2, 16, 8, 6), torch.float32, False, seed=9)
+    sliced = x[:, :, ::2]  # neither layout: the op makes it contiguous
+    torch.testing.assert_close(spsa_fused(sliced, 1.0, 2), spsa_reference(sliced, 1.0, 2),
+                               atol=2e-5, rtol=2e-5)
+    half = x.to(torch.bfloat16)  # no fused kernel for bf16 on the CPU: the decomposition runs
+    assert not fused_available(half)
+    torch.testing.assert_close(spsa_fused(half, 1.0, 2).float(), spsa_reference(half.float(), 1.0, 2),
+                               atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_opcheck(channels_last: bool) -> None:
+    """torch.library's own checks: schema, fake kernel, autograd registration, AOT dispatch."""
+    x = _rand((2, 8, 4, 5), torch.float32, channels_last, seed=10)
+    torch.library.opcheck(torch.ops.spsa_nas.spsa.default, (x, 1.5, 2, 1e-5))
+    torch.library.opcheck(torch.ops.spsa_nas.spsa.default, (x.double().requires_grad_(True), 1.0, 1, 1e-5))
+
+
+def test_compile_and_export_see_one_op() -> None:
+    x = _rand((2, 16, 6, 6), torch.float32, False, seed=11)
+    module = SPSA(16, alpha=1.5, heads=2).eval()
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example: object) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(module, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(got, spsa_reference(x, 1.5, 2), atol=2e-5, rtol=2e-5)
+    assert "spsa_nas.spsa" in str(graphs[0].graph)
+    program = torch.export.export(module, (x,))
+    calls = [n.target for n in program.graph.nodes if n.op == "call_function"]
+    assert calls == [torch.ops.spsa_nas.spsa.default]
+    decomposed = program.run_decompositions(DECOMPOSITIONS)
+    assert "spsa_nas" not in str(decomposed.graph)
+    torch.testing.assert_close(decomposed.module()(x), got, atol=2e-5, rtol=2e-5)
+
+
+def test_inductor_compiles_around_the_op() -> None:
+    """torch.compile's default backend calls the fused kernel from its generated code; grads too."""
+    torch._dynamo.reset()
+    x = _rand((2, 16, 5, 5), torch.float32, True, seed=12)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 1), SPSA(16, heads=2))
+    compiled = torch.compile(model, fullgraph=True)
+    xx = x.clone().requires_grad_(True)
+    compiled(xx).square().sum().backward()
+    ref_x = x.clone().requires_grad_(True)
+    ref = spsa_reference(model[0](ref_x), 1.0, 2)
+    ref.square().sum().backward()
+    torch.testing.assert_close(xx.grad, ref_x.grad, atol=1e-4, rtol=1e-4)
+
+
+_FALLBACK = """
+import json, logging, torch
+logging.basicConfig(level=logging.WARNING)
+from spsa_nas.attention import SPSA, spsa_reference
+from spsa_nas.attention.kernels import cpu, fused_available
+x = torch.randn(2, 16, 5, 5)
+out = SPSA(16, heads=2)(x)
+err = (out - spsa_reference(x, 1.0, 2)).abs().max().item()
+print(json.dumps({"module": cpu.load() is not None, "status": cpu.status(), "err": err,
+                  "fused": fused_available(x)}))
+"""
+
+
+@pytest.mark.parametrize("case", ["disabled", "no_compiler"])
+def test_fallback_without_the_kernel(tmp_path: Path, case: str) -> None:
+    env = dict(os.environ, SPSA_NAS_KERNEL_CACHE=str(tmp_path / "cache"))
+    if case == "disabled":
+        env["SPSA_NAS_NO_CPU_KERNEL"] = "1"
+    else:
+        env["CXX"] = str(tmp_path / "no-such-compiler")
+    run = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["module"] is False and result["fused"] is False
+    assert result["err"] < 2e-5  # the decomposition runs instead, with the same results
+    if case == "disabled":
+        assert result["status"] == "disabled by SPSA_NAS_NO_CPU_KERNEL=1"
+    else:
+        assert "no C++ compiler" in result["status"] and "no-such-compiler" in result["status"]
+        assert "falls back to its plain-torch decomposition" in run.stderr  # logged once, with the reason
