@@ -1,0 +1,223 @@
+"""One-shot ranking quality and cost: Kendall tau of supernet estimates against standalone accuracy.
+
+N distinct architectures are drawn uniformly from a space at ONE width (a supernet has one width;
+pinning it also keeps the width, which alone orders accuracies, from inflating tau). Each is
+trained standalone from scratch with `--seeds` seeds (the trial's recipe, a fixed step budget);
+its standalone accuracy is the mean over seeds. One supernet is trained (single-path uniform
+sampling) and every architecture is evaluated on it (path weights, BN recalibrated, validation
+accuracy). Reported as JSON:
+
+- tau: Kendall's tau-b between one-shot and standalone accuracy, with a bootstrap 95 % interval
+  over architectures; tau among the standalone top half; whether the one-shot winner is in the
+  standalone top 3;
+- the task's spread (SD across architectures of the standalone mean) against its seed noise
+  (pooled SD between seeds of the same architecture) and the seed-to-seed tau (the ranking's own
+  reproducibility: a ceiling for any estimator's tau);
+- cost at `--cost-candidates` candidates (default 100) from the times measured in this run:
+  supernet training + that many evaluations + retraining `--retrain` of them, against that many
+  standalone trainings (training and evaluation only; latency is measured the same way in both
+  strategies and left out);
+- os.getloadavg() before and after (the machine is shared: wall times move with its load).
+
+The default task is the synthetic gratings problem (16 classes: 8 orientations x 2 frequencies,
+random phase, contrast, colour and pixel noise) at 16 px with a few hundred training images:
+digits saturates (about 0.98 after 3 epochs of `quick`) or stays near chance (1 epoch), so its
+architectures differ by less than seed noise; orientation and frequency need spatial structure,
+and the small training set with a fixed step budget keeps accuracies in the middle of the range.
+
+Reduced run (about 15 min on 2 shared cores):
+    .venv/bin/python benchmarks/bench_oneshot.py --archs 20 --seeds 2 --steps 120 \\
+        --supernet-steps 960 --out runs/bench_oneshot.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from scipy.stats import kendalltau
+
+from search_spaces.config import OneshotConfig, SearchConfig
+from search_spaces.loading import load_space
+from spsa_nas.config import DataConfig, TrainConfig
+from spsa_nas.data import load_data
+from spsa_nas.models import build_model
+from spsa_nas.spec import ArchSpec
+from spsa_nas.supernet import Supernet, SupernetRun, evaluate_path, train_supernet
+from spsa_nas.train import train_model
+from workers.oneshot import supernet_bases, uniform_sampler
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--space", default="quick", help="built-in space or YAML (default quick)")
+    p.add_argument("--width", type=float, default=0.25, help="the one width (default 0.25)")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits"])
+    p.add_argument("--samples", type=int, default=4000, help="synthetic: images in all (default 4000)")
+    p.add_argument("--classes", type=int, default=16, help="synthetic: classes (default 16)")
+    p.add_argument("--train-subset", type=float, default=None, help="training samples (fraction or count)")
+    p.add_argument("--val-fraction", type=float, default=0.3,
+                   help="validation share (default 0.3: a large validation set keeps its binomial noise low)")
+    p.add_argument("--archs", type=int, default=20, help="distinct architectures (default 20)")
+    p.add_argument("--seeds", type=int, default=2, help="standalone seeds per architecture (default 2)")
+    p.add_argument("--steps", type=int, default=120, help="standalone SGD steps (default 120)")
+    p.add_argument("--supernet-steps", type=int, default=960, help="supernet SGD steps (default 960)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--bn-batches", type=int, default=8, help="BN recalibration batches (default 8)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--cost-candidates", type=int, default=100)
+    p.add_argument("--retrain", type=int, default=3, help="retrained finalists in the cost (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="draws the architectures and the supernet's paths")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def _budget(steps: int, loader_steps: int) -> tuple[int, int]:
+    """(epochs, max_steps_per_epoch) giving about `steps` steps with epochs of whole loaders."""
+    per_epoch = min(steps, loader_steps)
+    return max(1, round(steps / per_epoch)), per_epoch
+
+
+def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple[float, float]:
+    rng = random.Random(seed)
+    n, taus = len(x), []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        tau = kendalltau([x[i] for i in idx], [y[i] for i in idx]).statistic
+        if tau == tau:  # NaN when a resample is constant
+            taus.append(tau)
+    taus.sort()
+    return taus[int(0.025 * len(taus))], taus[int(0.975 * len(taus)) - 1]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    data = DataConfig(name=args.dataset, synthetic_samples=args.samples, synthetic_classes=args.classes,
+                      train_subset=args.train_subset, val_fraction=args.val_fraction, seed=0)
+    space = load_space(args.space)
+    space = load_space({**space.model_dump(mode="json", exclude_unset=True), "width": args.width})
+    cfg = SearchConfig(space=args.space, dataset=data, strategy="oneshot",
+                       oneshot=OneshotConfig(bn_batches=args.bn_batches))
+    (base,) = supernet_bases(cfg, space)
+    splits = load_data(data, base.input_size, base.in_channels)
+    loader_steps = len(splits.train) // args.batch_size  # type: ignore[arg-type]
+    epochs, per_epoch = _budget(args.steps, loader_steps)
+    s_epochs, s_per_epoch = _budget(args.supernet_steps, loader_steps)
+
+    sample = uniform_sampler(space, base)
+    rng = random.Random(args.seed)
+    archs: list[ArchSpec] = []
+    while len(archs) < args.archs:
+        spec = sample(rng)
+        if spec not in archs:
+            archs.append(spec)
+
+    standalone: list[list[float]] = []
+    standalone_s: list[float] = []
+    for i, spec in enumerate(archs):
+        accs = []
+        for seed in range(args.seeds):
+            train = TrainConfig(epochs=epochs, max_steps_per_epoch=per_epoch, batch_size=args.batch_size,
+                                lr=args.lr, seed=seed)
+            torch.manual_seed(seed)
+            model = build_model(spec)
+            start = time.perf_counter()
+            report = train_model(model, splits.train, splits.val, train, "cpu")
+            standalone_s.append(time.perf_counter() - start)
+            accs.append(report.val_curve[-1])
+        standalone.append(accs)
+        print(f"standalone {i + 1}/{len(archs)}: {[round(a, 4) for a in accs]}", file=sys.stderr)
+
+    s_train = TrainConfig(epochs=s_epochs, max_steps_per_epoch=s_per_epoch, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed)
+    torch.manual_seed(args.seed)
+    supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
+    start = time.perf_counter()
+    curve = train_supernet(supernet, sample, splits.train, splits.val,
+                           SupernetRun(train=s_train, epochs=s_epochs, bn_batches=args.bn_batches,
+                                       probe_paths=1), "cpu")
+    supernet_s = time.perf_counter() - start
+    print(f"supernet: {supernet_s:.1f} s, curve {[round(r.val_acc, 3) for r in curve]}", file=sys.stderr)
+    oneshot, eval_s = [], []
+    for spec in archs:
+        start = time.perf_counter()
+        _, acc = evaluate_path(supernet, spec, splits.train, splits.val, "cpu", bn_batches=args.bn_batches,
+                               batch_size=args.batch_size, seed=args.seed)
+        eval_s.append(time.perf_counter() - start)
+        oneshot.append(acc)
+
+    means = [statistics.fmean(a) for a in standalone]
+    tau = kendalltau(oneshot, means).statistic
+    low, high = _tau_interval(oneshot, means, args.bootstrap, args.seed)
+    order = sorted(range(len(archs)), key=lambda i: -means[i])
+    top = order[: len(archs) // 2]
+    tau_top = kendalltau([oneshot[i] for i in top], [means[i] for i in top]).statistic
+    winner = max(range(len(archs)), key=lambda i: oneshot[i])
+    noise = (statistics.fmean(statistics.variance(a) for a in standalone) ** 0.5) if args.seeds > 1 else None
+    seed_tau = kendalltau([a[0] for a in standalone], [a[1] for a in standalone]).statistic \
+        if args.seeds > 1 else None
+    n = args.cost_candidates
+    one_epochs = s_epochs * s_per_epoch / loader_steps + args.retrain * epochs * per_epoch / loader_steps
+    alone_epochs = n * epochs * per_epoch / loader_steps
+    mean_alone_s = statistics.fmean(standalone_s)
+    one_wall = supernet_s + n * statistics.fmean(eval_s) + args.retrain * mean_alone_s
+    result = {
+        "benchmark": "oneshot",
+        "task": {"dataset": args.dataset, "samples": args.samples if args.dataset == "synthetic" else None,
+                 "classes": len(set(int(y) for _, y in splits.train)),  # type: ignore[attr-defined]
+                 "train_images": len(splits.train), "val_images": len(splits.val),  # type: ignore[arg-type]
+                 "space": space.name, "width": args.width, "input_size": base.input_size},
+        "budget": {"standalone_steps": epochs * per_epoch,
+                   "standalone_epochs": epochs * per_epoch / loader_steps,
+                   "supernet_steps": s_epochs * s_per_epoch,
+                   "supernet_epochs": s_epochs * s_per_epoch / loader_steps, "batch_size": args.batch_size,
+                   "bn_batches": args.bn_batches, "seeds": args.seeds, "sampling": "single-path uniform"},
+        "archs": len(archs),
+        "kendall_tau": tau,
+        "kendall_tau_ci95": [low, high],
+        "kendall_tau_top_half": tau_top,
+        "oneshot_winner_in_standalone_top3": winner in order[:3],
+        "standalone_spread_sd": statistics.stdev(means),
+        "standalone_seed_noise_sd": noise,
+        "spread_over_noise": statistics.stdev(means) / noise if noise else None,
+        "seed_to_seed_tau": seed_tau,
+        "standalone_range": [min(means), max(means)],
+        "oneshot_range": [min(oneshot), max(oneshot)],
+        "supernet_curve": [r.to_dict() for r in curve],
+        "cost": {
+            "candidates": n, "retrained": args.retrain,
+            "oneshot_train_epochs": one_epochs, "standalone_train_epochs": alone_epochs,
+            "epochs_ratio": alone_epochs / one_epochs,
+            "supernet_s": supernet_s, "eval_s_per_candidate": statistics.fmean(eval_s),
+            "standalone_s_per_training": mean_alone_s,
+            "oneshot_wall_s": one_wall, "standalone_wall_s": n * mean_alone_s,
+            "wall_ratio": n * mean_alone_s / one_wall,
+        },
+        "pairs": [{"spec": s.model_dump(mode="json")["stages"], "oneshot": o, "standalone": a}
+                  for s, o, a in zip(archs, oneshot, standalone, strict=True)],
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "torch_threads": args.threads,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
