@@ -60,7 +60,7 @@ def _specs() -> dict[str, Any]:
             for name, width, spsa, attn in ARCHS}
 
 
-def child(protocol: str, lock_dir: str | None) -> dict[str, Any]:
+def child(protocol: str, lock_dir: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
     """One fresh process: measure the eight architectures (under the gate when `lock_dir`)."""
     import contextlib
 
@@ -75,7 +75,7 @@ def child(protocol: str, lock_dir: str | None) -> dict[str, Any]:
     specs = _specs()
     torch.manual_seed(0)
     models = {name: build_model(spec) for name, spec in specs.items()}
-    cfg = LatencyConfig(**BEFORE) if protocol == "before" else LatencyConfig()  # type: ignore[arg-type]
+    cfg = LatencyConfig(**BEFORE) if protocol == "before" else LatencyConfig(**overrides)  # type: ignore[arg-type]
     reference = reference_model(next(iter(specs.values())), cfg)
     gate: Any = None
     if lock_dir is not None:
@@ -164,10 +164,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_protocol(protocol: str, runs: int, lock_dir: str | None) -> dict[str, Any]:
+def run_protocol(protocol: str, runs: int, lock_dir: str | None, overrides: str) -> dict[str, Any]:
     results = []
     for _ in range(runs):
-        cmd = [sys.executable, __file__, "--child", protocol]
+        cmd = [sys.executable, __file__, "--child", protocol, "--after-config", overrides]
         if lock_dir is not None:
             cmd += ["--lock-dir", lock_dir]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -181,21 +181,27 @@ def main() -> int:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset")
     parser.add_argument("--under-training", action="store_true",
                         help="also measure while another process trains under the latency gate")
+    parser.add_argument("--after-config", default="{}",
+                        help="JSON of LatencyConfig fields for the after protocols (default: the defaults)")
     parser.add_argument("--child", choices=PROTOCOLS, help=argparse.SUPPRESS)
     parser.add_argument("--lock-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.lock_dir)))
+        print(json.dumps(child(args.child, args.lock_dir, json.loads(args.after_config))))
         return 0
     protocols = [p for p in args.protocols.split(",") if p]
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown or args.runs < 2:
         parser.error(f"--protocols: unknown {unknown}; valid {list(PROTOCOLS)}" if unknown
                      else "--runs must be at least 2")
+    from spsa_nas.config import LatencyConfig
+
+    after = LatencyConfig(**json.loads(args.after_config)).model_dump(mode="json")  # refused here if wrong
     report: dict[str, Any] = {"runs": args.runs, "cpus": os.cpu_count(), "load_start": os.getloadavg(),
-                              "architectures": [name for name, *_ in ARCHS]}
+                              "architectures": [name for name, *_ in ARCHS], "before_config": BEFORE,
+                              "after_config": after}
     for protocol in protocols:
-        report[protocol] = run_protocol(protocol, args.runs, None)
+        report[protocol] = run_protocol(protocol, args.runs, None, args.after_config)
     if args.under_training:
         with tempfile.TemporaryDirectory(prefix="spsa-gate-") as tmp:
             lock_dir = str(Path(tmp) / "locks")
@@ -206,7 +212,8 @@ def main() -> int:
                 trainer.stdout.readline()  # "training": the trainer holds the gate between steps
                 for protocol in ("after", "after_together"):
                     if protocol in protocols:
-                        report[f"{protocol}_under_training"] = run_protocol(protocol, args.runs, lock_dir)
+                        report[f"{protocol}_under_training"] = run_protocol(protocol, args.runs, lock_dir,
+                                                                            args.after_config)
             finally:
                 trainer.kill()
                 trainer.wait()
