@@ -13,6 +13,8 @@ from spsa_nas.spec import (
     ATTN_ORDERS,
     BACKBONES,
     CHANNEL_ATTENTIONS,
+    DETECTION_BACKBONES,
+    DETECTORS,
     MAX_ALPHA,
     STEMS,
     StageInfo,
@@ -191,6 +193,11 @@ class SearchSpace(_Model):
     # Search strategies the space may be searched with (search_spaces.config.STRATEGIES). A oneshot
     # search trains one weight-sharing supernet per backbone and width of the space.
     strategies: list[str] = ["standalone", "oneshot"]
+    # task detection: every candidate is a detector (one of `detector`, FPN of `fpn_channels`) around
+    # the backbone, searched on a detection dataset (coco, shapes) with box AP as its accuracy
+    task: str = "classification"
+    detector: str | list[str] | None = None
+    fpn_channels: int = Field(256, ge=8, le=1024)
 
     _resolved: dict[str, tuple[ResolvedStage, ...]] = PrivateAttr(default_factory=dict)
     _notes: list[str] = PrivateAttr(default_factory=list)
@@ -213,6 +220,40 @@ class SearchSpace(_Model):
         if isinstance(value, list):
             _unique(value, "backbone")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _detection_is_standalone(cls, data: Any) -> Any:
+        # the oneshot supernet trains classifiers: a detection space searches standalone by default
+        if isinstance(data, dict) and data.get("task") == "detection" and "strategies" not in data:
+            return {**data, "strategies": ["standalone"]}
+        return data
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, value: str) -> str:
+        if value not in ("classification", "detection"):
+            raise SpaceProblem((), f"unknown task {value!r}; valid: classification, detection")
+        return value
+
+    @field_validator("detector")
+    @classmethod
+    def _detector(cls, value: str | list[str] | None) -> str | list[str] | None:
+        names = [] if value is None else [value] if isinstance(value, str) else value
+        for i, name in enumerate(names):
+            if name not in DETECTORS:
+                raise SpaceProblem(() if isinstance(value, str) else (i,),
+                                   f"unknown detector {name!r}; valid: {', '.join(DETECTORS)}")
+        if isinstance(value, list):
+            _unique(value, "detector")
+        return value
+
+    @property
+    def detectors(self) -> tuple[str, ...]:
+        """The detectors to choose from (empty for a classification space)."""
+        if self.detector is None:
+            return ()
+        return (self.detector,) if isinstance(self.detector, str) else tuple(self.detector)
 
     @field_validator("strategies")
     @classmethod
@@ -268,6 +309,20 @@ class SearchSpace(_Model):
         if self.all_stages is None and self.stages is None:
             raise SpaceProblem(("stages",), "give `all_stages` (a template for every stage), `stages` "
                                              "(a list with one entry per stage), or both")
+        if self.task == "detection":
+            if not self.detectors:
+                raise SpaceProblem(("detector",), f"a detection space needs a detector; valid: "
+                                                   f"{', '.join(DETECTORS)}")
+            for i, backbone in enumerate(self.backbones):
+                if backbone not in DETECTION_BACKBONES:
+                    raise SpaceProblem(("backbone",) if isinstance(self.backbone, str) else ("backbone", i),
+                                       f"{backbone} cannot carry a detector; valid: "
+                                       f"{', '.join(DETECTION_BACKBONES)}")
+            if "oneshot" in self.strategies:
+                raise SpaceProblem(("strategies",), "a detection space is searched standalone (the "
+                                                     "oneshot supernet trains classifiers)")
+        elif self.detector is not None:
+            raise SpaceProblem(("detector",), "only a space with task: detection has a detector")
         template = self.all_stages or StageChoices()
         notes: list[str] = []
         resolved: dict[str, tuple[ResolvedStage, ...]] = {}
@@ -342,4 +397,5 @@ class SearchSpace(_Model):
     def summary(self) -> str:
         """One line: backbones, widths, input, stem."""
         widths = "/".join(f"{w:g}" for w in self.widths)
-        return (f"{'/'.join(self.backbones)} w{widths} {self.input_size}px {self.stem} stem")
+        head = f"{'/'.join(self.detectors)} on " if self.task == "detection" else ""
+        return (f"{head}{'/'.join(self.backbones)} w{widths} {self.input_size}px {self.stem} stem")

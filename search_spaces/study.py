@@ -16,6 +16,7 @@ from search_spaces.keys import CONFIG_ATTR, ESTIMATE_ATTR, RETRAIN_OF_ATTR, SPAC
 from search_spaces.loading import load_space
 from search_spaces.space import SearchSpace
 from search_spaces.storage import as_storage
+from spsa_nas.config import DETECTION_DATASETS
 
 # What optuna-dashboard writes on the plots' axes (the study's metric names), per objective kind.
 METRIC_NAMES = {"pareto": ["validation accuracy", "latency (ms)"], "score": ["score"]}
@@ -104,6 +105,11 @@ def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: Search
     if cfg.strategy not in space.strategies:
         raise ValueError(f"strategy: space {space.name!r} supports {', '.join(space.strategies)}, "
                          f"not {cfg.strategy!r}")
+    if (space.task == "detection") != (cfg.dataset.name in DETECTION_DATASETS):
+        other = "detection" if space.task != "detection" else "classification"
+        raise ValueError(f"dataset.name: space {space.name!r} is a {space.task} space but "
+                         f"{cfg.dataset.name!r} is {other} data; detection data: "
+                         f"{', '.join(DETECTION_DATASETS)}")
     pruner = make_pruner(cfg)
     study = optuna.create_study(storage=storage, study_name=cfg.study_name, directions=directions(cfg),
                                 sampler=make_sampler(cfg), pruner=pruner, load_if_exists=True)

@@ -66,5 +66,9 @@ def suggest_arch(trial: optuna.trial.BaseTrial, space: SearchSpace, *, num_class
                 order = _choose(trial, prefix + "attn_order", choices.attn_order)
         stages.append(StageSpec(spsa=spsa, spsa_heads=heads, spsa_alpha=alpha, channel_attn=attn,
                                 attn_order=order))  # type: ignore[arg-type]
+    detection: dict[str, object] = {}
+    if space.task == "detection":  # the detector is chosen among the space's, like the backbone
+        detector = {"name": _choose(trial, "detector", space.detectors), "fpn_channels": space.fpn_channels}
+        detection = {"task": "detection", "detector": detector}
     return ArchSpec(backbone=backbone, num_classes=classes, in_channels=channels,  # type: ignore[arg-type]
-                    stem=space.stem, input_size=space.input_size, width=width, stages=stages)
+                    stem=space.stem, input_size=space.input_size, width=width, stages=stages, **detection)
