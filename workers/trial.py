@@ -35,6 +35,7 @@ from search_spaces.suggest import suggest_arch
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
 from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, evaluate_spec
 from spsa_nas.latency import LatencyResult
+from workers.detection_trial import evaluate_detection, export_detector, is_detector
 
 
 def latency_interval_attrs(latency: LatencyResult, study: optuna.Study) -> dict[str, Any]:
@@ -104,6 +105,8 @@ def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any) -> None:
     API only streams a file; a failed export is recorded (`onnx_error`), never fails the trial."""
     from spsa_nas.export import export_onnx
 
+    if is_detector(model):
+        export_onnx = export_detector  # torchvision's detectors: the TorchScript-based exporter
     try:
         with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
             path = export_onnx(model, Path(tmp) / f"trial-{trial.number}.onnx")
@@ -168,10 +171,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         in_channels = dataset_in_channels(cfg.dataset) if space.in_channels is None else None
         spec = suggest_arch(trial, space, num_classes=num_classes, in_channels=in_channels)
         trial.set_user_attr("spec", spec.model_dump(mode="json"))
-        result = evaluate_spec(spec, data=cfg.dataset, train=cfg.train, latency=cfg.latency,
-                               device=device or cfg.device,
-                               latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks,
-                               fit=fit)
+        evaluate = evaluate_detection if spec.task == "detection" else evaluate_spec
+        result = evaluate(spec, data=cfg.dataset, train=cfg.train, latency=cfg.latency,
+                          device=device or cfg.device,
+                          latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks,
+                          fit=fit)
         metrics = {**result.metrics(), "latency_ms": state["latency_ms"]}  # the figure on_measured chose
         if not result.feasible:
             for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):
