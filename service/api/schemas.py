@@ -299,7 +299,9 @@ class TrialPublic(BaseModel):
     state: TrialStateName
     values: list[float] | None
     params: dict[str, Any]
-    metrics: dict[str, Any] = Field(description="val_acc, top1, top5, latency_ms, params, flops, ...")
+    metrics: dict[str, Any] = Field(description="val_acc, top1, top5, latency_ms, params, flops, ...; "
+                                                "a detector: val_acc is the validation box AP, and "
+                                                "ap, ap50, ap75, aps, apm, apl (COCO, test split)")
     spec: dict[str, Any] | None = Field(description="the ArchSpec JSON of the trial's architecture")
     has_weights: bool
     datetime_start: UTCDatetime | None

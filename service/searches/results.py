@@ -42,6 +42,11 @@ METRIC_KEYS = (
     "latency_ci_ms",  # the first pass's confidence interval of latency_ms, and its ratio to the reference
     "latency_ratio",
     "latency_ratio_ci",
+    # detection (issue 14): val_acc is then the validation box AP; the test split's COCO metrics
+    "task",
+    "ap", "ap50", "ap75", "aps", "apm", "apl",
+    "mask_ap", "mask_ap50", "mask_ap75", "mask_aps", "mask_apm", "mask_apl",
+    "backbone_flops",
 )
 
 
