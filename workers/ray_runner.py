@@ -27,6 +27,7 @@ from search_spaces.keys import (
     CANCELLED_ATTR,
     ERROR_ATTR,
     REASON_ATTR,
+    RETRAIN_OF_ATTR,
     RETRY_OF_ATTR,
     TASK_ATTR,
     TRACEBACK_ATTR,
@@ -51,6 +52,7 @@ from workers.lease import Heartbeat, LeaseTracker
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+RETRAIN_CARRIED = (RETRAIN_OF_ATTR, "oneshot_val_acc", "oneshot_top1")  # attrs a retry keeps
 MEMORY_ATTR = "memory_exceeded"  # trial user attr: the RSS that passed the limit (MemoryGuard)
 
 
@@ -415,6 +417,8 @@ class _Run:
                            trial.number, attempt, self.cfg.max_retries)
             return
         attrs = {RETRY_OF_ATTR: trial.number, ATTEMPT_ATTR: attempt}
+        # a oneshot retraining stays one: it keeps the candidate it retrains and its estimates
+        attrs.update({k: trial.user_attrs[k] for k in RETRAIN_CARRIED if k in trial.user_attrs})
         self.study.enqueue_trial(trial.params, user_attrs=attrs)
         self.retries_enqueued += 1
 

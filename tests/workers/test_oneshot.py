@@ -146,3 +146,23 @@ def test_supernet_training_resumes_after_the_process_was_killed(tmp_path: Path) 
     assert record["done"] and record["epoch"] == 2
     assert record["curve"][0] == killed["curve"][0]  # epoch 1 was not trained again (same seconds too)
     assert study.user_attrs[PHASE_ATTR] == "done" and study.user_attrs[RETRAIN_ATTR] == []
+
+
+def test_a_lost_retraining_is_retried_as_a_retraining(tmp_path: Path) -> None:
+    from search_spaces.storage import open_storage
+    from workers.ray_runner import RunnerOptions, _Run
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = _cfg()
+    study = create_study(cfg, url)
+    study.enqueue_trial({"s1.spsa": False}, user_attrs={RETRAIN_OF_ATTR: 0, "oneshot_val_acc": 0.5})
+    trial = study.ask()
+    trial.suggest_categorical("s1.spsa", [False, True])
+    study.tell(trial, state=TrialState.FAIL)  # its worker was lost
+    storage = open_storage(url)
+    run = _Run(study=study, storage=storage, cfg=cfg, options=RunnerOptions(), run_id="r")
+    run.enqueue_retry(study.get_trials(deepcopy=False)[0])
+    retry = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))[0]
+    assert retry.user_attrs[RETRAIN_OF_ATTR] == 0 and retry.user_attrs["oneshot_val_acc"] == 0.5
+    assert retry.user_attrs["retry_of"] == 0 and retry.system_attrs["fixed_params"] == {"s1.spsa": False}
+    storage.close()
