@@ -60,9 +60,9 @@ class DatasetCreate(_strict(DataConfig)):  # type: ignore[misc]
 
     @staticmethod
     def _schema(schema: dict[str, Any]) -> None:
-        """A path is never empty, and imagefolder needs one."""
+        """A path is never empty, and imagefolder and coco need one."""
         schema["properties"]["path"]["anyOf"][0]["minLength"] = 1
-        schema["if"] = {"properties": {"name": {"const": "imagefolder"}}, "required": ["name"]}
+        schema["if"] = {"properties": {"name": {"enum": ["imagefolder", "coco"]}}, "required": ["name"]}
         schema["then"] = {"properties": {"path": {"type": "string"}}, "required": ["path"]}
 
     model_config = ConfigDict(json_schema_extra=_schema)
@@ -192,6 +192,8 @@ PUBLISHED_QUOTAS: tuple[tuple[str, str, str], ...] = (
     ("LatencyConfig", "threads", "max_latency_threads"),
     ("DatasetCreate", "synthetic_samples", "max_synthetic_samples"),
     ("DatasetCreate", "synthetic_size", "max_image_size"),
+    ("DatasetCreate", "shapes_images", "max_synthetic_samples"),
+    ("DatasetCreate", "shapes_size", "max_image_size"),
 )
 
 

@@ -19,6 +19,7 @@ from service.core.paths import PathError, confine
 from service.core.settings import Settings
 from service.crud.searches import count_searches, owned_study_names
 from service.searches import retention
+from spsa_nas.config import DETECTION_DATASETS
 from spsa_nas.errors import FieldProblem, field_problems
 
 PATH_DATASETS = ("imagefolder", "cifar10", "cifar100")
@@ -91,6 +92,16 @@ PER_SEARCH_QUOTAS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         ("dataset", "synthetic_size"),
         "max_image_size",
         "synthetic_size {v} exceeds this server's quota of {q} pixels",
+    ),
+    (
+        ("dataset", "shapes_images"),
+        "max_synthetic_samples",
+        "shapes_images {v} exceed this server's quota of {q}",
+    ),
+    (
+        ("dataset", "shapes_size"),
+        "max_image_size",
+        "shapes_size {v} exceeds this server's quota of {q} pixels",
     ),
 )
 
@@ -200,13 +211,19 @@ def check_space(body: SearchCreate) -> None:
                 f"{', '.join(names)} (or give an inline space object)"
             )
             raise SubmitError([FieldProblem(("space",), message)])
-        return
-    try:
-        load_space(body.space, source="space")
-    except SpaceError as exc:
-        raise SubmitError(
-            [FieldProblem(("space",), problem, "space_error") for problem in exc.problems]
-        ) from None
+        space = load_space(body.space)
+    else:
+        try:
+            space = load_space(body.space, source="space")
+        except SpaceError as exc:
+            raise SubmitError(
+                [FieldProblem(("space",), problem, "space_error") for problem in exc.problems]
+            ) from None
+    if (space.task == "detection") != (body.dataset.name in DETECTION_DATASETS):
+        detection = f"detection data ({', '.join(DETECTION_DATASETS)})"
+        kind = detection if space.task == "detection" else "classification data"
+        message = f"space {space.name!r} is a {space.task} space: it needs {kind}, not {body.dataset.name!r}"
+        raise SubmitError([FieldProblem(("dataset", "name"), message)])
 
 
 def build_config(
@@ -225,12 +242,13 @@ def build_config(
     if body.dataset.path is not None:
         try:
             dataset["path"] = confine(
-                body.dataset.path, settings.data_root_path, must_exist=body.dataset.name == "imagefolder"
+                body.dataset.path, settings.data_root_path,
+                must_exist=body.dataset.name in ("imagefolder", "coco"),
             )
         except PathError as exc:
             raise SubmitError([FieldProblem(("dataset", "path"), str(exc), "path_error")]) from None
-    elif body.dataset.name == "imagefolder":
-        message = "imagefolder needs a path relative to the server's data root"
+    elif body.dataset.name in ("imagefolder", "coco"):
+        message = f"{body.dataset.name} needs a path relative to the server's data root"
         raise SubmitError([FieldProblem(("dataset", "path"), message)])
     dataset["data_root"] = str(settings.data_root_path)
     fields = body.model_dump(exclude={"name", "dataset"})
