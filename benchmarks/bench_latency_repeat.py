@@ -179,8 +179,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=4, help="fresh processes per protocol")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset")
-    parser.add_argument("--under-training", action="store_true",
-                        help="also measure while another process trains under the latency gate")
+    parser.add_argument("--under-training", nargs="?", const="after,after_together", default="",
+                        help="also measure these protocols (default: after,after_together) while another "
+                             "process trains under the latency gate")
     parser.add_argument("--after-config", default="{}",
                         help="JSON of LatencyConfig fields for the after protocols (default: the defaults)")
     parser.add_argument("--child", choices=PROTOCOLS, help=argparse.SUPPRESS)
@@ -190,7 +191,7 @@ def main() -> int:
         print(json.dumps(child(args.child, args.lock_dir, json.loads(args.after_config))))
         return 0
     protocols = [p for p in args.protocols.split(",") if p]
-    unknown = sorted(set(protocols) - set(PROTOCOLS))
+    unknown = sorted((set(protocols) | set(filter(None, args.under_training.split(",")))) - set(PROTOCOLS))
     if unknown or args.runs < 2:
         parser.error(f"--protocols: unknown {unknown}; valid {list(PROTOCOLS)}" if unknown
                      else "--runs must be at least 2")
@@ -211,7 +212,7 @@ def main() -> int:
                 assert trainer.stdout is not None
                 trainer.stdout.readline()  # "training": the trainer holds the gate between steps
                 for protocol in ("after", "after_together"):
-                    if protocol in protocols:
+                    if protocol in args.under_training.split(","):
                         report[f"{protocol}_under_training"] = run_protocol(protocol, args.runs, lock_dir,
                                                                             args.after_config)
             finally:

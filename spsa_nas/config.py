@@ -93,7 +93,7 @@ class LatencyConfig(_Config):
     ci_level: float = Field(0.95, ge=0.5, lt=1.0, description="confidence of the intervals")
     max_ci_rel: float = Field(0.03, gt=0, le=10, description="add blocks while the interval's "
                                                              "width / estimate is wider than this")
-    max_time_s: float = Field(8.0, gt=0, le=3600, description="time budget of the timed blocks, "
+    max_time_s: float = Field(15.0, gt=0, le=3600, description="time budget of the timed blocks, "
                                                                "per model, re-measurements included "
                                                                "(min_time_s when larger)")
     settle_rel: float = Field(0.05, gt=0, le=1, description="warm-up ends when two successive "
