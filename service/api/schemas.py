@@ -190,6 +190,8 @@ PUBLISHED_QUOTAS: tuple[tuple[str, str, str], ...] = (
     ("LatencyConfig", "warmup", "max_latency_warmup"),
     ("LatencyConfig", "min_time_s", "max_latency_min_time_s"),
     ("LatencyConfig", "threads", "max_latency_threads"),
+    ("LatencyConfig", "max_time_s", "max_latency_time_s"),
+    ("LatencyConfig", "max_warmup_s", "max_latency_warmup_s"),
     ("DatasetCreate", "synthetic_samples", "max_synthetic_samples"),
     ("DatasetCreate", "synthetic_size", "max_image_size"),
     ("DatasetCreate", "shapes_images", "max_synthetic_samples"),
