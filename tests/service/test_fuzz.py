@@ -26,6 +26,9 @@ from tests.service.conftest import Service
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 25  # per operation and mode (positive, negative)
+# Operations that start a process per request on a search with trials (the attention map draws its
+# figure in a child that imports torch: seconds each): fewer examples there.
+HEAVY_EXAMPLES = 3
 # The fields SearchCreate's description names as checked beyond the schema (no JSON Schema can
 # say them): an inline space, warmup_epochs < epochs, a dataset path under the data root, the
 # pixels of a batch (image side² × batch size). A schema-valid body may be refused with 422 for
@@ -36,6 +39,13 @@ CHECKED_BEYOND_THE_SCHEMA = {
     ("body", "dataset", "path"),
     ("body", "train", "batch_size"),
     ("body", "latency", "batch_size"),
+    # a detection space needs detection data and a classification space classification data
+    ("body", "dataset", "name"),
+    # the attention-map routes: whether the body decodes as an image, whether the model has the
+    # modules named, whether the dataset has the sample (the route's description says so)
+    ("body",),
+    ("query", "modules"),
+    ("query", "sample"),
 }
 # the operations a created search's links lead to, but cancel (which may also answer 409)
 ID_OPERATIONS = set(CREATED_LINKS) - {"cancel_search"}
@@ -194,8 +204,10 @@ def test_id_routes_with_real_ids(
     statuses: dict[str, list[int]] = defaultdict(list)
     for operation in (op for op in operations if "{search_id}" in op.path):
 
+        examples = HEAVY_EXAMPLES if operation.path.endswith("/attention-map") else EXAMPLES
+
         @given(case=_strategy(operation, fuzz_headers, path_parameters={"search_id": filled_search}))
-        @settings(max_examples=EXAMPLES, **FUZZ)
+        @settings(max_examples=examples, **FUZZ)
         def run(case: Any) -> None:
             response = case.call()
             statuses[case.operation.definition.raw["operationId"]].append(response.status_code)
