@@ -51,6 +51,7 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
             max_trials=20,
             max_epochs=3,
             max_active_searches_per_user=100,
+            max_queued_searches_per_user=100,
             results_cache_s=0,
         )
     )

@@ -67,6 +67,7 @@ def fuzz_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
             max_trials=20,
             max_epochs=3,
             max_active_searches_per_user=10_000,
+            max_queued_searches_per_user=10_000,
             results_cache_s=0,
         )
     )
