@@ -166,3 +166,16 @@ def test_a_lost_retraining_is_retried_as_a_retraining(tmp_path: Path) -> None:
     assert retry.user_attrs[RETRAIN_OF_ATTR] == 0 and retry.user_attrs["oneshot_val_acc"] == 0.5
     assert retry.user_attrs["retry_of"] == 0 and retry.system_attrs["fixed_params"] == {"s1.spsa": False}
     storage.close()
+
+
+def test_a_cancel_during_the_supernet_phase_stops_the_run(tmp_path: Path) -> None:
+    import threading
+
+    url, artifacts = f"sqlite:///{tmp_path / 's.db'}", tmp_path / "artifacts"
+    study = create_study(_cfg(), url)
+    stop = threading.Event()
+    stop.set()  # asked before the first step
+    report = run_local("os", url, artifact_dir=artifacts, stop_event=stop)
+    assert report.outcome == "cancelled" and report.ran == 0
+    assert study.user_attrs[PHASE_ATTR] == "supernet" and SUPERNET_ATTR not in study.user_attrs
+    assert study.get_trials(deepcopy=False) == []
