@@ -62,15 +62,21 @@ def _grouped(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(1, [heads, x.shape[1] // heads]).to(stat_dtype(x.dtype))
 
 
+def _pixel_dot(y: Tensor, uc: Tensor) -> Tensor:
+    """Σ_c y·ũ_c per pixel (N, G, 1, H, W), as a batched matmul (no full-size temporary)."""
+    n, g, cg, h, w = y.shape
+    return torch.matmul(uc.reshape(n, g, 1, cg), y.flatten(3)).unflatten(3, [h, w])
+
+
 def spsa_stats(x: Tensor, heads: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                               Tensor, Tensor, Tensor]:
     """Everything SPSA computes before the gate: s, inv, uc, b, above_k (see `key_stats`), the
     pixel mean of x̃ (N, G, 1, H, W), then r, a, ok, above_x (see `pixel_correlation`)."""
     x5 = _grouped(x, heads)
     s, inv, uc, b, above_k = key_stats(x5.mean((3, 4), keepdim=True), eps)
-    y = (x5 - s) * inv  # x̃: shifted and scaled (r is invariant to both)
+    y = (x5 - s).mul_(inv)  # x̃: shifted and scaled (r is invariant to both); one full-size temporary
     sum_y = y.sum(2, keepdim=True)
-    sum_yu = torch.einsum("ngchw,ngc->nghw", y, uc[:, :, :, 0, 0]).unsqueeze(2)
+    sum_yu = _pixel_dot(y, uc)
     norm_y = torch.linalg.vector_norm(y, dim=2, keepdim=True)
     cg = x5.shape[2]
     r, a, ok, above_x = pixel_correlation(sum_y, sum_yu, norm_y, uc.sum(2, keepdim=True), b, cg, eps)
@@ -134,10 +140,12 @@ def spsa_backward(grad_out: Tensor, x: Tensor, alpha: float, heads: int, eps: fl
     flat = ok & above_x
     beta = torch.where(flat, grad_r * r / torch.where(flat, a.square(), torch.ones_like(a)), zero)
     big_r = torch.where(ok, grad_r * r, zero).sum((3, 4), keepdim=True)
-    yc = (x5 - s) * inv - mean_y  # x̃ − mean x̃
-    grad_u = (yc * q).sum((3, 4), keepdim=True)
+    # one full-size temporary, updated in place: x̃ − mean x̃, then dL/dx
+    yc = (x5 - s).mul_(inv).sub_(mean_y)
+    n, g = yc.shape[:2]
+    grad_u = torch.matmul(yc.flatten(3), q.reshape(n, g, pixels, 1)).unsqueeze(4)  # Σ_p q·yc
     b2 = torch.where(above_k, b.square(), torch.ones_like(b))
     grad_u = grad_u - torch.where(above_k, big_r / b2, torch.zeros_like(b)) * uc
     grad_key = (grad_u - grad_u.mean(2, keepdim=True)) * inv / pixels  # dL/dk_c · 1/(H·W)
-    grad_x = (q * uc - beta * yc) * inv + grad_key + g5 * gate
+    grad_x = yc.mul_(-beta).addcmul_(q, uc).mul_(inv).add_(grad_key).addcmul_(g5, gate)
     return grad_x.flatten(1, 2).to(x.dtype)
