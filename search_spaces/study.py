@@ -20,6 +20,8 @@ from spsa_nas.config import DETECTION_DATASETS
 
 # What optuna-dashboard writes on the plots' axes (the study's metric names), per objective kind.
 METRIC_NAMES = {"pareto": ["validation accuracy", "latency (ms)"], "score": ["score"]}
+#: A detection space's pareto metrics: its accuracy is the validation box AP (docs/detection.md).
+DETECTION_METRIC_NAMES = ["validation box AP", "latency (ms)"]
 
 # Fields of SearchConfig that a resumed run may change: budgets and where the process runs.
 # Everything else (space, data, training, objective, sampler, seed, device) defines the study.
@@ -132,8 +134,11 @@ def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: Search
     study.set_user_attr(SPACE_ATTR, space.model_dump(mode="json", exclude_unset=True))
     with warnings.catch_warnings():  # metric names are marked experimental; we rely on them knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if study.metric_names != METRIC_NAMES[cfg.objective.kind]:
-            study.set_metric_names(METRIC_NAMES[cfg.objective.kind])
+        names = METRIC_NAMES[cfg.objective.kind]
+        if space.task == "detection" and cfg.objective.kind == "pareto":
+            names = DETECTION_METRIC_NAMES
+        if study.metric_names != names:
+            study.set_metric_names(names)
     return study
 
 

@@ -52,6 +52,7 @@ def _cfg(tmp_path: Path, **update: object) -> SearchConfig:
 def test_a_detection_trial_completes_with_map_as_accuracy_and_its_downloads_rebuild(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     study = create_study(cfg, f"sqlite:///{tmp_path}/study.db")
+    assert study.metric_names == ["validation box AP", "latency (ms)"]  # optuna-dashboard's labels
     (tmp_path / "artifacts").mkdir()
     store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
     frozen = run_trial(study, study.ask(), cfg, load_space(SPACE), artifact_store=store)
