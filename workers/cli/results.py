@@ -226,6 +226,8 @@ def run_export(args: argparse.Namespace) -> int:
     metrics["study"] = study.study_name
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     model = build_model(spec, weights=weights).eval()
+    if spec.task == "detection":  # torchvision's detectors: the TorchScript exporter (docs/detection.md)
+        from workers.detection_trial import export_detector as export_onnx
     onnx_path = export_onnx(model, out / "model.onnx")
     print(
         f"exported trial {trial.number} of {study.study_name} to {out}: spec.json, "
