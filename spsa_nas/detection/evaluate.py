@@ -66,13 +66,12 @@ def count_detector(model: nn.Module, spec: ArchSpec) -> tuple[int, int, int]:
 def reference_detector(spec: ArchSpec, cfg: LatencyConfig) -> tuple[nn.Module, str] | None:
     """The latency reference of a detection spec: the same detector, no attention, at
     `cfg.reference_width`; built without touching the global RNG. None without a reference."""
-    if cfg.reference_width is None or cfg.protocol == "simple":
+    if cfg.reference_width is None or cfg.protocol == "simple" or spec.detector is None:
         return None
     plain = ArchSpec.plain(spec.backbone, **spec.model_dump(exclude={"backbone", "stages", "width"}),
                            width=cfg.reference_width)
     with torch.random.fork_rng(devices=[]):
         model = build_detector(plain).eval()
-    assert spec.detector is not None
     name = f"{spec.detector.name} {spec.backbone} w{cfg.reference_width:g} plain ({spec.input_size} px)"
     return model, name
 

@@ -62,7 +62,8 @@ def proposal_count(input_size: int) -> int:
 
 
 def _backbone(spec: ArchSpec) -> BackboneWithFPN:
-    assert spec.detector is not None  # checked by ArchSpec's validator
+    if spec.detector is None:
+        raise ValueError("a detection spec needs a detector")
     body = ResNet(backbone_spec(spec))
     stages = spec.stage_info()
     first = 1 if spec.detector.name == "retinanet" else 0
