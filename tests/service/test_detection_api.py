@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load
 
+from service.api.schemas import SearchCreate
+from service.searches.submit import SubmitError, check_quotas
 from spsa_nas import ArchSpec, build_model
+from tests.service.conftest import Service, make_settings
 from tests.service.helpers import Server, add_user, wait_for
-
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 DETECTION = {
     "space": "detection_quick",
@@ -27,6 +28,8 @@ DETECTION = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_detection_search_completes_and_its_best_detector_rebuilds_and_predicts(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     token = add_user(data_dir, "alice")
@@ -72,3 +75,38 @@ def test_a_detection_search_completes_and_its_best_detector_rebuilds_and_predict
         np.testing.assert_allclose(scores, prediction["scores"].numpy(), atol=1e-4)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("dataset", "loc", "words"),
+    [
+        ({"name": "coco"}, "path", "coco needs a path"),
+        ({"name": "coco", "path": "../outside"}, "path", "data root"),
+        ({"name": "digits"}, "name", "needs detection data"),
+    ],
+)
+def test_detection_data_must_be_under_the_data_root_and_fit_the_space(
+    service: Service, dataset: dict[str, object], loc: str, words: str
+) -> None:
+    response = service.client.post("/api/v1/searches", headers=service.user(),
+                                   json={"space": "detection_quick", "dataset": dataset})
+    assert response.status_code == 422, response.text
+    problems = {tuple(p["loc"]): p["msg"] for p in response.json()["detail"]}
+    assert words in problems[("body", "dataset", loc)], problems
+
+
+@pytest.mark.parametrize(("field", "value", "variable"), [
+    ("shapes_images", 65, "SPSA_NAS_MAX_SYNTHETIC_SAMPLES"),
+    ("shapes_size", 129, "SPSA_NAS_MAX_IMAGE_SIZE"),
+])
+def test_the_shapes_size_is_held_to_the_servers_quotas(tmp_path: Path, field: str, value: int,
+                                                       variable: str) -> None:
+    settings = make_settings("sqlite", tmp_path, lambda: "", max_synthetic_samples=64, max_image_size=128)
+    dataset = {"name": "shapes", "shapes_images": 16, "shapes_size": 64, field: value}
+    body = SearchCreate.model_validate({"space": "detection_quick", "dataset": dataset})
+    with pytest.raises(SubmitError) as refused:
+        check_quotas(body, settings)
+    problems = {p.loc: p.msg for p in refused.value.problems}
+    assert variable in problems[("dataset", field)], problems
+    check_quotas(SearchCreate.model_validate({"space": "detection_quick", "dataset": {"name": "shapes"}}),
+                 make_settings("sqlite", tmp_path, lambda: ""))  # the defaults pass
