@@ -79,6 +79,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="draws the architectures and the supernet's paths")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="take the standalone accuracies from this earlier output when its task, "
+                        "standalone budget and architectures are this run's (one-shot part only)")
     return p.parse_args(argv)
 
 
@@ -126,7 +129,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     standalone: list[list[float]] = []
     standalone_s: list[float] = []
-    for i, spec in enumerate(archs):
+    task = {"dataset": args.dataset, "samples": args.samples if args.dataset == "synthetic" else None,
+            "classes": args.classes if args.dataset == "synthetic" else 10,
+            "train_images": len(splits.train), "val_images": len(splits.val),  # type: ignore[arg-type]
+            "space": space.name, "width": args.width, "input_size": base.input_size}
+    standalone_budget = {"standalone_steps": epochs * per_epoch,
+                         "standalone_epochs": epochs * per_epoch / loader_steps,
+                         "batch_size": args.batch_size, "lr": args.lr, "seeds": args.seeds}
+    specs_json = [s.model_dump(mode="json")["stages"] for s in archs]
+    if args.reuse is not None:
+        earlier = json.loads(args.reuse.read_text())
+        if (earlier["task"] != task or earlier.get("standalone_budget") != standalone_budget
+                or [p["spec"] for p in earlier["pairs"]] != specs_json):
+            raise SystemExit(f"--reuse {args.reuse}: its task, standalone budget or architectures differ "
+                             "from this run's")
+        standalone = [p["standalone"] for p in earlier["pairs"]]
+        standalone_s = [earlier["cost"]["standalone_s_per_training"]]
+    for i, spec in enumerate(archs if not standalone else []):
         accs = []
         for seed in range(args.seeds):
             train = TrainConfig(epochs=epochs, max_steps_per_epoch=per_epoch, batch_size=args.batch_size,
@@ -175,15 +194,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     one_wall = supernet_s + n * statistics.fmean(eval_s) + args.retrain * mean_alone_s
     result = {
         "benchmark": "oneshot",
-        "task": {"dataset": args.dataset, "samples": args.samples if args.dataset == "synthetic" else None,
-                 "classes": len(set(int(y) for _, y in splits.train)),  # type: ignore[attr-defined]
-                 "train_images": len(splits.train), "val_images": len(splits.val),  # type: ignore[arg-type]
-                 "space": space.name, "width": args.width, "input_size": base.input_size},
-        "budget": {"standalone_steps": epochs * per_epoch,
-                   "standalone_epochs": epochs * per_epoch / loader_steps,
-                   "supernet_steps": s_epochs * s_per_epoch,
-                   "supernet_epochs": s_epochs * s_per_epoch / loader_steps, "batch_size": args.batch_size,
-                   "bn_batches": args.bn_batches, "seeds": args.seeds, "sampling": "single-path uniform"},
+        "task": task,
+        "standalone_budget": standalone_budget,
+        "budget": {"supernet_steps": s_epochs * s_per_epoch,
+                   "supernet_epochs": s_epochs * s_per_epoch / loader_steps,
+                   "bn_batches": args.bn_batches, "sampling": "single-path uniform"},
+        "standalone_reused_from": str(args.reuse) if args.reuse else None,
         "archs": len(archs),
         "kendall_tau": tau,
         "kendall_tau_ci95": [low, high],
@@ -205,8 +221,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "oneshot_wall_s": one_wall, "standalone_wall_s": n * mean_alone_s,
             "wall_ratio": n * mean_alone_s / one_wall,
         },
-        "pairs": [{"spec": s.model_dump(mode="json")["stages"], "oneshot": o, "standalone": a}
-                  for s, o, a in zip(archs, oneshot, standalone, strict=True)],
+        "pairs": [{"spec": s, "oneshot": o, "standalone": a}
+                  for s, o, a in zip(specs_json, oneshot, standalone, strict=True)],
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "torch_threads": args.threads,
