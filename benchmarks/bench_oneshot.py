@@ -78,6 +78,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--bn-batches", type=int, default=8, help="BN recalibration batches (default 8)")
+    p.add_argument("--sampling", choices=["uniform", "fair"], default="uniform",
+                   help="supernet paths per step: uniform (one, SPOS) or fair (FairNAS: every branch once)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--cost-candidates", type=int, default=100)
     p.add_argument("--retrain", type=int, default=3, help="retrained finalists in the cost (default 3)")
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     curve = train_supernet(supernet, sample, splits.train, splits.val,
                            SupernetRun(train=s_train, epochs=s_epochs, bn_batches=args.bn_batches,
-                                       probe_paths=1), "cpu")
+                                       probe_paths=1, sampling=args.sampling), "cpu")
     supernet_s = time.perf_counter() - start
     print(f"supernet: {supernet_s:.1f} s, curve {[round(r.val_acc, 3) for r in curve]}", file=sys.stderr)
     oneshot, eval_s = [], []
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "standalone_budget": standalone_budget,
         "budget": {"supernet_steps": s_epochs * s_per_epoch,
                    "supernet_epochs": s_epochs * s_per_epoch / loader_steps,
-                   "bn_batches": args.bn_batches, "sampling": "single-path uniform"},
+                   "bn_batches": args.bn_batches, "sampling": args.sampling},
         "standalone_reused_from": str(args.reuse) if args.reuse else None,
         "archs": len(archs),
         "kendall_tau": tau,

@@ -61,6 +61,9 @@ class OneshotConfig(_Config):
     bn_batches: int = Field(8, ge=1, le=1000, description="training batches per BN recalibration")
     workers: int = Field(1, ge=1, le=256, description="data-parallel workers (Ray Train DDP) of the "
                                                       "supernet on the Ray runner; 1 on one machine")
+    sampling: Literal["uniform", "fair"] = Field(
+        "uniform", description="paths per supernet step: uniform (one, SPOS) or fair (FairNAS strict "
+                               "fairness: every channel-attention branch once per step)")
 
     def supernet_epochs(self, train: TrainConfig) -> int:
         """The epochs the supernet trains: `epochs`, else twice the standalone budget."""

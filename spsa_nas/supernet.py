@@ -148,17 +148,26 @@ class Supernet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def drop_off_path_grads(self) -> None:
-        """Set the gradients of the branches off the current path to None, so that the optimizer
-        skips them (no weight decay, no momentum) — also under DDP, whose reducer may hand
-        parameters unused in a step a zero gradient instead of none."""
-        for block, _ in self.blocks:
-            attn = self.net.get_submodule(block).attn
-            chosen = attn.path.channel_attn if attn.path is not None else None
-            for name, branch in attn.branches.items():
-                if name != chosen:
+    def drop_off_path_grads(self, paths: Sequence[ArchSpec]) -> None:
+        """Set the gradients of the branches no path of the step used to None, so that the
+        optimizer skips them (no weight decay, no momentum) — also under DDP, whose reducer may
+        hand parameters unused in a step a zero gradient instead of none."""
+        for block, index in self.blocks:
+            chosen = {path.stages[index].channel_attn for path in paths}
+            for name, branch in self.net.get_submodule(block).attn.branches.items():
+                if name not in chosen:
                     for param in branch.parameters():
                         param.grad = None
+
+    def fair_paths(self, path: ArchSpec, rng: random.Random) -> list[ArchSpec]:
+        """FairNAS-style strict fairness: as many paths as the largest stage has channel-attention
+        choices, built from `path`, in which every stage takes each of its choices equally often
+        (a random permutation per stage; SPSA's choices, which have no weights, stay `path`'s)."""
+        count = max(len(c) for c in self.choices)
+        orders = [rng.sample(list(c), len(c)) for c in self.choices]
+        return [path.model_copy(update={"stages": tuple(
+            stage.model_copy(update={"channel_attn": orders[i][k % len(orders[i])]})
+            for i, stage in enumerate(path.stages))}) for k in range(count)]
 
     def path_state_dict(self, spec: ArchSpec) -> dict[str, Tensor]:
         """The weights of path `spec` under the keys of `build_model(spec)` (the supernet's own
@@ -243,6 +252,7 @@ class SupernetRun:
     bn_batches: int = 8  # batches for each BN recalibration
     probe_paths: int = 2  # paths whose validation accuracy makes the training curve
     shards: int = 1  # BN batches per global batch: the DDP world size (single worker: micro-batches)
+    sampling: str = "uniform"  # uniform: one path a step (SPOS); fair: FairNAS strict fairness
     rank: int = 0  # with a DDP wrapper, the shard this worker computes
     curve: list[SupernetEpoch] = field(default_factory=list)
 
@@ -280,6 +290,8 @@ def train_supernet(
 ) -> list[SupernetEpoch]:
     """Single-path uniform training (SPOS): each step draws one path (`sampler` with
     `path_rng(seed, step)`), routes the supernet through it and takes one SGD step on it.
+    `run.sampling == "fair"`: each step accumulates the gradients of `Supernet.fair_paths` (every
+    channel-attention branch of every stage once, FairNAS's strict fairness) before its one step.
 
     The recipe is the trial's (SGD + momentum, weight decay, label smoothing, cosine LR with
     warm-up, `max_steps_per_epoch`), in float32. Epoch e's batches come from a loader seeded with
@@ -320,7 +332,10 @@ def train_supernet(
             if should_stop is not None and should_stop():
                 raise Cancelled(f"supernet training stopped at epoch {epoch}, step {index + 1}")
             step = (epoch - 1) * steps_per_epoch + index
-            supernet.set_path(sampler(path_rng(cfg.seed, step)))
+            rng = path_rng(cfg.seed, step)
+            paths = [sampler(rng)]
+            if run.sampling == "fair":
+                paths = supernet.fair_paths(paths[0], rng)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
@@ -328,15 +343,17 @@ def train_supernet(
             if len(image_parts) != run.shards:
                 raise ValueError(f"train.batch_size {cfg.batch_size} is too small to split into "
                                  f"{run.shards} shards")
-            step_loss = 0.0
-            for shard in shards:
-                loss = criterion(forward(image_parts[shard].to(dev)), label_parts[shard].to(dev))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"supernet loss became {loss.item()} at epoch {epoch}, "
-                                             f"step {index + 1}; lower train.lr")
-                (loss / len(shards)).backward()
-                step_loss += float(loss.detach()) / len(shards)
-            supernet.drop_off_path_grads()
+            step_loss, parts = 0.0, len(shards) * len(paths)
+            for path in paths:
+                supernet.set_path(path)
+                for shard in shards:
+                    loss = criterion(forward(image_parts[shard].to(dev)), label_parts[shard].to(dev))
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(f"supernet loss became {loss.item()} at epoch {epoch}, "
+                                                 f"step {index + 1}; lower train.lr")
+                    (loss / parts).backward()
+                    step_loss += float(loss.detach()) / parts
+            supernet.drop_off_path_grads(paths)
             optimizer.step()
             losses.append(step_loss)
         mean_loss = sum(losses) / max(1, len(losses))

@@ -179,7 +179,7 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
             resume = load_checkpoint(job.artifact_dir, record["checkpoint"])
         splits = job.splits()
         run = SupernetRun(train=job.cfg.train, epochs=epochs, bn_batches=job.cfg.oneshot.bn_batches,
-                          shards=shards, rank=rank)
+                          shards=shards, rank=rank, sampling=job.cfg.oneshot.sampling)
 
         def on_epoch(epoch: SupernetEpoch, checkpoint: Callable[[], dict[str, Any]]) -> None:
             if rank != 0:

@@ -169,3 +169,25 @@ def test_shards_split_the_batch_for_batchnorm_only(data: tuple[TensorDataset, Te
         train_supernet(supernet, _sampler, train, val, run, "cpu")
         results.append(supernet.net.conv1.weight.detach().clone())
     assert not torch.allclose(results[0], results[1])
+
+
+def test_fair_paths_take_every_branch_once_per_stage(data: tuple[TensorDataset, TensorDataset]) -> None:
+    supernet = Supernet(BASE, [["none", "se", "eca"], ["se"], ["none", "eca"], ["none", "se", "eca"]])
+    paths = supernet.fair_paths(MIXED.model_copy(update={"stages": (MIXED.stages[0], StageSpec(
+        channel_attn="se"), MIXED.stages[2], MIXED.stages[3])}), random.Random(3))
+    assert len(paths) == 3
+    assert sorted(p.stages[0].channel_attn for p in paths) == ["eca", "none", "se"]
+    assert [p.stages[1].channel_attn for p in paths] == ["se"] * 3
+    assert sorted(p.stages[2].channel_attn for p in paths)[:2] == ["eca", "none"]
+    assert all(p.stages[0].spsa and p.stages[0].spsa_heads == 2 for p in paths)  # SPSA is the path's
+    # one fair step gives every branch a gradient; a uniform step only the path's
+    train, val = data
+    for sampling, expect_all in (("fair", True), ("uniform", False)):
+        torch.manual_seed(0)
+        net = Supernet(BASE, CHOICES)
+        before = {k: v.clone() for k, v in net.state_dict().items() if ".branches." in k}
+        run = SupernetRun(train=TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, weight_decay=0),
+                          epochs=1, bn_batches=1, probe_paths=1, sampling=sampling)
+        train_supernet(net, _sampler, train, val, run, "cpu")
+        moved = [not torch.equal(before[k], v) for k, v in net.state_dict().items() if k in before]
+        assert all(moved) == expect_all
