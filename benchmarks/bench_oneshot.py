@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_tau = kendalltau([a[0] for a in standalone], [a[1] for a in standalone]).statistic \
         if args.seeds > 1 else None
     n = args.cost_candidates
-    one_epochs = s_epochs * s_per_epoch / loader_steps + args.retrain * epochs * per_epoch / loader_steps
+    passes = max(len(c) for c in supernet.choices) if args.sampling == "fair" else 1  # paths a step
+    one_epochs = (passes * s_epochs * s_per_epoch / loader_steps
+                  + args.retrain * epochs * per_epoch / loader_steps)
     alone_epochs = n * epochs * per_epoch / loader_steps
     mean_alone_s = statistics.fmean(standalone_s)
     one_wall = supernet_s + n * statistics.fmean(eval_s) + args.retrain * mean_alone_s
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "oneshot",
         "task": task,
         "standalone_budget": standalone_budget,
-        "budget": {"supernet_steps": s_epochs * s_per_epoch,
+        "budget": {"supernet_steps": s_epochs * s_per_epoch, "paths_per_step": passes,
                    "supernet_epochs": s_epochs * s_per_epoch / loader_steps,
                    "bn_batches": args.bn_batches, "sampling": args.sampling},
         "standalone_reused_from": str(args.reuse) if args.reuse else None,
