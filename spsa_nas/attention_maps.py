@@ -15,15 +15,9 @@ from torch import nn
 
 from spsa_nas.attention import SPSA
 from spsa_nas.data.images import adapt_channels, resize
+from spsa_nas.image_files import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, open_image
 
-MAX_IMAGE_PIXELS = 25_000_000  # decoded size refused beyond this (decompression bombs)
-MAX_IMAGE_BYTES = 20 * 2**20
 CELL = 160  # pixels per panel side in the figure
-IMAGE_FORMATS = ("PNG", "JPEG")
-
-
-class ImageError(ValueError):
-    """An image that cannot be used (unreadable, not PNG/JPEG, too large): the message says which."""
 
 
 @dataclass(frozen=True)
@@ -43,22 +37,8 @@ def load_image(data: bytes | Path, *, in_channels: int, size: int) -> torch.Tens
     """A PNG or JPEG file (or its bytes) as the model's input: (1, in_channels, size, size) in
     [0, 1], as the training data is served. ImageError says what is wrong with a bad image."""
     raw = Path(data).read_bytes() if isinstance(data, Path) else data
-    if len(raw) > MAX_IMAGE_BYTES:
-        raise ImageError(f"the image has {len(raw)} bytes; at most {MAX_IMAGE_BYTES} are accepted")
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            if image.format not in IMAGE_FORMATS:
-                raise ImageError(f"the image is {image.format or 'of an unknown format'}; send a PNG or JPEG")
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageError(
-                    f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} are accepted")
-            image.load()
-            converted = image.convert("L" if in_channels == 1 else "RGB")
-    except ImageError:
-        raise
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"the image cannot be read as PNG or JPEG: {exc}") from None
+    with open_image(raw) as image:
+        converted = image.convert("L" if in_channels == 1 else "RGB")
     array = np.asarray(converted, dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array.copy())
     tensor = tensor[None, None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)[None]

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     keep_weights: Literal["all", "pareto", "top_k"] = "pareto"
     keep_top_k: int = Field(5, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies answer 413
+    # Attention-map figures (GET/POST .../best/attention-map) drawn at once, each in a child process
+    # (more answer 429), and how long one may take (503 beyond it).
+    max_concurrent_attention_maps: int = Field(2, ge=1, le=64)
+    attention_map_timeout_s: float = Field(120.0, gt=0, le=3600)
     # How long the API may answer from a running search's cached trials (0: always read them).
     results_cache_s: float = Field(1.0, ge=0, le=60)
     dashboard: bool = True  # serve optuna-dashboard at / (behind the same login)

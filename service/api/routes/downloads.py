@@ -22,7 +22,7 @@ def _file_responses(what: str) -> dict[int | str, dict]:
     return {**NOT_FOUND_RESPONSE, 200: {"content": {"application/octet-stream": {}}, "description": what}}
 
 
-def _artifact_path(runtime: Runtime, trial: FrozenTrial, key: str, missing: str) -> Path:
+def artifact_path(runtime: Runtime, trial: FrozenTrial, key: str, missing: str) -> Path:
     """The file of the trial's artifact `key`: its id (untrusted: read from the database) must have
     the shape the artifact store writes and resolve to a file directly under the artifact root."""
     path = artifact_file(runtime.settings.artifact_path, trial.user_attrs.get(key))
@@ -41,7 +41,7 @@ def _file(path: Path, choice: Choice, suffix: str) -> FileResponse:
 )
 def download_weights(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
     """The best trial's trained weights (safetensors); load them with spsa_nas.build_model(spec, weights)."""
-    path = _artifact_path(runtime, choice.trial, WEIGHTS_ARTIFACT_ATTR, "has no stored weights")
+    path = artifact_path(runtime, choice.trial, WEIGHTS_ARTIFACT_ATTR, "has no stored weights")
     return _file(path, choice, "safetensors")
 
 
@@ -52,4 +52,4 @@ def download_onnx(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
         missing = "has no ONNX export: exporting it failed when the trial completed (download its weights)"
     else:
         missing = "has no ONNX export (trials that completed before exports were stored have none)"
-    return _file(_artifact_path(runtime, choice.trial, ONNX_ARTIFACT_ATTR, missing), choice, "onnx")
+    return _file(artifact_path(runtime, choice.trial, ONNX_ARTIFACT_ATTR, missing), choice, "onnx")

@@ -1,0 +1,82 @@
+"""One attention-map figure in a child process of the API (which imports no torch): a JSON request on
+stdin, the PNG on stdout; a request the client can fix exits 2 with {"loc", "msg"} (JSON) as the last
+line of stderr."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from typing import Any
+
+CLIENT_ERROR = 2  # exit status: the message on stderr is for the client (a 4xx)
+
+
+class RequestError(ValueError):
+    """Something the client sent that cannot be drawn, and where: ("body",) for the image,
+    ("query", "modules") or ("query", "sample")."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def draw(request: dict[str, Any]) -> bytes:
+    """The figure `request` asks for: {"storage", "study", "trial", "weights", "sample", "modules",
+    "image" (base64, optional), "title"}; the study's trial gives the spec and the dataset."""
+    import optuna
+    from safetensors.torch import load_file
+
+    from search_spaces.storage import open_storage
+    from search_spaces.study import study_config
+    from spsa_nas import build_model
+    from spsa_nas.attention_maps import ImageError, attention_map_png, load_image
+    from spsa_nas.data.registry import load_data
+    from spsa_nas.spec import ArchSpec
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(request["storage"])
+    try:
+        study = optuna.load_study(study_name=request["study"], storage=storage)
+        trial = next(t for t in study.get_trials(deepcopy=False) if t.number == request["trial"])
+        spec = ArchSpec.model_validate(trial.user_attrs["spec"])
+        # the artifact file has no suffix; trial weights are always stored as safetensors
+        model = build_model(spec, weights=load_file(request["weights"], device="cpu"))
+        title = request.get("title", "")
+        if request.get("image") is not None:
+            try:
+                image = load_image(base64.b64decode(request["image"]), in_channels=spec.in_channels,
+                                   size=spec.input_size)
+            except ImageError as exc:
+                raise RequestError(("body",), str(exc)) from None
+        else:
+            cfg = study_config(study)
+            splits = load_data(cfg.dataset, spec.input_size, spec.in_channels)
+            sample, count = request["sample"], len(splits.val)
+            if sample >= count:
+                raise RequestError(("query", "sample"), f"sample {sample}: the validation split of "
+                                   f"{cfg.dataset.name} has {count} images (0..{count - 1})")
+            image = splits.val[sample][0][None]
+            title += f" on {cfg.dataset.name} validation image {sample}"
+        try:
+            return attention_map_png(model, image, request.get("modules") or None, title=title)
+        except ValueError as exc:  # a module name that matches none, a model without SPSA
+            raise RequestError(("query", "modules"), str(exc)) from None
+    finally:
+        storage.close()
+
+
+def main() -> int:
+    try:
+        request = json.loads(sys.stdin.read())
+        png = draw(request)
+    except RequestError as exc:  # the last line of stderr, for the API to answer 422 with
+        print(json.dumps({"loc": list(exc.loc), "msg": str(exc)}), file=sys.stderr)
+        return CLIENT_ERROR
+    sys.stdout.buffer.write(png)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
