@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 CLIENT_ERROR = 2  # exit status: the message on stderr is for the client (a 4xx)
@@ -64,6 +66,60 @@ def draw(request: dict[str, Any]) -> bytes:
             raise RequestError(("query", "modules"), str(exc)) from None
     finally:
         storage.close()
+
+
+ATTENTION_MAP_ATTR = "spsa_nas:attention_map"  # study user attr: {"trial", "artifact_id", "sample"}
+
+
+def attach_best_map(study: Any, artifact_store: Any, *, sample: int = 0) -> dict[str, Any] | None:
+    """The figure of the best trial's SPSA modules on validation image `sample`, stored as an
+    artifact of the study (optuna-dashboard lists it on the study's page; a finished trial cannot
+    take new artifacts) and named in the study's user attr ATTENTION_MAP_ATTR. None when there is
+    no best trial with weights, or its model has no SPSA."""
+    import tempfile
+
+    import optuna
+    from optuna.artifacts import download_artifact, upload_artifact
+    from safetensors.torch import load_file
+
+    from search_spaces.keys import WEIGHTS_ARTIFACT_ATTR
+    from search_spaces.study import select_best, study_config
+    from spsa_nas import build_model
+    from spsa_nas.attention_maps import attention_map_png, spsa_modules
+    from spsa_nas.data.registry import load_data
+    from spsa_nas.spec import ArchSpec
+
+    try:
+        trial = select_best(study)
+    except LookupError:
+        return None
+    artifact_id = trial.user_attrs.get(WEIGHTS_ARTIFACT_ATTR)
+    spec_data = trial.user_attrs.get("spec")
+    if not artifact_id or spec_data is None:
+        return None
+    spec = ArchSpec.model_validate(spec_data)
+    if getattr(spec, "task", "classification") != "classification":
+        return None  # a detector's backbone maps need the detector's input pipeline: not drawn here
+    with tempfile.TemporaryDirectory() as workdir:
+        weights = Path(workdir) / "weights.safetensors"
+        download_artifact(artifact_store=artifact_store, file_path=str(weights), artifact_id=artifact_id)
+        model = build_model(spec, weights=load_file(str(weights), device="cpu"))
+        if not spsa_modules(model):
+            return None
+        cfg = study_config(study)
+        splits = load_data(cfg.dataset, spec.input_size, spec.in_channels)
+        sample = min(sample, len(splits.val) - 1)
+        image = splits.val[sample][0][None]
+        title = f"{study.study_name}, trial {trial.number} on {cfg.dataset.name} validation image {sample}"
+        figure = Path(workdir) / f"attention-map-trial{trial.number}.png"
+        figure.write_bytes(attention_map_png(model, image, title=title))
+        with warnings.catch_warnings():  # optuna marks artifacts experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            stored = upload_artifact(artifact_store=artifact_store, file_path=str(figure),
+                                     study_or_trial=study, mimetype="image/png")
+    record = {"trial": trial.number, "artifact_id": stored, "sample": sample}
+    study.set_user_attr(ATTENTION_MAP_ATTR, record)
+    return record
 
 
 def main() -> int:

@@ -220,6 +220,24 @@ class Dispatcher:
         token = self._tokens.pop(search_id, None)
         if self._record(search_id, token, status, error, result) and status is not None:
             self._prune(search)
+            if status == COMPLETED:
+                self._attach_attention_map(search)
+
+    def _attach_attention_map(self, search: Search) -> None:
+        """The best model's SPSA attention maps on a validation image, stored with the finished
+        study so optuna-dashboard shows them; a failure is logged, the search's end is recorded."""
+        import optuna
+
+        from workers.maps_job import attach_best_map
+
+        try:
+            study = optuna.load_study(study_name=search.study_name, storage=self.runtime.storage)
+            record = attach_best_map(study, self.runtime.artifact_store)
+        except Exception:
+            log.exception("search %s: cannot draw its best model's attention maps", search.id)
+            return
+        if record is not None:
+            log.info("search %s: attention maps of trial %d stored", search.id, record["trial"])
 
     def _prune(self, search: Search) -> None:
         """Keep only the weights the settings say (the Pareto front, top-k or all) of a search

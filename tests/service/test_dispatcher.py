@@ -246,6 +246,46 @@ def test_a_finished_search_keeps_only_the_weights_of_its_pareto_front(setup: Set
     assert files[0].is_file() and files[2].is_file()  # the Pareto front keeps them
 
 
+def test_a_completed_search_stores_its_best_models_attention_maps(setup: Setup) -> None:
+    import io
+
+    from optuna.artifacts import download_artifact, upload_artifact
+    from PIL import Image
+
+    from tests.service.conftest import tiny_model_files, tiny_spec
+    from workers.maps_job import ATTENTION_MAP_ATTR
+
+    search = _submit(setup)
+    study = optuna.load_study(study_name=search["study_name"], storage=setup.runtime.storage)
+    weights_file = setup.runtime.settings.data_dir / "w.safetensors"
+    weights_file.write_bytes(tiny_model_files()[0])  # real weights of a model with SPSA in stage 1
+    for values in ((0.9, 2.0), (0.5, 3.0)):
+        trial = study.ask()
+        artifact = upload_artifact(artifact_store=setup.runtime.artifact_store, file_path=str(weights_file),
+                                   study_or_trial=trial)
+        attrs = {"weights_artifact": artifact, "val_acc": values[0], "latency_ms": values[1],
+                 "spec": tiny_spec(), "feasible": True}
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, list(values))
+    runner = StandInRunner(outcome="done")
+    runner.release.set()
+    dispatcher = setup.dispatch(runner)
+    try:
+        setup.wait_status(search, "completed")
+        deadline = time.monotonic() + 600  # drawn after the end is recorded (the first may build a kernel)
+        while ATTENTION_MAP_ATTR not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        dispatcher.stop()
+    record = study.user_attrs.get(ATTENTION_MAP_ATTR)
+    assert record is not None and record["trial"] == 0, record  # the best trial's
+    out = setup.runtime.settings.data_dir / "map.png"
+    download_artifact(artifact_store=setup.runtime.artifact_store, file_path=str(out),
+                      artifact_id=record["artifact_id"])
+    assert Image.open(io.BytesIO(out.read_bytes())).format == "PNG"
+
+
 def test_a_full_disk_stops_running_searches_cleanly_for_resumption(setup: Setup) -> None:
     from service.core.models import Search
 
