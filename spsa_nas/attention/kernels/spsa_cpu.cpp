@@ -103,15 +103,15 @@ std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64
       constexpr int64_t lanes = Vec<scalar_t>::lanes;
       for (int64_t row = begin; row < end; ++row) {
         const scalar_t* src = x + row * p;
-        // four independent vector accumulators (each lane sums <= p / 64 values), then double
+        // four independent vector accumulators (each lane sums <= p / 64 values), then their lanes in double
         V acc[4] = {Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0),
                     Vec<scalar_t>::splat(0)};
         int64_t i = 0;
         for (; i + 4 * lanes <= p; i += 4 * lanes)
           for (int a = 0; a < 4; ++a) acc[a] += Vec<scalar_t>::load(src + i + a * lanes);
+        const V lane_sums = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         double total = 0.0;
-        for (int a = 0; a < 4; ++a)
-          for (int64_t l = 0; l < lanes; ++l) total += static_cast<double>(acc[a][l]);
+        for (int64_t l = 0; l < lanes; ++l) total += static_cast<double>(lane_sums[l]);
         for (; i < p; ++i) total += static_cast<double>(src[i]);
         k[row] = total / static_cast<double>(p);
       }
