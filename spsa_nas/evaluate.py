@@ -118,8 +118,14 @@ def _cached(cache: LatencyCache | None, key: str) -> LatencyResult | None:
         return None
 
 
-def _latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch.device,
-             hooks: EvalHooks) -> tuple[LatencyResult, bool]:
+Reference = Callable[[ArchSpec, LatencyConfig], "tuple[nn.Module, str] | None"]
+
+
+def cached_latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch.device,
+                   hooks: EvalHooks, reference: Reference | None = None) -> tuple[LatencyResult, bool]:
+    """The latency of `model` (`spec`), from the hooks' cache or measured under their lock,
+    interleaved with `reference(spec, cfg)` (default: reference_model, the space's fixed plain
+    model); (result, whether it came from the cache)."""
     shape = (spec.in_channels, spec.input_size, spec.input_size)
     key = latency_key(spec, shape, cfg, device)
     found = _cached(hooks.latency_cache, key)
@@ -130,9 +136,11 @@ def _latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch
         found = _cached(hooks.latency_cache, key)  # measured by another worker while we waited
         if found is not None:
             return found, True
-        reference = reference_model(spec, cfg)  # the space's fixed reference, timed interleaved
-        result = measure_latency(model, shape, cfg, device, reference=reference[0] if reference else None,
-                                 reference_name=reference[1] if reference else None)
+        ref = (reference or reference_model)(spec, cfg)  # the space's fixed reference, timed interleaved
+        if ref is not None:
+            ref[0].to(device)
+        result = measure_latency(model, shape, cfg, device, reference=ref[0] if ref else None,
+                                 reference_name=ref[1] if ref else None)
     if hooks.latency_cache is not None:
         hooks.latency_cache.put(key, result.to_dict())
     return result, False
@@ -170,7 +178,7 @@ def evaluate_spec(
     params = count_params(model)
     flops = count_flops(model, (1, spec.in_channels, spec.input_size, spec.input_size))
     model.to(dev)
-    lat, cached = _latency(model, spec, latency, dev, hooks)
+    lat, cached = cached_latency(model, spec, latency, dev, hooks)
     if hooks.on_measured is not None:
         hooks.on_measured(Measurement(params=params, flops=flops, latency=lat, cached=cached))
     result = TrialResult(spec=spec, params=params, flops=flops, latency=lat, feasible=True,

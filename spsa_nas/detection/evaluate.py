@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +14,8 @@ from spsa_nas.data.errors import DataError
 from spsa_nas.detection.data import detection_num_classes, load_detection_data
 from spsa_nas.detection.model import build_detector
 from spsa_nas.detection.train import evaluate_detector, train_detector
-from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, TrialResult, _cached
-from spsa_nas.latency import LatencyResult, latency_key, measure_latency, resolve_device
+from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, TrialResult, cached_latency
+from spsa_nas.latency import resolve_device
 from spsa_nas.spec import ArchSpec
 
 __all__ = ["DetectionResult", "check_detection_data", "count_detector", "evaluate_detection_spec",
@@ -76,27 +75,6 @@ def reference_detector(spec: ArchSpec, cfg: LatencyConfig) -> tuple[nn.Module, s
     return model, name
 
 
-def _latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch.device,
-             hooks: EvalHooks) -> tuple[LatencyResult, bool]:
-    shape = (spec.in_channels, spec.input_size, spec.input_size)
-    key = latency_key(spec, shape, cfg, device)
-    found = _cached(hooks.latency_cache, key)
-    if found is not None:
-        return found, True
-    with hooks.latency_lock() if hooks.latency_lock is not None else contextlib.nullcontext():
-        found = _cached(hooks.latency_cache, key)
-        if found is not None:
-            return found, True
-        reference = reference_detector(spec, cfg)
-        if reference is not None:
-            reference[0].to(device)
-        result = measure_latency(model, shape, cfg, device, reference=reference[0] if reference else None,
-                                 reference_name=reference[1] if reference else None)
-    if hooks.latency_cache is not None:
-        hooks.latency_cache.put(key, result.to_dict())
-    return result, False
-
-
 def evaluate_detection_spec(spec: ArchSpec, *, data: DataConfig, train: TrainConfig, latency: LatencyConfig,
                             device: str = "auto", latency_budget_ms: float | None = None,
                             hooks: EvalHooks | None = None, fit: Fit | None = None) -> DetectionResult:
@@ -117,7 +95,7 @@ def evaluate_detection_spec(spec: ArchSpec, *, data: DataConfig, train: TrainCon
     model = build_detector(spec)
     params, flops, backbone_flops = count_detector(model, spec)
     model.to(dev).eval()
-    lat, cached = _latency(model, spec, latency, dev, hooks)
+    lat, cached = cached_latency(model, spec, latency, dev, hooks, reference=reference_detector)
     if hooks.on_measured is not None:
         hooks.on_measured(Measurement(params=params, flops=flops, latency=lat, cached=cached))
     result = DetectionResult(spec=spec, params=params, flops=flops, latency=lat, feasible=True,

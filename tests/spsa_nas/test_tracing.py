@@ -23,19 +23,9 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from spsa_nas.attention import SPSA
 from spsa_nas.models import build_model
-from spsa_nas.spec import ArchSpec, StageSpec
+from spsa_nas.spec import ArchSpec
+from tests.spsa_nas.test_export import NAMES, VARIANTS  # every attention variant, one list
 
-VARIANTS: dict[str, StageSpec] = {
-    "none": StageSpec(),
-    "spsa": StageSpec(spsa=True, spsa_alpha=2.0),
-    "se": StageSpec(channel_attn="se"),
-    "eca": StageSpec(channel_attn="eca"),
-    "cbam": StageSpec(channel_attn="cbam"),
-    "fca": StageSpec(channel_attn="fca"),
-    "simam": StageSpec(channel_attn="simam"),
-    "spsa+se": StageSpec(spsa=True, spsa_heads=2, channel_attn="se", attn_order="spsa_first"),
-}
-NAMES = list(VARIANTS)
 BACKBONES = ["resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "shufflenet_v2_x1_0"]
 
 
