@@ -14,8 +14,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from spsa_nas.attention import SPSA
+from spsa_nas.config import DataConfig
 from spsa_nas.data.images import adapt_channels, resize
+from spsa_nas.data.registry import load_data
 from spsa_nas.image_files import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, open_image
+from spsa_nas.spec import ArchSpec
 
 CELL = 160  # pixels per panel side in the figure
 
@@ -43,6 +46,17 @@ def load_image(data: bytes | Path, *, in_channels: int, size: int) -> torch.Tens
     tensor = torch.from_numpy(array.copy())
     tensor = tensor[None, None] if tensor.dim() == 2 else tensor.permute(2, 0, 1)[None]
     return adapt_channels(resize(tensor, size), in_channels, "image")
+
+
+def validation_image(data: DataConfig, spec: ArchSpec, index: int) -> torch.Tensor:
+    """Image `index` of the validation split of `data`, as `spec`'s model is fed (1, C, H, W);
+    IndexError saying how many there are when it is out of range."""
+    splits = load_data(data, spec.input_size, spec.in_channels)
+    count = len(splits.val)
+    if not 0 <= index < count:
+        raise IndexError(f"sample {index}: the validation split of {data.name} has {count} images "
+                         f"(0..{count - 1})")
+    return splits.val[index][0][None]
 
 
 def spsa_modules(model: nn.Module) -> dict[str, SPSA]:
@@ -215,4 +229,5 @@ __all__ = [
     "load_image",
     "render_maps",
     "spsa_modules",
+    "validation_image",
 ]

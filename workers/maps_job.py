@@ -32,8 +32,7 @@ def draw(request: dict[str, Any]) -> bytes:
     from search_spaces.storage import open_storage
     from search_spaces.study import study_config
     from spsa_nas import build_model
-    from spsa_nas.attention_maps import ImageError, attention_map_png, load_image
-    from spsa_nas.data.registry import load_data
+    from spsa_nas.attention_maps import ImageError, attention_map_png, load_image, validation_image
     from spsa_nas.spec import ArchSpec
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -53,12 +52,11 @@ def draw(request: dict[str, Any]) -> bytes:
                 raise RequestError(("body",), str(exc)) from None
         else:
             cfg = study_config(study)
-            splits = load_data(cfg.dataset, spec.input_size, spec.in_channels)
-            sample, count = request["sample"], len(splits.val)
-            if sample >= count:
-                raise RequestError(("query", "sample"), f"sample {sample}: the validation split of "
-                                   f"{cfg.dataset.name} has {count} images (0..{count - 1})")
-            image = splits.val[sample][0][None]
+            sample = request["sample"]
+            try:
+                image = validation_image(cfg.dataset, spec, sample)
+            except IndexError as exc:
+                raise RequestError(("query", "sample"), str(exc.args[0])) from None
             title += f" on {cfg.dataset.name} validation image {sample}"
         try:
             return attention_map_png(model, image, request.get("modules") or None, title=title)
@@ -85,8 +83,7 @@ def attach_best_map(study: Any, artifact_store: Any, *, sample: int = 0) -> dict
     from search_spaces.keys import WEIGHTS_ARTIFACT_ATTR
     from search_spaces.study import select_best, study_config
     from spsa_nas import build_model
-    from spsa_nas.attention_maps import attention_map_png, spsa_modules
-    from spsa_nas.data.registry import load_data
+    from spsa_nas.attention_maps import attention_map_png, spsa_modules, validation_image
     from spsa_nas.spec import ArchSpec
 
     try:
@@ -107,9 +104,11 @@ def attach_best_map(study: Any, artifact_store: Any, *, sample: int = 0) -> dict
         if not spsa_modules(model):
             return None
         cfg = study_config(study)
-        splits = load_data(cfg.dataset, spec.input_size, spec.in_channels)
-        sample = min(sample, len(splits.val) - 1)
-        image = splits.val[sample][0][None]
+        try:
+            image = validation_image(cfg.dataset, spec, sample)
+        except IndexError:  # a small validation split: its first image
+            sample = 0
+            image = validation_image(cfg.dataset, spec, sample)
         title = f"{study.study_name}, trial {trial.number} on {cfg.dataset.name} validation image {sample}"
         figure = Path(workdir) / f"attention-map-trial{trial.number}.png"
         figure.write_bytes(attention_map_png(model, image, title=title))

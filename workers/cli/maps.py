@@ -67,15 +67,12 @@ def _from_study(args: argparse.Namespace, workdir: Path) -> tuple[Any, Path | No
 
 def dataset_sample(cfg: Any, spec: Any, index: int) -> Any:
     """Image `index` of the search's validation split, as the model's input (1, C, H, W)."""
-    from spsa_nas.data.registry import load_data
+    from spsa_nas.attention_maps import validation_image
 
-    splits = load_data(cfg.dataset, spec.input_size, spec.in_channels)
-    count = len(splits.val)
-    if not 0 <= index < count:
-        raise UsageError(f"--sample {index}: the validation split of {cfg.dataset.name} has {count} images "
-                         f"(0..{count - 1})")
-    image, _ = splits.val[index]
-    return image[None]
+    try:
+        return validation_image(cfg.dataset, spec, index)
+    except IndexError as exc:
+        raise UsageError(f"--{exc.args[0]}") from None
 
 
 def run_attention_map(args: argparse.Namespace) -> int:
