@@ -348,6 +348,49 @@ class BestPublic(BaseModel):
                                                     "accuracy and latency; the tied set and the rule")
 
 
+class CompareCounts(BaseModel):
+    summarised: int = Field(description="completed trials with a spec and an accuracy: those in the cells")
+    complete_without_metrics: int
+    pruned: int
+    fail: int
+    running: int
+    waiting: int
+
+
+class CompareCell(BaseModel):
+    dimension: str = Field(description="spatial_attn, spsa_reverse, spsa_similarity or channel_attn")
+    scope: str = Field(description="`stage k`, `any stage` or `every stage` (see `counting`)")
+    choice: str
+    n: int = Field(description="trials in the cell")
+    trials: list[int]
+    val_acc_mean: float | None
+    val_acc_std: float | None = Field(description="sample standard deviation; null for one trial")
+    val_acc_sem: float | None = Field(description="standard error of the mean")
+    val_acc_min: float | None
+    val_acc_max: float | None
+    top1_mean: float | None
+    latency_ms_mean: float | None = Field(description="mean of the figure that counts (see `latency`)")
+    latency_ms_std: float | None
+    latency_first_pass_ms_mean: float | None
+    n_remeasured: int = Field(description="trials of the cell whose latency is the finalists' re-measurement")
+
+
+class ComparePublic(BaseModel):
+    search_id: str
+    status: str
+    finished: bool = Field(description="false: the search is not over; the cells hold its trials "
+                                       "completed so far")
+    study: str
+    accuracy: str = Field(description="what val_acc is: validation accuracy, or box AP for detection")
+    counts: CompareCounts
+    estimated: int = Field(description="summarised trials whose accuracy is a one-shot (supernet) estimate")
+    remeasured_at: str | None = Field(description="when the finalists were last re-measured together")
+    counting: str = Field(description="how a trial with mixed choices across stages counts")
+    latency: str
+    dimensions: dict[str, str]
+    cells: list[CompareCell]
+
+
 class SpacePublic(BaseModel):
     name: str
     space: dict[str, Any]

@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = (
     "workers.cli.results",  # best, export
     "workers.cli.spaces",  # spaces
     "workers.cli.maps",  # attention-map
+    "workers.cli.compare",  # compare: a study's trials by choice (the ablation table)
     "service.cli.serve",  # serve: the API, plus a coordinator child process
     "service.cli.coordinator",  # coordinator: runs searches
     "service.cli.users",  # users add|token|revoke|list

@@ -1,4 +1,5 @@
-"""`spsa-nas remote ...`: a client of a running server over HTTP (submit, status, cancel, best, download)."""
+"""`spsa-nas remote ...`: a client of a running server over HTTP (submit, status, cancel, best, download,
+compare)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,14 @@ def register(subparsers: Any) -> None:
     download.add_argument("id")
     download.add_argument("what", choices=("spec", "weights", "onnx"))
     download.add_argument("-o", "--output", help="file to write (default: <id>-trial<N>.<ext> here)")
+    compare = remote_sub.add_parser(
+        "compare", help="a search's completed trials by choice (SPSA vs NL vs GC, reverse, similarity)")
+    compare.add_argument("id")
+    compare.add_argument("--json", action="store_true", help="print JSON")
     for sub in (best, download):
         sub.add_argument("--latency-budget-ms", type=float, help="the best trial under this latency")
         sub.add_argument("--trial", type=int, help="this trial number instead of the best")
-    for sub in (submit, status, cancel, best, download):
+    for sub in (submit, status, cancel, best, download, compare):
         sub.add_argument(
             "--url",
             default=os.environ.get("SPSA_NAS_URL", DEFAULT_URL),
@@ -100,6 +105,18 @@ def _remote_call(args: argparse.Namespace, client: Any) -> int:
         print(json.dumps(_check(client.get(path)).json(), indent=2))
     elif command == "cancel":
         print(json.dumps(_check(client.post(f"{base}/{args.id}/cancel")).json(), indent=2))
+    elif command == "compare":
+        summary = _check(client.get(f"{base}/{args.id}/compare")).json()
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            from rich.console import Console
+
+            from workers.cli.compare import print_tables
+
+            print_tables(summary, Console())
+            if not summary.get("finished", True):
+                print(f"the search is {summary.get('status')}: these are its trials completed so far")
     else:
         params = {
             k: v
