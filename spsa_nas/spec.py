@@ -22,10 +22,21 @@ SCHEMA_VERSION = 1
 #: registry is tested to hold exactly these; kept here so that validation needs no torch.
 CHANNEL_ATTENTIONS: tuple[str, ...] = ("none", "se", "eca", "cbam", "fca", "simam")
 
-#: How SPSA and the stage's channel attention are chained when both are present.
+#: How the stage's spatial attention (SPSA, or the non-local / GC block in its place) and its
+#: channel attention are chained when both are present.
 #: "channel_first": x -> channel attention -> SPSA (CBAM's order: channel, then spatial);
-#: "spsa_first": x -> SPSA -> channel attention.
+#: "spsa_first": x -> SPSA (or NL / GC) -> channel attention.
 AttnOrder = Literal["channel_first", "spsa_first"]
+
+#: How SPSA relates a pixel to its key: "correlation" = Pearson correlation over the group's
+#: channels (the paper's operator); "cosine" = cosine similarity (the dot-product variant of the
+#: paper's Table 4). Kept here (no torch) and tested equal to spsa_nas.attention.spsa.SIMILARITIES.
+Similarity = Literal["correlation", "cosine"]
+
+#: A heavier spatial attention a stage may carry INSTEAD of SPSA: "nonlocal" = the non-local block
+#: (embedded Gaussian, Wang et al. 2018), "gc" = the global-context block (Cao et al. 2019); the
+#: baselines of the SPSA paper's Table 2 (spsa_nas.attention.nonlocal_block / .gc).
+SpatialAttn = Literal["none", "nonlocal", "gc"]
 
 Backbone = Literal[
     "resnet18",
@@ -46,6 +57,8 @@ Detector = Literal["fasterrcnn", "retinanet", "maskrcnn"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
 STEMS: tuple[str, ...] = get_args(Stem)
 ATTN_ORDERS: tuple[str, ...] = get_args(AttnOrder)
+SIMILARITIES: tuple[str, ...] = get_args(Similarity)
+SPATIAL_ATTENTIONS: tuple[str, ...] = get_args(SpatialAttn)
 TASKS: tuple[str, ...] = get_args(Task)
 DETECTORS: tuple[str, ...] = get_args(Detector)
 #: Backbones a detector can be built on (torchvision's FPN extractor takes ResNet-named stages).
@@ -159,8 +172,28 @@ def feature_sizes(backbone: str, stem: str, input_size: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+#: StageSpec fields left out of its JSON while they hold these defaults: they came after specs were
+#: first stored (and used as cache keys), so a spec that does not use them serialises as before.
+_LATER_STAGE_FIELDS: dict[str, object] = {
+    "spsa_reverse": True,
+    "spsa_similarity": "correlation",
+    "spatial_attn": "none",
+}
+
+
 class StageSpec(BaseModel):
-    """The attention of one stage: SPSA on/off with its heads and alpha, and a channel attention."""
+    """The attention of one stage: SPSA on/off with its heads, alpha, gate direction and similarity,
+    or instead of SPSA a heavier spatial attention (non-local or global context); and a channel
+    attention, chained with the spatial one in `attn_order`.
+
+    `spsa_reverse` and `spsa_similarity` are SPSA's ablation switches (the paper's Fig. 3 and
+    Table 4): reverse true is the paper's gate A = (1 - sigmoid(r)) ** alpha, false is
+    sigmoid(r) ** alpha; similarity is how r is computed. Like heads and alpha they describe SPSA
+    and are refused with other than their defaults where `spsa` is false (no phantom choices).
+    `spatial_attn` other than "none" is an alternative to SPSA: refused together with `spsa: true`.
+    The three fields are left out of the JSON while at their defaults (older specs' JSON stays
+    byte-identical; see `_LATER_STAGE_FIELDS`).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -169,6 +202,25 @@ class StageSpec(BaseModel):
     spsa_alpha: float = Field(1.0, gt=0.0, le=MAX_ALPHA, description="exponent of the gate")
     channel_attn: str = "none"
     attn_order: AttnOrder = "channel_first"
+    spsa_reverse: bool = Field(True, description="true: gate (1 - sigmoid(r))**alpha (the paper's); "
+                                                 "false: sigmoid(r)**alpha")
+    spsa_similarity: Similarity = Field("correlation", description="correlation (Pearson, the "
+                                                                   "paper's) or cosine")
+    spatial_attn: SpatialAttn = Field("none", description="nonlocal or gc: a spatial attention "
+                                                          "instead of SPSA")
+
+    @model_serializer(mode="wrap")
+    def _omit_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        data = handler(self)
+        for name, default in _LATER_STAGE_FIELDS.items():
+            if getattr(self, name) == default:
+                data.pop(name, None)
+        return data
+
+    @property
+    def spatial(self) -> str:
+        """The stage's spatial attention in one word: "spsa", "nonlocal", "gc" or "none"."""
+        return "spsa" if self.spsa else self.spatial_attn
 
     @field_validator("channel_attn")
     @classmethod
@@ -247,7 +299,19 @@ class ArchSpec(BaseModel):
             )
         for i, (stage, info) in enumerate(zip(self.stages, table, strict=True)):
             if not stage.spsa:
+                for name in ("spsa_reverse", "spsa_similarity"):
+                    if getattr(stage, name) != _LATER_STAGE_FIELDS[name]:
+                        raise ValueError(
+                            f"stages.{i}.{name}: {getattr(stage, name)!r} is a switch of SPSA, which "
+                            f"is off in this stage; set spsa: true or leave {name} out"
+                        )
                 continue
+            if stage.spatial_attn != "none":
+                raise ValueError(
+                    f"stages.{i}.spatial_attn: {stage.spatial_attn!r} is an alternative to SPSA, "
+                    "which is on in this stage; choose one (spsa: false for "
+                    f"{stage.spatial_attn!r}, or spatial_attn: none for SPSA)"
+                )
             if info.channels % stage.spsa_heads:
                 divisors = [h for h in range(1, info.channels // 2 + 1)
                             if info.channels % h == 0 and info.channels // h >= 2][:12]

@@ -6,9 +6,12 @@ several widths gets one supernet per width, see workers/oneshot.py). Its weights
 plain backbone plus, in every block, one branch per channel attention the stage may choose
 (`<block>.attn.branches.<name>`). SPSA has no parameters, so switching it on or off, its heads and
 its alpha share every weight: a path (an ArchSpec) picks per stage a channel-attention branch and
-applies SPSA in the spec's order. `path_state_dict` maps a path's weights onto the keys
-`spsa_nas.build_model(spec)` has (`<block>.attn.channel.*` <- `<block>.attn.branches.<name>.*`), so
-a candidate evaluated from the supernet is the standalone model the search hands out.
+applies SPSA (with the path's heads, alpha, gate direction and similarity) in the spec's order.
+The non-local and GC blocks, which have weights, are not branches of a supernet: a path with one
+is refused (`Supernet.check_path`); a space offering them is searched standalone.
+`path_state_dict` maps a path's weights onto the keys `spsa_nas.build_model(spec)` has
+(`<block>.attn.channel.*` <- `<block>.attn.branches.<name>.*`), so a candidate evaluated from the
+supernet is the standalone model the search hands out.
 
 BatchNorm statistics are not shared meaningfully between paths (each path sees other activations):
 `recalibrate_bn` recomputes them for one path from a few training batches before it is evaluated.
@@ -28,10 +31,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Dataset
 
-from spsa_nas.attention import SPSA
 from spsa_nas.config import TrainConfig
 from spsa_nas.models import build_model
-from spsa_nas.models._attn import BlockAttention, stage_attention
+from spsa_nas.models._attn import BlockAttention, make_spsa, stage_attention
 from spsa_nas.spec import ArchSpec, StageInfo, StageSpec
 from spsa_nas.train import (
     Cancelled,
@@ -50,7 +52,8 @@ class MixedAttention(nn.Module):
     """One block's attention in the supernet: a branch per channel attention, SPSA on the path.
 
     `path` (a StageSpec, set by `Supernet.set_path`) chooses the branch (`none`: no branch), SPSA
-    with its heads and alpha, and the order, exactly as `spsa_nas.models.BlockAttention` does.
+    with its heads, alpha, gate direction and similarity, and the order, exactly as
+    `spsa_nas.models.BlockAttention` does.
     """
 
     def __init__(self, channels: int, branches: dict[str, nn.Module]) -> None:
@@ -69,7 +72,7 @@ class MixedAttention(nn.Module):
                 raise ValueError(f"channel attention {stage.channel_attn!r} is not a branch of this "
                                  f"supernet stage; branches: none, {', '.join(self.branches)}")
             channel = self.branches[stage.channel_attn]
-        spsa = SPSA(self.channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads) if stage.spsa else None
+        spsa = make_spsa(self.channels, stage) if stage.spsa else None
         if channel is None and spsa is None:
             return x
         return BlockAttention(channel, spsa, stage.attn_order)(x)  # holds the branch, not a copy
@@ -135,6 +138,10 @@ class Supernet(nn.Module):
                 raise ValueError(f"{name}: the path has {getattr(spec, name)!r}, the supernet "
                                  f"{getattr(self.base, name)!r} (a supernet has one backbone and width)")
         for i, stage in enumerate(spec.stages):
+            if stage.spatial_attn != "none":
+                raise ValueError(f"stages.{i}.spatial_attn: strategy oneshot does not support spatial "
+                                 f"attention {stage.spatial_attn!r} (its weights are not shared in "
+                                 "the supernet); search this space with strategy standalone")
             if stage.channel_attn not in self.choices[i]:
                 raise ValueError(f"stages.{i}.channel_attn: {stage.channel_attn!r} is not a choice of "
                                  f"this supernet's stage {i + 1}; choices: {', '.join(self.choices[i])}")

@@ -1,4 +1,5 @@
-"""The attention a block carries: a stage's channel attention and/or SPSA, chained in the spec's order."""
+"""The attention a block carries: a stage's channel attention and/or a spatial attention (SPSA, or the
+non-local or global-context block in its place), chained in the spec's order."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from spsa_nas.attention import SPSA, create_attention
+from spsa_nas.attention.gc import GCBlock
+from spsa_nas.attention.nonlocal_block import NonLocalBlock
 from spsa_nas.spec import ArchSpec, StageSpec
 
 #: ECA's 1-D kernel per ResNet stage, as in the released ECA-ResNet-50 checkpoint (k = 3, 5, 5, 7).
@@ -30,20 +33,29 @@ def eca_adaptive_kernel(channels: int, gamma: int = 2, beta: int = 1) -> int:
 
 
 class BlockAttention(nn.Module):
-    """Channel attention and/or SPSA on one block's output, in the stage's `attn_order`.
+    """Channel attention and/or a spatial attention on one block's output, in the stage's `attn_order`.
 
     Submodule names (they show up in the state_dict): `channel` for the channel attention
-    (e.g. `layer1.0.attn.channel.fc1.weight`) and `spsa` for SPSA (no parameters). A block with
-    no attention has `attn = nn.Identity()`, so that its state_dict keys are torchvision's.
+    (e.g. `layer1.0.attn.channel.fc1.weight`), `spsa` for SPSA (no parameters) and `spatial` for
+    the non-local or GC block a stage may carry instead of SPSA (e.g.
+    `layer1.0.attn.spatial.theta.weight`). The spatial one sits exactly where SPSA would: on the
+    block's output after its last BN, before the residual addition; "spsa_first" puts it before
+    the channel attention. A block with no attention has `attn = nn.Identity()`, so that its
+    state_dict keys are torchvision's.
     """
 
-    def __init__(self, channel: nn.Module | None, spsa: nn.Module | None, order: str) -> None:
+    def __init__(self, channel: nn.Module | None, spsa: nn.Module | None, order: str, *,
+                 spatial: nn.Module | None = None) -> None:
         super().__init__()
-        if channel is None and spsa is None:
-            raise ValueError("BlockAttention needs a channel attention, SPSA, or both")
+        if channel is None and spsa is None and spatial is None:
+            raise ValueError("BlockAttention needs a channel attention, a spatial attention, or both")
+        if spsa is not None and spatial is not None:
+            raise ValueError("BlockAttention: the non-local / GC block is an alternative to SPSA, "
+                             "not an addition: give one of spsa and spatial")
         self.order = order
         self.channel = channel
         self.spsa = spsa
+        self.spatial = spatial
 
     def forward(self, x: Tensor) -> Tensor:
         if self.order == "channel_first":
@@ -51,9 +63,13 @@ class BlockAttention(nn.Module):
                 x = self.channel(x)
             if self.spsa is not None:
                 x = self.spsa(x)
+            if self.spatial is not None:
+                x = self.spatial(x)
         else:
             if self.spsa is not None:
                 x = self.spsa(x)
+            if self.spatial is not None:
+                x = self.spatial(x)
             if self.channel is not None:
                 x = self.channel(x)
         return x
@@ -62,16 +78,41 @@ class BlockAttention(nn.Module):
         return f"order={self.order}"
 
 
+def make_spsa(channels: int, stage: StageSpec, *, inplace: bool = False) -> SPSA:
+    """SPSA with the stage's heads, alpha, gate direction and similarity."""
+    switches: dict[str, object] = {}
+    if not stage.spsa_reverse:  # only when not the default: SPSA's defaults are the paper's
+        switches["reverse"] = False
+    if stage.spsa_similarity != "correlation":
+        switches["similarity"] = stage.spsa_similarity
+    return SPSA(channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads, inplace=inplace, **switches)
+
+
+def make_spatial(channels: int, stage: StageSpec) -> nn.Module | None:
+    """The non-local or GC block a stage carries instead of SPSA (None for "none").
+
+    The non-local block is the embedded-Gaussian version with C/2 inner channels and its keys and
+    values max-pooled 2x2 (Wang et al.'s defaults); the GC block has GCNet's r16 bottleneck
+    (C/16 hidden channels, at least 1). Both start as the identity (zero-initialised last layer).
+    """
+    if stage.spatial_attn == "nonlocal":
+        return NonLocalBlock(channels)
+    if stage.spatial_attn == "gc":
+        return GCBlock(channels)
+    return None
+
+
 def _make_block_attention(channels: int, *, stage: StageSpec, options: dict[str, int]) -> nn.Module:
     channel = None
     if stage.channel_attn != "none":
         channel = create_attention(stage.channel_attn, channels, **options)
     spsa = None
     if stage.spsa:  # in place: its input is always a fresh tensor (a BN's output or an attention's)
-        spsa = SPSA(channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads, inplace=True)
-    if channel is None and spsa is None:
+        spsa = make_spsa(channels, stage, inplace=True)
+    spatial = make_spatial(channels, stage)
+    if channel is None and spsa is None and spatial is None:
         return nn.Identity()
-    return BlockAttention(channel, spsa, stage.attn_order)
+    return BlockAttention(channel, spsa, stage.attn_order, spatial=spatial)
 
 
 def _no_attention(channels: int) -> nn.Module:
@@ -82,12 +123,15 @@ def _no_attention(channels: int) -> nn.Module:
 def stage_attention(spec: ArchSpec, index: int) -> AttnFactory:
     """The attention factory for stage `index` of `spec` (called once per block with its channels).
 
+    The spatial attention (SPSA, non-local or GC) goes into every block of the stage, as SPSA
+    always has (see `make_spatial` for the non-local and GC blocks' options).
+
     Options: ECA's kernel is 3, 5, 5, 7 for the four ResNet/ResNeXt stages and ECA's adaptive rule
     (`eca_adaptive_kernel`) for MobileNetV2 and ShuffleNetV2; FCA's DCT size is
     max(7, the stage's feature size at `spec.input_size`); SE and CBAM keep their default ratio.
     """
     stage = spec.stages[index]
-    if not stage.spsa and stage.channel_attn == "none":
+    if stage.spatial == "none" and stage.channel_attn == "none":
         return _no_attention
     options: dict[str, int] = {}
     if stage.channel_attn == "eca":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torchvision
@@ -121,3 +123,56 @@ def test_reference_spsa_moves_more_memory_than_the_fast_one() -> None:
     reference = spsa_cost(model, (2, 3, 16, 16))
     assert reference["elements"] == fast["elements"]
     assert reference["passes"] > fast["passes"]
+
+
+def _nl_params(c: int) -> int:
+    inter = c // 2  # θ, φ, g: 1x1 convs C -> C/2 with bias; W: C/2 -> C without; BN: 2C
+    return 3 * (c * inter + inter) + inter * c + 2 * c
+
+
+def _gc_params(c: int) -> int:
+    h = max(1, round(c / 16))  # context conv C -> 1 (+ bias); C -> h conv; LayerNorm(h); h -> C conv
+    return (c + 1) + (c * h + h) + 2 * h + (h * c + c)
+
+
+def _nl_macs(c: int, size: int, batch: int) -> int:
+    inter, hw, pooled = c // 2, size * size, math.ceil(size / 2) ** 2  # keys and values pooled 2x2
+    convs = c * inter * hw + 2 * c * inter * pooled + inter * c * hw  # θ; φ and g; W
+    affinity = 2 * hw * pooled * inter  # θᵀφ, then the product with g
+    return batch * (convs + affinity + 2 * c * hw)  # + the eval BN, 2 per element
+
+
+def _gc_macs(c: int, size: int, batch: int) -> int:
+    h, hw = max(1, round(c / 16)), size * size
+    # context conv; the softmax-weighted sum (C x HW by HW x 1); C -> h; LayerNorm (5 per element); h -> C
+    return batch * (c * hw + c * hw + c * h + 5 * h + h * c)
+
+
+def test_non_local_and_gc_blocks_in_a_model_are_counted_by_hand() -> None:
+    stages = [StageSpec(spatial_attn="nonlocal"), StageSpec(spatial_attn="gc"),
+              StageSpec(spatial_attn="nonlocal", channel_attn="eca"), StageSpec(spatial_attn="gc")]
+    spec = ArchSpec(backbone="resnet18", stages=stages, stem="cifar", width=0.25, input_size=16)
+    base = ArchSpec(backbone="resnet18", stem="cifar", width=0.25, input_size=16,
+                    stages=[StageSpec(), StageSpec(), StageSpec(channel_attn="eca"), StageSpec()])
+    shape = (2, 3, 16, 16)
+    channels = [info.channels for info in spec.stage_info()]
+    sizes = spec.feature_sizes()
+    assert channels == [16, 32, 64, 128] and sizes == (16, 8, 4, 2)
+    blocks = 2  # per stage of resnet18
+    params = blocks * (_nl_params(16) + _gc_params(32) + _nl_params(64) + _gc_params(128))
+    assert params == 2 * (568 + 199 + 8_416 + 2_329)
+    assert _params(spec) - _params(base) == params
+    macs = blocks * (_nl_macs(16, 16, 2) + _gc_macs(32, 8, 2) + _nl_macs(64, 4, 2) + _gc_macs(128, 2, 2))
+    model, plain = build_model(spec), build_model(base)
+    assert count_flops(model, shape) - count_flops(plain, shape) == macs
+
+
+def test_spsa_switches_change_no_count() -> None:
+    base = ArchSpec.uniform("resnet18", StageSpec(spsa=True), stem="cifar", width=0.25, input_size=16)
+    shape = (1, 3, 16, 16)
+    reference = count_flops(build_model(base), shape)
+    for stage in (StageSpec(spsa=True, spsa_reverse=False), StageSpec(spsa=True, spsa_similarity="cosine")):
+        spec = ArchSpec.uniform("resnet18", stage, stem="cifar", width=0.25, input_size=16)
+        assert _params(spec) == _params(base)
+        assert count_flops(build_model(spec), shape) == reference
+        assert spsa_cost(build_model(spec), shape)["modules"] == 8  # one per block

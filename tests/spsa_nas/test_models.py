@@ -282,3 +282,120 @@ def test_attention_modules_are_named_under_attn() -> None:
                             stem="cifar", input_size=16)
     keys = [k for k in build_model(spec).state_dict() if ".attn." in k]
     assert keys and all(re.match(r"layer\d\.\d+\.attn\.channel\.", k) for k in keys)
+
+
+# -- the spatial baselines in SPSA's place and SPSA's ablation switches (issue 13) ------------------
+
+SPATIAL_VARIANTS: dict[str, StageSpec] = {
+    "nonlocal": StageSpec(spatial_attn="nonlocal"),
+    "gc+se": StageSpec(spatial_attn="gc", channel_attn="se", attn_order="spsa_first"),
+    "spsa-forward": StageSpec(spsa=True, spsa_reverse=False, spsa_heads=2),
+    "spsa-cosine": StageSpec(spsa=True, spsa_similarity="cosine", channel_attn="eca"),
+}
+
+
+def _spatial_groups(stages: int) -> list[tuple[str, ...]]:
+    names = list(SPATIAL_VARIANTS)
+    chunks = [names[i:i + stages] for i in range(0, len(names), stages)]
+    chunks[-1] += names[: stages - len(chunks[-1])]
+    return [tuple(chunk) for chunk in chunks]
+
+
+SPATIAL_CASES = [(b, g) for b in ALL for g in _spatial_groups(len(ArchSpec.plain(b).stages))]
+
+
+def test_every_backbone_meets_every_new_choice() -> None:
+    assert {(b, n) for b, g in SPATIAL_CASES for n in g} == {(b, n) for b in ALL for n in SPATIAL_VARIANTS}
+
+
+def _randomise_spatial(model: nn.Module) -> None:
+    """Non-zero last layers in the non-local and GC blocks (they start as the identity)."""
+    from spsa_nas.attention.gc import GCBlock
+    from spsa_nas.attention.nonlocal_block import NonLocalBlock
+
+    generator = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, NonLocalBlock):
+            m.bn.weight.data.copy_(torch.rand(m.bn.num_features, generator=generator) + 0.5)
+        elif isinstance(m, GCBlock):
+            last = m.transform[-1]
+            last.weight.data.copy_(torch.randn(last.weight.shape, generator=generator) * 0.5)
+
+
+@pytest.mark.parametrize(("backbone", "group"), SPATIAL_CASES,
+                         ids=[f"{b}-{'/'.join(g)}" for b, g in SPATIAL_CASES])
+def test_new_spatial_choices_build_and_train_on_every_backbone(backbone: str, group: tuple[str, ...]) -> None:
+    spec = ArchSpec(backbone=backbone, stages=[SPATIAL_VARIANTS[n] for n in group],  # type: ignore[arg-type]
+                    stem="cifar", width=0.25, input_size=16, num_classes=5)
+    model = build_model(spec)
+    _randomise_spatial(model)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = model(x)
+    y.sum().backward()
+    assert y.shape == (2, 5) and torch.isfinite(y).all()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters the loss does not reach: {missing}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())  # type: ignore[arg-type]
+    keys = [k for k in model.state_dict() if ".attn.spatial." in k]
+    assert bool(keys) == any(n in ("nonlocal", "gc+se") for n in group)
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("choice", ["nonlocal", "gc"])
+def test_spatial_block_sits_where_spsa_sits_and_starts_as_the_identity(choice: str) -> None:
+    from spsa_nas.attention.gc import GCBlock
+    from spsa_nas.attention.nonlocal_block import NonLocalBlock
+
+    kind = {"nonlocal": NonLocalBlock, "gc": GCBlock}[choice]
+    spec = ArchSpec.uniform("resnet18", StageSpec(spatial_attn=choice, channel_attn="se"), stem="cifar",
+                            width=0.25, input_size=16)
+    model = build_model(spec).eval()
+    attn = model.layer2[0].attn
+    assert isinstance(attn, BlockAttention) and isinstance(attn.spatial, kind) and attn.spsa is None
+    assert sum(isinstance(m, kind) for m in model.modules()) == 8  # every block, as SPSA
+    keys = [k for k in model.state_dict() if ".attn." in k]
+    assert keys and all(re.match(r"layer\d\.\d+\.attn\.(channel|spatial)\.", k) for k in keys)
+    # channel_first: channel attention, then the spatial block, on bn2's output
+    calls: list[str] = []
+    attn.channel.register_forward_hook(lambda m, i, o: calls.append("channel"))
+    attn.spatial.register_forward_hook(lambda m, i, o: calls.append("spatial"))
+    block = model.layer2[0]
+    seen: dict[str, torch.Tensor] = {}
+    _capture(block.bn2, seen, "bn")
+    _capture(block.attn, seen, "attn_in", pre=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))
+    assert calls == ["channel", "spatial"]
+    assert torch.equal(seen["attn_in"], seen["bn"])
+    # the backbone's initialisation leaves the block's own: a new block is the identity, so the
+    # model equals the one without it on the same backbone weights
+    plain_spec = ArchSpec.uniform("resnet18", StageSpec(channel_attn="se"), stem="cifar", width=0.25,
+                                  input_size=16)
+    plain = build_model(plain_spec).eval()
+    ours = build_model(spec, weights=plain.state_dict()).eval()
+    assert all(".attn.spatial." in k for k in ours.load_report.initialised)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(ours(x), plain(x))
+
+
+def test_spsa_switches_reach_the_module() -> None:
+    from spsa_nas.attention import SPSA
+
+    spec = ArchSpec(backbone="resnet18", stem="cifar", width=0.25, input_size=16,
+                    stages=[StageSpec(spsa=True, spsa_reverse=False),
+                            StageSpec(spsa=True, spsa_similarity="cosine"), StageSpec(spsa=True),
+                            StageSpec()])
+    model = build_model(spec).eval()
+    x = torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(4))
+    modules = [model.layer1[0].attn.spsa, model.layer2[0].attn.spsa, model.layer3[0].attn.spsa]
+    wanted = [SPSA(16, reverse=False), SPSA(32, similarity="cosine"), SPSA(64)]
+    for module, reference, channels in zip(modules, wanted, (16, 32, 64), strict=True):
+        inp = torch.randn(2, channels, 6, 6, generator=torch.Generator().manual_seed(channels))
+        with torch.no_grad():
+            torch.testing.assert_close(module(inp.clone()), reference(inp.clone()))
+    with torch.no_grad():  # alpha 1: x * sigmoid(r) + x * (1 - sigmoid(r)) == x
+        both = model.layer1[0].attn.spsa(x.clone()) + SPSA(16)(x.clone())
+    torch.testing.assert_close(both, x)

@@ -104,3 +104,78 @@ def test_spec_and_config_import_no_torch() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- SPSA's ablation switches and the spatial baselines (issue 13) ----------------------------------
+
+#: A spec JSON exactly as stored before the three later stage fields existed (a cache key).
+OLD_SPEC_JSON = (
+    '{"schema_version":1,"backbone":"resnet18","num_classes":10,"in_channels":3,"stem":"cifar",'
+    '"input_size":16,"width":0.25,"stages":[{"spsa":true,"spsa_heads":2,"spsa_alpha":1.5,'
+    '"channel_attn":"se","attn_order":"spsa_first"},{"spsa":false,"spsa_heads":1,"spsa_alpha":1.0,'
+    '"channel_attn":"none","attn_order":"channel_first"},{"spsa":true,"spsa_heads":1,'
+    '"spsa_alpha":1.0,"channel_attn":"none","attn_order":"channel_first"},{"spsa":false,'
+    '"spsa_heads":1,"spsa_alpha":1.0,"channel_attn":"eca","attn_order":"channel_first"}]}'
+)
+
+
+def test_an_old_spec_round_trips_byte_identical() -> None:
+    spec = ArchSpec.model_validate_json(OLD_SPEC_JSON)
+    assert spec.model_dump_json() == OLD_SPEC_JSON
+    assert json.dumps(spec.model_dump(mode="json"), separators=(",", ":")) == OLD_SPEC_JSON
+    stage = spec.stages[0]
+    assert (stage.spsa_reverse, stage.spsa_similarity, stage.spatial_attn) == (True, "correlation", "none")
+    # defaults given explicitly serialise as if left out: the same spec, the same key
+    explicit = StageSpec(spsa=True, spsa_heads=2, spsa_alpha=1.5, channel_attn="se",
+                         attn_order="spsa_first", spsa_reverse=True, spsa_similarity="correlation",
+                         spatial_attn="none")
+    assert explicit == stage and explicit.model_dump_json() == stage.model_dump_json()
+
+
+def test_the_new_stage_fields_round_trip_where_set() -> None:
+    stages = [StageSpec(spsa=True, spsa_reverse=False), StageSpec(spsa=True, spsa_similarity="cosine"),
+              StageSpec(spatial_attn="nonlocal", channel_attn="se", attn_order="spsa_first"),
+              StageSpec(spatial_attn="gc")]
+    spec = ArchSpec(backbone="resnet18", stages=stages, stem="cifar", input_size=16, width=0.25)
+    text = spec.model_dump_json()
+    data = json.loads(text)["stages"]
+    assert data[0]["spsa_reverse"] is False and "spsa_similarity" not in data[0]
+    assert data[1]["spsa_similarity"] == "cosine" and "spsa_reverse" not in data[1]
+    assert data[2]["spatial_attn"] == "nonlocal" and data[3]["spatial_attn"] == "gc"
+    assert all("spatial_attn" not in d for d in data[:2])
+    again = ArchSpec.model_validate_json(text)
+    assert again == spec and again.model_dump_json() == text
+    assert [s.spatial for s in again.stages] == ["spsa", "spsa", "nonlocal", "gc"]
+    assert json.loads(text)["schema_version"] == 1
+
+
+@pytest.mark.parametrize(
+    ("stage", "needle"),
+    [
+        ({"spsa": True, "spatial_attn": "nonlocal"},
+         "stages.2.spatial_attn: 'nonlocal' is an alternative to SPSA, which is on in this stage"),
+        ({"spsa": True, "spatial_attn": "gc"}, "stages.2.spatial_attn: 'gc'"),
+        ({"spsa_reverse": False}, "stages.2.spsa_reverse: False is a switch of SPSA, which is off"),
+        ({"spatial_attn": "gc", "spsa_similarity": "cosine"},
+         "stages.2.spsa_similarity: 'cosine' is a switch of SPSA, which is off"),
+        ({"spatial_attn": "sa"}, "stages.2.spatial_attn"),
+        ({"spsa": True, "spsa_similarity": "dot"}, "stages.2.spsa_similarity"),
+        ({"spsa": True, "spsa_reverse": "sometimes"}, "stages.2.spsa_reverse"),
+    ],
+)
+def test_bad_switches_and_spatial_attentions_name_the_field(stage: dict, needle: str) -> None:
+    body = {"backbone": "resnet18", "stages": [{}, {}, stage, {}]}
+    with pytest.raises(ValidationError) as info:
+        ArchSpec.model_validate(body)
+    assert needle in str(info.value)
+
+
+def test_spatial_and_similarity_names_match_the_modules() -> None:
+    from spsa_nas.spec import SIMILARITIES, SPATIAL_ATTENTIONS
+
+    assert SPATIAL_ATTENTIONS == ("none", "nonlocal", "gc")
+    assert SIMILARITIES == ("correlation", "cosine")
+    import spsa_nas.attention.spsa as spsa_module
+
+    if hasattr(spsa_module, "SIMILARITIES"):  # the SPSA module's own list, where it has one
+        assert tuple(spsa_module.SIMILARITIES) == SIMILARITIES
