@@ -9,6 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 DatasetName = Literal["digits", "synthetic", "cifar10", "cifar100", "imagefolder", "coco", "shapes"]
 #: Datasets of the detection task (spsa_nas.detection.data); the others are classification data.
 DETECTION_DATASETS: tuple[str, ...] = ("coco", "shapes")
+#: What runs a latency measurement's forward passes (LatencyConfig.runtime, docs/latency.md).
+LatencyRuntime = Literal["eager", "compiled", "onnxruntime"]
+LATENCY_RUNTIMES: tuple[str, ...] = ("eager", "compiled", "onnxruntime")
+#: The runtimes that can measure a detector (task: detection): torch.compile is refused, because a
+#: detector's data-dependent box counts recompile it mid-measurement (docs/latency.md).
+DETECTION_LATENCY_RUNTIMES: tuple[str, ...] = ("eager", "onnxruntime")
 
 
 class _Config(BaseModel):
@@ -76,6 +82,11 @@ class LatencyConfig(_Config):
     block means settle; the figure is the median of block means with an order-statistic confidence
     interval; blocks are added while the interval is wider than `max_ci_rel`. "simple": the first
     protocol (fixed warm-up, median of single calls, no interval), kept to compare against.
+
+    runtime: what runs the forward passes, candidate and reference alike: "eager" (PyTorch, the
+    default), "compiled" (`torch.compile`, default mode; compiling and warm-up untimed) or
+    "onnxruntime" (the ONNX file spsa_nas.export writes, in an onnxruntime session with `threads`
+    intra-op threads). channels_last applies to eager and compiled only.
     """
 
     batch_size: int = Field(1, ge=1, le=1024)
@@ -100,3 +111,13 @@ class LatencyConfig(_Config):
                                                             "warm-up blocks agree within this")
     max_warmup_s: float = Field(5.0, ge=0, le=600, description="warm-up budget, per model")
     pin_cpus: bool = Field(False, description="pin the measuring thread to `threads` CPUs (Linux)")
+    runtime: LatencyRuntime = Field("eager", description="what runs the timed forward passes: eager "
+                                                         "PyTorch, torch.compile, or onnxruntime on "
+                                                         "the exported ONNX graph")
+
+    @model_validator(mode="after")
+    def _runtime_layout(self) -> LatencyConfig:
+        if self.runtime == "onnxruntime" and self.channels_last:
+            raise ValueError("latency.channels_last applies to the eager and compiled runtimes; "
+                             "onnxruntime chooses its own layout: set channels_last false")
+        return self

@@ -6,6 +6,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,8 @@ from torch import nn
 from spsa_nas.models.weights import load_state_dict_file
 from spsa_nas.spec import ArchSpec
 
-__all__ = ["SPEC_METADATA_KEY", "export_onnx", "load_spec", "load_state_dict_file", "save_safetensors"]
+__all__ = ["SPEC_METADATA_KEY", "export_model_onnx", "export_onnx", "load_spec", "load_state_dict_file",
+           "onnx_graph_sha256", "save_safetensors"]
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +131,53 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] |
     onnx.save_model(proto, str(path))
     log.info("exported %s to %s (opset %d, input %s)", type(model).__name__, path, opset, shape)
     return path
+
+
+def export_model_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] | None = None) -> Path:
+    """The ONNX file of any model this project builds: a detector (build_detector, task detection)
+    through spsa_nas.detection.export (one image, dynamic detections; `input_shape` must then be
+    None or (1, C, S, S)), every other model through `export_onnx`. The one exporter of both the
+    trial's download and the onnxruntime latency measurement, so the file measured is the file
+    downloaded (docs/latency.md)."""
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, ArchSpec) and spec.task == "detection":
+        from spsa_nas.detection.export import export_detector_onnx  # imports this module
+
+        wanted = (1, spec.in_channels, spec.input_size, spec.input_size)
+        if input_shape is not None and tuple(int(s) for s in input_shape) != wanted:
+            raise ValueError(f"a detector exports for one image {wanted}, not {tuple(input_shape)}; "
+                             "measure a detector at latency.batch_size 1")
+        return export_detector_onnx(model, path)
+    return export_onnx(model, path, input_shape)
+
+
+def onnx_graph_sha256(model: str | Path | Any) -> str:
+    """SHA-256 of an ONNX model's graph without its weight values: every node, attribute, input and
+    output, and every initializer's name, type and shape, but not the numbers in it. Two exports
+    of the same architecture agree whatever the weights (trained or not), so the hash recorded
+    beside a latency measured in onnxruntime can be compared with the downloaded file's. `model`:
+    a path or an onnx.ModelProto."""
+    import hashlib
+
+    import onnx
+
+    proto = onnx.load_model(str(model), load_external_data=False) if isinstance(model, (str, Path)) \
+        else model
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(proto)
+    data_fields = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                   "string_data", "external_data")
+
+    def strip(graph: Any) -> None:
+        for tensor in graph.initializer:
+            for name in data_fields:
+                tensor.ClearField(name)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    strip(attribute.g)
+                for sub in attribute.graphs:
+                    strip(sub)
+
+    strip(stripped.graph)
+    return hashlib.sha256(stripped.SerializeToString(deterministic=True)).hexdigest()

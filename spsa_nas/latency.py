@@ -11,8 +11,9 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -26,6 +27,7 @@ from spsa_nas.config import LatencyConfig
 from spsa_nas.spec import ArchSpec
 
 MAX_SAMPLES = 1_000_000  # bound on timed calls when `min_time_s` asks for more than `repeats`
+Forward = Callable[[torch.Tensor], Any]  # one timed call of a model in its runtime
 KEY_VERSION = 2  # bump when the protocol changes, so that cached figures are not reused
 # (2: the interleaved protocol with a reference model, intervals and re-measurement)
 REFERENCE = "__reference__"  # the reference's name in a group measurement
@@ -73,6 +75,10 @@ class LatencyResult:
     affinity: list[int] | None = None  # CPUs the measuring thread was pinned to; None: not pinned
     clocks: dict[str, Any] | None = None  # CUDA: clocks/temperature, or a note why none
     measured_at: float | None = None  # unix time at the end of the measurement
+    runtime: str | None = None  # "eager", "compiled" or "onnxruntime"; None: a record from before runtimes
+    runtime_version: str | None = None  # torch's version (eager, compiled) or onnxruntime's
+    prepare_s: float | None = None  # compiling (compiled) or exporting + session (onnxruntime), untimed
+    onnx_graph_sha256: str | None = None  # onnxruntime: the graph measured (export.onnx_graph_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (the `latency` trial attribute)."""
@@ -227,11 +233,13 @@ def _relative_width(values: Sequence[float], level: float) -> float:
     return (high - low) / center if center > 0 else math.inf
 
 
-def _time_block(model: nn.Module, x: torch.Tensor, calls: int, device: torch.device) -> list[float]:
+def _time_block(model: Forward, x: torch.Tensor, calls: int, device: torch.device, *,
+                events: bool = True) -> list[float]:
     """Milliseconds of each of `calls` forward passes, each started on an idle device: CUDA events
-    on CUDA (read after one synchronisation at the end), else perf_counter_ns around each call
-    with device synchronisation (MPS)."""
-    if device.type == "cuda":
+    on CUDA (read after one synchronisation at the end; `events` False for a runtime that does not
+    run on torch's stream, onnxruntime, whose calls return when done), else perf_counter_ns around
+    each call with device synchronisation (MPS)."""
+    if device.type == "cuda" and events:
         stream = torch.cuda.current_stream(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(calls)]
@@ -278,16 +286,17 @@ class _Track:
     """One model of a group measurement and what was timed of it."""
 
     name: str
-    model: nn.Module
+    model: Forward  # the model in the measurement's runtime (_in_runtime)
     calls: int = 1  # per block
     warmup: int = 0
     last_mean: float | None = None
     settled: bool = False
     block_means: list[float] = dataclasses.field(default_factory=list)
     samples: list[float] = dataclasses.field(default_factory=list)
+    events: bool = True  # time with CUDA events on CUDA (False: onnxruntime)
 
     def run_block(self, x: torch.Tensor, device: torch.device, *, timed: bool) -> float:
-        ms = _time_block(self.model, x, self.calls, device)
+        ms = _time_block(self.model, x, self.calls, device, events=self.events)
         mean = float(np.mean(ms))
         if timed:
             self.block_means.append(mean)
@@ -306,7 +315,7 @@ def _warm_up(tracks: list[_Track], x: torch.Tensor, cfg: LatencyConfig, device: 
             track.model(x)
             track.warmup += 1
     for track in tracks:
-        probe = _time_block(track.model, x, 3, device)
+        probe = _time_block(track.model, x, 3, device, events=track.events)
         track.warmup += 3
         per_call = max(float(np.median(probe)), 1e-3)
         wanted = max(math.ceil(cfg.repeats / cfg.blocks), round(cfg.block_ms / per_call), 1)
@@ -391,6 +400,145 @@ def _spread(samples: Sequence[float]) -> dict[str, float]:
             "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
 
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeError("latency.runtime 'onnxruntime': the onnxruntime package is not installed "
+                           "(pip install onnxruntime; onnxruntime-gpu for CUDA)") from exc
+    return onnxruntime
+
+
+def runtime_version(runtime: str) -> str:
+    """The version of what runs `runtime`'s forward passes: torch's (eager, compiled) or
+    onnxruntime's."""
+    if runtime == "onnxruntime":
+        return str(_onnxruntime().__version__)
+    return torch.__version__
+
+
+@dataclass
+class _Prepared:
+    """A model ready to be timed in a runtime: its forward, what preparing it took, and for
+    onnxruntime the hash of the graph measured."""
+
+    forward: Forward
+    prepare_s: float = 0.0
+    graph_sha256: str | None = None
+
+
+class _OrtForward:
+    """An onnxruntime session bound once to the measurement's input (its memory, no copy per call)
+    and to outputs that onnxruntime allocates on the device and that are never copied back."""
+
+    def __init__(self, session: Any, x: torch.Tensor, device: torch.device) -> None:
+        self._session = session
+        self._x = x  # keeps the bound memory alive
+        self._binding = session.io_binding()
+        kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+        graph_input = session.get_inputs()[0]
+        self._binding.bind_input(graph_input.name, kind, index, np.float32, list(x.shape), x.data_ptr())
+        for output in session.get_outputs():
+            self._binding.bind_output(output.name, kind, index)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self._session.run_with_iobinding(self._binding)
+
+
+def _ort_session(path: Path, cfg: LatencyConfig, device: torch.device) -> Any:
+    """An InferenceSession of `path`: `cfg.threads` intra- and inter-op threads (None: onnxruntime's
+    default), sequential execution, all graph optimisations; the CUDA provider on CUDA."""
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cfg.threads or 0
+    options.inter_op_num_threads = cfg.threads or 0
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
+def check_runtime(cfg: LatencyConfig, device: torch.device) -> None:
+    """ValueError/RuntimeError when `cfg.runtime` cannot run on `device` here (before anything is
+    built): onnxruntime needs the package, and on CUDA its CUDA provider; it runs on cpu or cuda."""
+    if cfg.runtime != "onnxruntime":
+        return
+    ort = _onnxruntime()
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"latency.runtime 'onnxruntime' runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ValueError("latency.runtime 'onnxruntime' on cuda: this onnxruntime has no "
+                         f"CUDAExecutionProvider (it has {', '.join(ort.get_available_providers())}); "
+                         "install onnxruntime-gpu, or measure on cpu")
+
+
+def _dynamo_limits(models: int) -> contextlib.AbstractContextManager[Any]:
+    """Raise dynamo's recompile limit so that `models` models with the same forward code (the
+    finalists, the reference) are all compiled instead of quietly falling back to eager."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = max(int(getattr(config, name)), 4 * models)
+    changes = {name: limit}
+    if hasattr(config, "accumulated_recompile_limit"):
+        changes["accumulated_recompile_limit"] = max(config.accumulated_recompile_limit, 8 * models)
+    elif hasattr(config, "accumulated_cache_size_limit"):
+        changes["accumulated_cache_size_limit"] = max(config.accumulated_cache_size_limit, 8 * models)
+    return config.patch(changes)
+
+
+@contextlib.contextmanager
+def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, device: torch.device,
+                x: torch.Tensor) -> Iterator[list[_Prepared]]:
+    """Each model (in eval mode on `device`) ready to be timed in `cfg.runtime`, each run once
+    untimed: eager as it is; compiled by `torch.compile` (default mode; the first call compiles,
+    under inference mode like the timed calls; dynamo's caches reset before and after);
+    onnxruntime: exported by spsa_nas.export.export_model_onnx (the exporter of the trial's
+    download) for the timed input's shape, the graph hashed, and run by an InferenceSession bound
+    to the input (_OrtForward). A failure names the runtime and the model."""
+    runtime = cfg.runtime
+    if runtime == "eager":
+        yield [_Prepared(model) for _, model in named]
+        return
+    check_runtime(cfg, device)
+    prepared: list[_Prepared] = []
+    if runtime == "compiled":
+        torch._dynamo.reset()
+        try:
+            with _dynamo_limits(len(named)):
+                for name, model in named:
+                    begin = time.perf_counter()
+                    try:
+                        compiled = torch.compile(model)
+                        with torch.inference_mode():
+                            compiled(x)
+                    except Exception as exc:
+                        raise RuntimeError(f"latency.runtime 'compiled': torch.compile of {name} failed: "
+                                           f"{type(exc).__name__}: {exc}"[:4000]) from exc
+                    prepared.append(_Prepared(compiled, time.perf_counter() - begin))
+                yield prepared
+        finally:
+            torch._dynamo.reset()
+        return
+    from spsa_nas.export import export_model_onnx, onnx_graph_sha256  # onnx, onnxscript: only here
+
+    with tempfile.TemporaryDirectory(prefix="spsa-nas-latency-") as tmp:
+        for index, (name, model) in enumerate(named):
+            begin = time.perf_counter()
+            try:
+                path = export_model_onnx(model, Path(tmp) / f"model-{index}.onnx", tuple(x.shape))
+                session = _ort_session(path, cfg, device)
+                forward = _OrtForward(session, x, device)
+                forward(x)
+            except Exception as exc:
+                raise RuntimeError(f"latency.runtime 'onnxruntime': exporting or running {name} failed: "
+                                   f"{type(exc).__name__}: {exc}"[:4000]) from exc
+            prepared.append(_Prepared(forward, time.perf_counter() - begin, onnx_graph_sha256(path)))
+            path.unlink()  # the session holds the graph
+    yield prepared
+
+
 def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], cfg: LatencyConfig,
                   device: str | torch.device, *, reference: nn.Module | None = None,
                   reference_name: str | None = None) -> dict[str, LatencyResult]:
@@ -414,11 +562,15 @@ def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], c
     dev = resolve_device(device)
     shape = full_input_shape(input_shape, cfg)
     x = _input(shape, cfg, dev)
-    tracks = [_Track(name, model) for name, model in models.items()]
-    if reference is not None:
-        tracks.insert(0, _Track(REFERENCE, reference))
-    with (_prepared_models([t.model for t in tracks], cfg, dev), _threads(cfg.threads) as threads,
-          _pinned(threads, cfg.pin_cpus) as affinity, torch.inference_mode()):
+    named = [*([(REFERENCE, reference)] if reference is not None else []), *models.items()]
+    tracks = [_Track(name, model, events=cfg.runtime != "onnxruntime") for name, model in named]
+    version = runtime_version(cfg.runtime)
+    with (_prepared_models([model for _, model in named], cfg, dev), _threads(cfg.threads) as threads,
+          _pinned(threads, cfg.pin_cpus) as affinity, _in_runtime(named, cfg, dev, x) as prepared,
+          torch.inference_mode()):
+        for track, ready in zip(tracks, prepared, strict=True):
+            track.model = ready.forward
+            track.warmup += 1 if cfg.runtime != "eager" else 0  # the call that compiled / bound it
         _warm_up(tracks, x, cfg, dev)
         extensions = _time_rounds(tracks, x, cfg, dev, tracks[0] if reference is not None else None)
     clocks = cuda_clocks(dev) if dev.type == "cuda" else None
@@ -426,7 +578,11 @@ def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], c
     ref_track = tracks[0] if reference is not None else None
     ref_ms = median_ci(ref_track.block_means, cfg.ci_level)[0] if ref_track is not None else None
     out = {}
-    for track in tracks:
+    if reference is not None and cfg.runtime != "eager":
+        # the runtime is part of what the reference is: a study's anchor (search_spaces.finalists)
+        # is per reference name, so figures of different runtimes never share one
+        reference_name = f"{reference_name or 'reference'} [{cfg.runtime} {version}]"
+    for track, ready in zip(tracks, prepared, strict=True):
         center, low, high = median_ci(track.block_means, cfg.ci_level)
         versus = ref_track if track is not ref_track else None
         figure = median_ci(_figure_samples(track, versus), cfg.ci_level)  # the ratio's, or the time's
@@ -441,6 +597,8 @@ def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], c
             settled=track.settled, reference=reference_name if reference is not None else None,
             reference_ms=ref_ms, ratio=ratio[0], ratio_ci_low=ratio[1], ratio_ci_high=ratio[2],
             group_size=len(tracks), affinity=affinity, clocks=clocks, measured_at=now,
+            runtime=cfg.runtime, runtime_version=version, prepare_s=ready.prepare_s,
+            onnx_graph_sha256=ready.graph_sha256,
         )
     return out
 
@@ -451,17 +609,21 @@ def _measure_simple(model: nn.Module, shape: tuple[int, ...], cfg: LatencyConfig
     `cfg.min_time_s`; the median of the calls, no interval."""
     x = _input(shape, cfg, dev)
     samples: list[int] = []
+    version = runtime_version(cfg.runtime)
     with _prepared_models([model], cfg, dev), _threads(cfg.threads) as threads, \
-            _pinned(threads, cfg.pin_cpus) as affinity, torch.inference_mode():
+            _pinned(threads, cfg.pin_cpus) as affinity, \
+            _in_runtime([("candidate", model)], cfg, dev, x) as prepared, torch.inference_mode():
+        ready = prepared[0]
+        forward = ready.forward
         for _ in range(cfg.warmup):
-            model(x)
+            forward(x)
         _synchronize(dev)
         budget_ns = cfg.min_time_s * 1e9
         spent = 0
         while len(samples) < cfg.repeats or (spent < budget_ns and len(samples) < MAX_SAMPLES):
             _synchronize(dev)
             start = time.perf_counter_ns()
-            model(x)
+            forward(x)
             _synchronize(dev)
             samples.append(time.perf_counter_ns() - start)
             spent += samples[-1]
@@ -470,7 +632,8 @@ def _measure_simple(model: nn.Module, shape: tuple[int, ...], cfg: LatencyConfig
         batch_size=cfg.batch_size, input_shape=shape, device=str(dev), device_name=device_name(dev),
         threads=threads, torch_version=torch.__version__, protocol="simple", group_size=1,
         affinity=affinity, clocks=cuda_clocks(dev) if dev.type == "cuda" else None,
-        measured_at=time.time(),
+        measured_at=time.time(), runtime=cfg.runtime, runtime_version=version,
+        prepare_s=ready.prepare_s, onnx_graph_sha256=ready.graph_sha256,
     )
 
 
@@ -526,19 +689,23 @@ def reference_model(spec: ArchSpec, cfg: LatencyConfig) -> tuple[nn.Module, str]
 def latency_key(spec: ArchSpec, input_shape: Sequence[int], cfg: LatencyConfig,
                 device: str | torch.device) -> str:
     """A stable hash of everything a latency figure depends on: the architecture (spec JSON), the
-    timed input shape, the protocol (config), the hardware (device type and name), the thread count
-    and the torch version. Weights are not part of it: they do not change latency."""
+    timed input shape, the protocol (config), the hardware (device type and name), the thread count,
+    the torch version, and the runtime with its version (onnxruntime's) unless it is eager.
+    Weights are not part of it: they do not change latency."""
     dev = resolve_device(device)
     threads = cfg.threads if cfg.threads is not None else torch.get_num_threads()
-    record = {
+    record: dict[str, Any] = {
         "version": KEY_VERSION,
         "spec": spec.model_dump(mode="json"),
         "input_shape": list(full_input_shape(input_shape, cfg)),
-        "latency": cfg.model_dump(mode="json"),
+        # eager's key leaves the runtime out: it is the key eager figures had before runtimes existed
+        "latency": cfg.model_dump(mode="json", exclude={"runtime"} if cfg.runtime == "eager" else None),
         "device_type": dev.type,
         "device_name": device_name(dev),
         "threads": threads,
         "torch": torch.__version__,
     }
+    if cfg.runtime != "eager":
+        record["runtime"] = [cfg.runtime, runtime_version(cfg.runtime)]
     blob = json.dumps(record, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
