@@ -191,3 +191,32 @@ def test_fair_paths_take_every_branch_once_per_stage(data: tuple[TensorDataset, 
         train_supernet(net, _sampler, train, val, run, "cpu")
         moved = [not torch.equal(before[k], v) for k, v in net.state_dict().items() if k in before]
         assert all(moved) == expect_all
+
+
+def test_spsa_switches_are_path_choices_sharing_every_weight() -> None:
+    torch.manual_seed(0)
+    supernet = Supernet(BASE, CHOICES).eval()
+    paper = _path(*[StageSpec(spsa=True, channel_attn="se")] * 4)
+    x = torch.randn(2, 3, 8, 8)
+    outputs = []
+    for stage in (StageSpec(spsa=True, channel_attn="se"),
+                  StageSpec(spsa=True, spsa_reverse=False, channel_attn="se"),
+                  StageSpec(spsa=True, spsa_similarity="cosine", channel_attn="se")):
+        path = _path(*[stage] * 4)
+        weights = supernet.path_state_dict(path)
+        assert all(weights[k] is v for k, v in supernet.path_state_dict(paper).items())
+        supernet.set_path(path)
+        with torch.no_grad():
+            got = supernet(x)
+            torch.testing.assert_close(got, supernet.extract(path).eval()(x))  # the standalone model
+        outputs.append(got)
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
+
+
+@pytest.mark.parametrize("choice", ["nonlocal", "gc"])
+def test_a_path_with_a_non_local_or_gc_block_is_refused(choice: str) -> None:
+    supernet = Supernet(BASE, CHOICES)
+    path = _path(StageSpec(), StageSpec(spatial_attn=choice), StageSpec(), StageSpec())
+    with pytest.raises(ValueError, match=rf"stages\.1\.spatial_attn: strategy oneshot does not support "
+                                         rf"spatial attention '{choice}'"):
+        supernet.set_path(path)
