@@ -7,7 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+from spsa_nas.config import (
+    DETECTION_DATASETS,
+    DETECTION_LATENCY_RUNTIMES,
+    DataConfig,
+    LatencyConfig,
+    TrainConfig,
+)
 
 STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 
@@ -104,6 +110,19 @@ class SearchConfig(_Config):
         if self.pruner != "none" and self.objective.kind != "score":
             raise ValueError(f"pruner: {self.pruner!r} needs objective.kind 'score' (Optuna's pruners "
                              "compare one value; the pareto objective has two); use pruner 'none'")
+        return self
+
+    @model_validator(mode="after")
+    def _runtime_measures_the_task(self) -> SearchConfig:
+        # detection data means a detection space (create_study refuses any other pairing), whose
+        # candidates only some runtimes can measure (spsa_nas.evaluate.check_runtime_for)
+        if self.dataset.name in DETECTION_DATASETS and self.latency.runtime not in DETECTION_LATENCY_RUNTIMES:
+            raise ValueError(f"latency.runtime: {self.latency.runtime!r} cannot measure a detector "
+                             f"(dataset {self.dataset.name!r} is detection data); use "
+                             f"{' or '.join(DETECTION_LATENCY_RUNTIMES)}")
+        if (self.dataset.name in DETECTION_DATASETS and self.latency.runtime == "onnxruntime"
+                and self.latency.batch_size != 1):
+            raise ValueError("latency.batch_size: onnxruntime measures a detector on one image; set 1")
         return self
 
     @field_validator("study_name")

@@ -11,16 +11,23 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+from spsa_nas.config import DETECTION_LATENCY_RUNTIMES, DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.counting import count_flops, count_params
 from spsa_nas.data import Splits, dataset_in_channels, dataset_num_classes, load_data
-from spsa_nas.latency import LatencyResult, latency_key, measure_latency, reference_model, resolve_device
+from spsa_nas.latency import (
+    LatencyResult,
+    check_runtime,
+    latency_key,
+    measure_latency,
+    reference_model,
+    resolve_device,
+)
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
 from spsa_nas.train import Cancelled, TrainReport, evaluate_accuracy, train_model
 
-__all__ = ["Cancelled", "EvalHooks", "Fit", "LatencyCache", "Measurement", "TrialResult", "check_spec_data",
-           "evaluate_spec"]
+__all__ = ["Cancelled", "EvalHooks", "Fit", "LatencyCache", "Measurement", "TrialResult", "check_runtime_for",
+           "check_spec_data", "evaluate_spec", "over_latency_budget", "scored_latency_ms"]
 
 
 class LatencyCache(Protocol):
@@ -50,6 +57,9 @@ class EvalHooks:
     latency_lock: Callable[[], AbstractContextManager[None]] | None = None  # device to itself
     latency_cache: LatencyCache | None = None  # get(key) -> dict | None; put(key, dict)
     should_stop: Callable[[], bool] | None = None  # polled each step: cancel -> Cancelled
+    # The figure the search scores for a measured latency (a trial: the ratio to the reference x
+    # the study's anchor, docs/latency.md); the pre-training budget compares it. None: median_ms.
+    latency_figure: Callable[[LatencyResult], float] | None = None
 
 
 #: What gives a built model its weights instead of train_model: (model, splits, device, hooks) ->
@@ -106,6 +116,30 @@ def check_spec_data(spec: ArchSpec, data: DataConfig) -> None:
                          f"{channels} channel(s); set the space's in_channels to {channels}")
 
 
+def scored_latency_ms(lat: LatencyResult, hooks: EvalHooks) -> float:
+    """The figure of `lat` the search scores: `hooks.latency_figure(lat)`, else the time measured."""
+    return hooks.latency_figure(lat) if hooks.latency_figure is not None else lat.median_ms
+
+
+def over_latency_budget(lat: LatencyResult, budget_ms: float | None, hooks: EvalHooks) -> bool:
+    """Whether `lat` is over the pre-training budget, compared on the figure the search scores
+    (scored_latency_ms), so a candidate is not rejected on a time the objective would not use."""
+    return budget_ms is not None and scored_latency_ms(lat, hooks) > budget_ms
+
+
+def check_runtime_for(spec: ArchSpec, cfg: LatencyConfig, device: torch.device) -> None:
+    """ValueError when `cfg.runtime` cannot measure `spec` on `device`: a detector only in
+    DETECTION_LATENCY_RUNTIMES; onnxruntime needs its package (and its CUDA provider on CUDA)."""
+    if spec.task == "detection" and cfg.runtime not in DETECTION_LATENCY_RUNTIMES:
+        raise ValueError(f"latency.runtime {cfg.runtime!r} cannot measure a detector: its data-dependent "
+                         "box counts recompile torch.compile mid-measurement; use "
+                         f"{' or '.join(DETECTION_LATENCY_RUNTIMES)}")
+    if spec.task == "detection" and cfg.runtime == "onnxruntime" and cfg.batch_size != 1:
+        raise ValueError("latency.runtime 'onnxruntime' measures a detector on one image (its ONNX graph "
+                         f"takes one): set latency.batch_size 1, not {cfg.batch_size}")
+    check_runtime(cfg, device)
+
+
 def _cached(cache: LatencyCache | None, key: str) -> LatencyResult | None:
     if cache is None:
         return None
@@ -123,9 +157,12 @@ Reference = Callable[[ArchSpec, LatencyConfig], "tuple[nn.Module, str] | None"]
 
 def cached_latency(model: nn.Module, spec: ArchSpec, cfg: LatencyConfig, device: torch.device,
                    hooks: EvalHooks, reference: Reference | None = None) -> tuple[LatencyResult, bool]:
-    """The latency of `model` (`spec`), from the hooks' cache or measured under their lock,
-    interleaved with `reference(spec, cfg)` (default: reference_model, the space's fixed plain
-    model); (result, whether it came from the cache)."""
+    """The latency of `model` (`spec`) in `cfg.runtime`, from the hooks' cache or measured under
+    their lock, interleaved with `reference(spec, cfg)` (default: reference_model, the space's
+    fixed plain model) in the same runtime; (result, whether it came from the cache). So a model
+    is compiled or exported for latency once per distinct architecture and conditions (the key).
+    ValueError first when the runtime cannot measure `spec` here (check_runtime_for)."""
+    check_runtime_for(spec, cfg, device)
     shape = (spec.in_channels, spec.input_size, spec.input_size)
     key = latency_key(spec, shape, cfg, device)
     found = _cached(hooks.latency_cache, key)
@@ -163,7 +200,8 @@ def evaluate_spec(
     model (initialised from `train.seed`); count parameters and FLOPs at (1, C, S, S) with S the
     spec's input size; latency at the spec's input size (from `hooks.latency_cache` when the same
     architecture was measured under the same conditions, else measured inside
-    `hooks.latency_lock()` and cached); `hooks.on_measured`. Over `latency_budget_ms` → an
+    `hooks.latency_lock()` and cached; in `latency.runtime`); `hooks.on_measured`. Over
+    `latency_budget_ms` (compared on the figure the search scores, `hooks.latency_figure`) → an
     infeasible result at once, without loading data or training. Otherwise load the data at
     `train.image_size` (default: the spec's input size), train (validation accuracy each epoch to
     `hooks.on_epoch`, whose exceptions propagate; `hooks.should_stop` polled each step → `Cancelled`)
@@ -173,6 +211,7 @@ def evaluate_spec(
     hooks = hooks or EvalHooks()
     dev = resolve_device(device)
     check_spec_data(spec, data)
+    check_runtime_for(spec, latency, dev)
     torch.manual_seed(train.seed)
     model = build_model(spec)
     params = count_params(model)
@@ -183,7 +222,7 @@ def evaluate_spec(
         hooks.on_measured(Measurement(params=params, flops=flops, latency=lat, cached=cached))
     result = TrialResult(spec=spec, params=params, flops=flops, latency=lat, feasible=True,
                          device=str(dev))
-    if latency_budget_ms is not None and lat.median_ms > latency_budget_ms:
+    if over_latency_budget(lat, latency_budget_ms, hooks):
         result.feasible = False
         return result
     if hooks.should_stop is not None and hooks.should_stop():

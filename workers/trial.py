@@ -32,17 +32,25 @@ from search_spaces.keys import (
 from search_spaces.space import SearchSpace
 from search_spaces.study import mnas_score, objective_values
 from search_spaces.suggest import suggest_arch
+from spsa_nas.config import LatencyConfig
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
 from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, evaluate_spec
-from spsa_nas.latency import LatencyResult
-from workers.detection_trial import evaluate_detection, export_detector, is_detector
+from spsa_nas.latency import LatencyResult, full_input_shape
+from workers.detection_trial import evaluate_detection
+
+#: Trial attr: "runtime version" of the latency figure (LatencyConfig.runtime, docs/latency.md).
+LATENCY_RUNTIME_ATTR = "latency_runtime"
+#: Trial attr: the downloadable ONNX file's graph hash (spsa_nas.export.onnx_graph_sha256); with
+#: latency.runtime onnxruntime it equals the measured one, `latency.onnx_graph_sha256`.
+ONNX_GRAPH_ATTR = "onnx_graph_sha256"
 
 
 def latency_interval_attrs(latency: LatencyResult, study: optuna.Study) -> dict[str, Any]:
     """The trial user attrs of a latency measurement, scalars optuna-dashboard shows as columns:
     `latency_ms` (the figure the search uses: the ratio to the reference times the study's anchor,
     search_spaces.finalists.anchor_ms; the time itself without a reference) with its interval
-    `latency_ci_ms`, the time `latency_time_ms`, the anchor, and the ratio with its interval."""
+    `latency_ci_ms`, the time `latency_time_ms`, the anchor, the ratio with its interval, and
+    `latency_runtime` (what ran the timed calls and its version, e.g. "onnxruntime 1.20.1")."""
     record = latency.to_dict()
     anchor = anchor_ms(study, record)
     figure, interval = normalized(record, anchor)
@@ -54,6 +62,8 @@ def latency_interval_attrs(latency: LatencyResult, study: optuna.Study) -> dict[
         LATENCY_ANCHOR_ATTR: anchor,
         LATENCY_RATIO_ATTR: ratio,
         LATENCY_RATIO_CI_ATTR: [latency.ratio_ci_low, latency.ratio_ci_high] if ratio is not None else None,
+        LATENCY_RUNTIME_ATTR: f"{latency.runtime or 'eager'} "
+                              f"{latency.runtime_version or latency.torch_version}",
     }
 
 
@@ -100,22 +110,31 @@ def _fail(study: optuna.Study, trial: optuna.Trial, error: str, tb: str) -> Froz
     return study.tell(trial, state=TrialState.FAIL)
 
 
-def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any) -> None:
+def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any, latency: LatencyConfig) -> None:
     """Export the trained model to ONNX and store it as the trial's `onnx_artifact`, so that the
-    API only streams a file; a failed export is recorded (`onnx_error`), never fails the trial."""
-    from spsa_nas.export import export_onnx
+    API only streams a file; a failed export is recorded (`onnx_error`), never fails the trial.
 
-    if is_detector(model):
-        export_onnx = export_detector  # torchvision's detectors: the TorchScript-based exporter
+    The exporter is the one the onnxruntime latency measurement uses (export_model_onnx), for the
+    input the latency was measured at (batch latency.batch_size; a detector: one image), so that
+    with latency.runtime onnxruntime the file downloaded is the graph measured: its weight-free
+    hash (`onnx_graph_sha256`) equals the latency record's."""
+    from spsa_nas.export import export_model_onnx, onnx_graph_sha256
+
+    spec = getattr(model, "spec", None)
+    shape = None
+    if spec is not None and spec.task != "detection":
+        shape = full_input_shape((spec.in_channels, spec.input_size, spec.input_size), latency)
     try:
         with tempfile.TemporaryDirectory(prefix="spsa-nas-") as tmp:
-            path = export_onnx(model, Path(tmp) / f"trial-{trial.number}.onnx")
+            path = export_model_onnx(model, Path(tmp) / f"trial-{trial.number}.onnx", shape)
+            graph = onnx_graph_sha256(path)
             artifact_id = upload_artifact(artifact_store=artifact_store, file_path=str(path),
                                           study_or_trial=trial, mimetype="application/octet-stream")
     except Exception as exc:
         trial.set_user_attr(ONNX_ERROR_ATTR, f"{type(exc).__name__}: {exc}"[:2000])
         return
     trial.set_user_attr(ONNX_ARTIFACT_ATTR, artifact_id)
+    trial.set_user_attr(ONNX_GRAPH_ATTR, graph)
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
@@ -165,6 +184,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         latency_lock=extra.latency_lock,
         latency_cache=extra.latency_cache or StudyLatencyCache(study, trial),
         should_stop=extra.should_stop,
+        # the budget compares the figure the objective scores (ratio x the study's anchor)
+        latency_figure=lambda lat: latency_interval_attrs(lat, study)["latency_ms"],
     )
     try:
         num_classes = dataset_num_classes(cfg.dataset) if space.num_classes is None else None
@@ -180,8 +201,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         if not result.feasible:
             for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):
                 trial.set_user_attr(key, metrics[key])
-            trial.set_user_attr(REASON_ATTR, f"median latency {result.latency.median_ms:.3f} ms is over "
-                                          f"the budget of {cfg.objective.latency_budget_ms:g} ms")
+            trial.set_user_attr(REASON_ATTR, f"latency {state['latency_ms']:.3f} ms (the figure the "
+                                          f"search scores) is over the budget of "
+                                          f"{cfg.objective.latency_budget_ms:g} ms")
             return study.tell(trial, state=TrialState.PRUNED)
         values = objective_values(metrics, cfg)
         if not all(math.isfinite(v) for v in values):
@@ -198,7 +220,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr(WEIGHTS_ARTIFACT_ATTR, artifact_id)
-        _export_onnx(trial, result.model, artifact_store)
+        _export_onnx(trial, result.model, artifact_store, cfg.latency)
         return study.tell(trial, values)
     except optuna.TrialPruned as exc:
         trial.set_user_attr(REASON_ATTR, str(exc) or "pruned")

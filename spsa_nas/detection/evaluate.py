@@ -14,7 +14,16 @@ from spsa_nas.data.errors import DataError
 from spsa_nas.detection.data import detection_num_classes, load_detection_data
 from spsa_nas.detection.model import build_detector
 from spsa_nas.detection.train import evaluate_detector, train_detector
-from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, TrialResult, cached_latency
+from spsa_nas.evaluate import (
+    Cancelled,
+    EvalHooks,
+    Fit,
+    Measurement,
+    TrialResult,
+    cached_latency,
+    check_runtime_for,
+    over_latency_budget,
+)
 from spsa_nas.latency import resolve_device
 from spsa_nas.spec import ArchSpec
 
@@ -91,6 +100,7 @@ def evaluate_detection_spec(spec: ArchSpec, *, data: DataConfig, train: TrainCon
     hooks = hooks or EvalHooks()
     dev = resolve_device(device)
     check_detection_data(spec, data)
+    check_runtime_for(spec, latency, dev)
     torch.manual_seed(train.seed)
     model = build_detector(spec)
     params, flops, backbone_flops = count_detector(model, spec)
@@ -100,7 +110,7 @@ def evaluate_detection_spec(spec: ArchSpec, *, data: DataConfig, train: TrainCon
         hooks.on_measured(Measurement(params=params, flops=flops, latency=lat, cached=cached))
     result = DetectionResult(spec=spec, params=params, flops=flops, latency=lat, feasible=True,
                              device=str(dev), backbone_flops=backbone_flops)
-    if latency_budget_ms is not None and lat.median_ms > latency_budget_ms:
+    if over_latency_budget(lat, latency_budget_ms, hooks):
         result.feasible = False
         return result
     if hooks.should_stop is not None and hooks.should_stop():

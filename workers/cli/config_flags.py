@@ -32,6 +32,7 @@ SHORT = {
     "train.lr": "--lr",
     "latency.repeats": "--latency-repeats",
     "latency.warmup": "--latency-warmup",
+    "latency.runtime": "--latency-runtime",
     "objective.kind": "--objective",
     "objective.latency_target_ms": "--latency-target",
     "objective.weight": "--score-weight",
