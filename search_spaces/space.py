@@ -16,11 +16,17 @@ from spsa_nas.spec import (
     DETECTION_BACKBONES,
     DETECTORS,
     MAX_ALPHA,
+    SIMILARITIES,
+    SPATIAL_ATTENTIONS,
     STEMS,
     StageInfo,
     feature_sizes,
     stage_table,
 )
+
+#: What a stage's `spatial` choice may list: no spatial attention, SPSA, or the non-local or GC
+#: block in SPSA's place (spsa_nas.spec.StageSpec.spatial).
+SPATIAL_CHOICES: tuple[str, ...] = ("none", "spsa", *(a for a in SPATIAL_ATTENTIONS if a != "none"))
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -92,19 +98,71 @@ def _unique(values: list[Any], path: str) -> list[Any]:
     return values
 
 
+def _spsa_states(spatial: list[str]) -> list[bool]:
+    """The SPSA states (off / on) a `spatial` choice can take, in its order."""
+    states = [name == "spsa" for name in spatial]
+    return list(dict.fromkeys(states))
+
+
 class StageChoices(_Model):
-    """What the search may choose in one stage. Unset fields take the `all_stages` template's value."""
+    """What the search may choose in one stage. Unset fields take the `all_stages` template's value.
+
+    The spatial attention is given either as `spsa` (off / on) or as `spatial` (a subset of none,
+    spsa, nonlocal, gc: SPSA or a heavier spatial attention in its place), not both; with
+    `spatial`, `spsa` is derived from it (on where `spatial` lists spsa) so that `spsa` always
+    says which SPSA states the stage can take.
+    """
 
     spsa: list[bool] = [False, True]  # SPSA off / on
+    spatial: list[str] | None = None  # instead of `spsa`: subset of SPATIAL_CHOICES
     heads: list[int] = [1]  # SPSA heads (contiguous channel groups); must divide the channels
     alpha: list[float] | AlphaRange = [1.0]  # SPSA's exponent: a set, or a range {low, high, ...}
+    spsa_reverse: list[bool] = [True]  # SPSA's gate: (1 - sigmoid(r))**alpha (true) or sigmoid(r)**alpha
+    spsa_similarity: list[str] = ["correlation"]  # SPSA's r: Pearson correlation or cosine
     channel_attn: list[str] = ["none"]  # subset of spsa_nas.spec.CHANNEL_ATTENTIONS
-    attn_order: list[str] = ["channel_first"]  # with both SPSA and a channel attention
+    attn_order: list[str] = ["channel_first"]  # with both a spatial and a channel attention
 
     @field_validator("spsa")
     @classmethod
     def _spsa(cls, value: list[bool]) -> list[bool]:
         return _unique(value, "spsa")
+
+    @field_validator("spatial")
+    @classmethod
+    def _spatial(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for i, name in enumerate(value):
+            if name not in SPATIAL_CHOICES:
+                raise SpaceProblem((i,), f"unknown spatial attention {name!r}; valid: "
+                                          f"{', '.join(SPATIAL_CHOICES)}")
+        return _unique(value, "spatial")
+
+    @field_validator("spsa_reverse")
+    @classmethod
+    def _reverse(cls, value: list[bool]) -> list[bool]:
+        return _unique(value, "spsa_reverse")
+
+    @field_validator("spsa_similarity")
+    @classmethod
+    def _similarity(cls, value: list[str]) -> list[str]:
+        for i, name in enumerate(value):
+            if name not in SIMILARITIES:
+                raise SpaceProblem((i,), f"unknown spsa_similarity {name!r}; valid: "
+                                          f"{', '.join(SIMILARITIES)}")
+        return _unique(value, "spsa_similarity")
+
+    @model_validator(mode="after")
+    def _spsa_or_spatial(self) -> StageChoices:
+        if self.spatial is None:
+            return self
+        if "spsa" in self.model_fields_set:
+            raise SpaceProblem(("spatial",), "give either `spsa` (e.g. [false, true]) or `spatial` "
+                                             f"(a subset of [{', '.join(SPATIAL_CHOICES)}]) in a "
+                                             "stage, not both")
+        # derived, not set: a stored space (dumped with exclude_unset) reloads the same
+        object.__setattr__(self, "spsa", _spsa_states(self.spatial))
+        return self
 
     @field_validator("heads")
     @classmethod
@@ -155,9 +213,21 @@ class StageChoices(_Model):
         """The discrete alpha values, or None for a continuous range."""
         return self.alpha.values() if isinstance(self.alpha, AlphaRange) else list(self.alpha)
 
+    def spatial_values(self) -> list[str]:
+        """The spatial attentions the stage may take (from `spatial`, or from `spsa`)."""
+        if self.spatial is not None:
+            return list(self.spatial)
+        return ["spsa" if on else "none" for on in self.spsa]
+
     def merged(self, override: StageChoices) -> StageChoices:
-        """This template with the fields `override` sets explicitly replaced."""
-        return self.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+        """This template with the fields `override` sets explicitly replaced (`spsa` and `spatial`
+        are one choice: an override giving either replaces the template's)."""
+        update = {k: getattr(override, k) for k in override.model_fields_set}
+        if "spatial" in update:
+            update["spsa"] = override.spsa  # derived from the override's spatial
+        elif "spsa" in update:
+            update["spatial"] = None
+        return self.model_copy(update=update)
 
 
 @dataclass(frozen=True)
@@ -351,7 +421,24 @@ class SearchSpace(_Model):
                     notes.append(f"{backbone} stage {i + 1} ({info.name}) is 1x1 at input_size "
                                  f"{self.input_size} with the {self.stem} stem: SPSA would be a "
                                  "constant gate there, so it is off in that stage")
-                    choices = choices.model_copy(update={"spsa": [False]})
+                    if choices.spatial is None:
+                        choices = choices.model_copy(update={"spsa": [False]})
+                    else:
+                        spatial = [a for a in choices.spatial if a != "spsa"] or ["none"]
+                        choices = choices.model_copy(update={"spatial": spatial,
+                                                             "spsa": _spsa_states(spatial)})
+                heavy = [a for a in choices.spatial_values() if a not in ("none", "spsa")]
+                if heavy and "oneshot" in self.strategies:
+                    if "strategies" in self.model_fields_set:
+                        raise SpaceProblem(("strategies",), f"strategy oneshot does not support spatial "
+                                           f"attention {heavy[0]!r} ({backbone} stage {i + 1}): its "
+                                           "weights are not shared in the supernet; list only "
+                                           "standalone, or drop nonlocal/gc from the space")
+                    # not asked for: such a space is searched standalone, as a detection space is
+                    object.__setattr__(self, "strategies", ["standalone"])
+                    notes.append(f"{backbone} stage {i + 1} ({info.name}) may take {heavy[0]!r}, which "
+                                 "has weights the oneshot supernet does not share: the space is "
+                                 "searched standalone only")
                 if True in choices.spsa:
                     heads_path = path if "heads" in override.model_fields_set else ("all_stages",)
                     self._check_heads(backbone, i, choices.heads, (*heads_path, "heads"))
@@ -382,14 +469,20 @@ class SearchSpace(_Model):
             for stage in self.stage_choices(backbone):
                 c = stage.choices
                 n_attn = len(c.channel_attn)
-                count = n_attn if False in c.spsa else 0
-                if True in c.spsa:
-                    alphas = c.alpha_values()
-                    if alphas is None:
-                        return None
-                    with_attn = n_attn - ("none" in c.channel_attn)
-                    orders = (("none" in c.channel_attn) + with_attn * len(c.attn_order))
-                    count += len(c.heads) * len(alphas) * orders
+                with_attn = n_attn - ("none" in c.channel_attn)
+                orders = (("none" in c.channel_attn) + with_attn * len(c.attn_order))
+                count = 0
+                for spatial in c.spatial_values():
+                    if spatial == "none":
+                        count += n_attn
+                    elif spatial == "spsa":
+                        alphas = c.alpha_values()
+                        if alphas is None:
+                            return None
+                        count += (len(c.heads) * len(alphas) * len(c.spsa_reverse)
+                                  * len(c.spsa_similarity) * orders)
+                    else:  # the non-local or GC block: no options of its own
+                        count += orders
                 per_width *= count
             total += per_width * len(self.widths)
         return total

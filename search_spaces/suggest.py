@@ -41,9 +41,12 @@ def suggest_arch(trial: optuna.trial.BaseTrial, space: SearchSpace, *, num_class
     """Suggest one architecture of `space`.
 
     Parameter names: `backbone`, `width` (only when there is a choice), then per stage n (1-based)
-    `sN.spsa`, `sN.channel_attn`, and only when SPSA is on `sN.heads`, `sN.alpha`, and
-    `sN.attn_order` only when a channel attention is also present. `num_classes`/`in_channels`
-    are the dataset's, used where the space leaves them open.
+    `sN.spsa` — or `sN.spatial` (none, spsa, nonlocal, gc) where the space lists `spatial` —,
+    `sN.channel_attn`, and only when SPSA is on `sN.heads`, `sN.alpha`, `sN.reverse` and
+    `sN.similarity`, and `sN.attn_order` only when a channel attention is also present beside a
+    spatial one (SPSA, or the non-local or GC block). Every one is suggested only where the space
+    gives more than one value. `num_classes`/`in_channels` are the dataset's, used where the space
+    leaves them open.
     """
     classes, channels = resolve_io(space, num_classes=num_classes, in_channels=in_channels)
     backbone = _choose(trial, "backbone", space.backbones)
@@ -52,9 +55,15 @@ def suggest_arch(trial: optuna.trial.BaseTrial, space: SearchSpace, *, num_class
     for number, stage in enumerate(space.stage_choices(backbone), start=1):
         choices = stage.choices
         prefix = f"s{number}."
-        spsa = _choose(trial, prefix + "spsa", choices.spsa)
+        if choices.spatial is None:  # the original parameter: stored studies resume unchanged
+            spsa = _choose(trial, prefix + "spsa", choices.spsa)
+            spatial_attn = "none"
+        else:
+            spatial = _choose(trial, prefix + "spatial", choices.spatial)
+            spsa = spatial == "spsa"
+            spatial_attn = "none" if spatial in ("none", "spsa") else spatial
         attn = _choose(trial, prefix + "channel_attn", choices.channel_attn)
-        heads, alpha, order = 1, 1.0, "channel_first"
+        heads, alpha, order, reverse, similarity = 1, 1.0, "channel_first", True, "correlation"
         if spsa:
             heads = _choose(trial, prefix + "heads", choices.heads)
             if isinstance(choices.alpha, AlphaRange):
@@ -62,10 +71,13 @@ def suggest_arch(trial: optuna.trial.BaseTrial, space: SearchSpace, *, num_class
                 alpha = trial.suggest_float(prefix + "alpha", r.low, r.high, log=r.log, step=r.step)
             else:
                 alpha = float(_choose(trial, prefix + "alpha", [float(a) for a in choices.alpha]))
-            if attn != "none":
-                order = _choose(trial, prefix + "attn_order", choices.attn_order)
+            reverse = _choose(trial, prefix + "reverse", choices.spsa_reverse)
+            similarity = _choose(trial, prefix + "similarity", choices.spsa_similarity)
+        if (spsa or spatial_attn != "none") and attn != "none":
+            order = _choose(trial, prefix + "attn_order", choices.attn_order)
         stages.append(StageSpec(spsa=spsa, spsa_heads=heads, spsa_alpha=alpha, channel_attn=attn,
-                                attn_order=order))  # type: ignore[arg-type]
+                                attn_order=order, spsa_reverse=reverse,  # type: ignore[arg-type]
+                                spsa_similarity=similarity, spatial_attn=spatial_attn))
     detection: dict[str, object] = {}
     if space.task == "detection":  # the detector is chosen among the space's, like the backbone
         detector = {"name": _choose(trial, "detector", space.detectors), "fpn_channels": space.fpn_channels}

@@ -96,7 +96,8 @@ def test_unknown_field_in_a_stage_override_lists_fields(tmp_path: Path) -> None:
     text = GOOD + "stages:\n  3:\n    hedas: [2]\n"
     message = _error(tmp_path, text)
     assert ":13:" in message and "stages.3.hedas" in message
-    assert "valid: alpha, attn_order, channel_attn, heads, spsa" in message
+    assert ("valid: alpha, attn_order, channel_attn, heads, spatial, spsa, spsa_reverse, "
+            "spsa_similarity") in message
 
 
 def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
@@ -137,7 +138,8 @@ def test_choice_of_backbones_with_different_stage_counts() -> None:
 
 def test_builtin_spaces() -> None:
     spaces = builtin_spaces()
-    assert {"quick", "resnet50_imagenet", "resnet18_cifar", "mobilenet_v2", "shufflenet_v2"} <= set(spaces)
+    assert {"quick", "resnet50_imagenet", "resnet18_cifar", "mobilenet_v2", "shufflenet_v2",
+            "detection_quick", "spatial_ablation"} <= set(spaces)
     for name, space in spaces.items():
         assert isinstance(space, SearchSpace) and space.name == name and space.description
         assert load_space(name) == space
@@ -162,3 +164,99 @@ def test_inline_dict_errors_name_the_field() -> None:
                     "all_stages": {"attn_order": ["sideways"]}})
     assert "<inline space>: all_stages.attn_order.0" in str(info.value)
     assert "channel_first, spsa_first" in str(info.value)
+
+
+# -- spatial attention as a choice: SPSA, the non-local and GC blocks, SPSA's switches (issue 13) ---
+
+SPATIAL = """\
+name: spatial
+backbone: resnet18
+stem: cifar
+input_size: 16
+width: 0.25
+strategies: [standalone]
+all_stages:
+  spatial: [none, spsa, nonlocal, gc]
+  spsa_reverse: [true, false]
+  spsa_similarity: [correlation, cosine]
+  heads: [1, 2]
+  channel_attn: [none, se]
+"""
+
+
+def test_builtin_spatial_ablation_space() -> None:
+    space = load_space("spatial_ablation")
+    assert space.backbones == ("resnet18",) and space.stem == "cifar" and space.input_size == 16
+    assert space.widths == (0.25,)
+    for stage in space.stage_choices("resnet18"):
+        c = stage.choices
+        assert c.spatial == ["none", "spsa", "nonlocal", "gc"] and c.spsa == [False, True]
+        assert c.spsa_reverse == [True, False] and c.spsa_similarity == ["correlation", "cosine"]
+        assert c.channel_attn == ["none"]
+    # NL and GC have weights a supernet does not share: standalone only, and the space says why
+    assert space.strategies == ["standalone"]
+    assert any("searched standalone only" in note for note in space.notes)
+    # per stage: none + SPSA (2 reverse x 2 similarities) + NL + GC = 7
+    assert space.size() == 7**4
+
+
+def test_spatial_space_counts_and_round_trips_as_stored(tmp_path: Path) -> None:
+    space = load_space(_write(tmp_path, SPATIAL))
+    # none: 2 channel attns; SPSA: 2 heads x 2 reverse x 2 similarities x (none + se x 1 order);
+    # NL and GC: (none + se x 1 order) each
+    assert space.size() == (2 + 2 * 2 * 2 * 2 + 2 + 2) ** 4
+    stored = space.model_dump(mode="json", exclude_unset=True)  # what a study keeps
+    assert "spsa" not in stored["all_stages"]  # derived from `spatial`, not stored
+    again = load_space(stored)
+    assert again == space and again.stage_choices("resnet18") == space.stage_choices("resnet18")
+
+
+def test_spsa_and_spatial_together_are_refused_with_the_line(tmp_path: Path) -> None:
+    message = _error(tmp_path, SPATIAL.replace("  spsa_reverse:", "  spsa: [false, true]\n  spsa_reverse:"))
+    assert ":8: all_stages.spatial: give either `spsa`" in message and "not both" in message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        ("[none, spsa, nonlocal, gc]", "[none, spsa, sa]",
+         ":8: all_stages.spatial.2: unknown spatial attention 'sa'; valid: none, spsa, nonlocal, gc"),
+        ("[none, spsa, nonlocal, gc]", "[none, gc, gc]", "all_stages.spatial: 'gc' is listed twice"),
+        ("[correlation, cosine]", "[correlation, dot]",
+         ":10: all_stages.spsa_similarity.1: unknown spsa_similarity 'dot'; valid: correlation, cosine"),
+        ("[true, false]", "[true, maybe]", ":9: all_stages.spsa_reverse.1"),
+        ("strategies: [standalone]", "strategies: [standalone, oneshot]",
+         ":6: strategies: strategy oneshot does not support spatial attention 'nonlocal' (resnet18 stage 1)"),
+    ],
+)
+def test_bad_spatial_choices_name_line_and_field(tmp_path: Path, old: str, new: str, needle: str) -> None:
+    assert needle in _error(tmp_path, SPATIAL.replace(old, new))
+
+
+def test_spsa_only_spatial_spaces_keep_oneshot() -> None:
+    space = load_space({"name": "s", "backbone": "resnet18", "stem": "cifar", "input_size": 16,
+                        "all_stages": {"spatial": ["none", "spsa"], "spsa_reverse": [True, False]}})
+    assert space.strategies == ["standalone", "oneshot"] and space.notes == []
+
+
+def test_spatial_and_spsa_overrides_replace_each_other() -> None:
+    space = load_space({"name": "s", "backbone": "resnet18", "stem": "cifar", "input_size": 16,
+                        "all_stages": {"spsa": [False, True]},
+                        "stages": {2: {"spatial": ["gc", "none"]}}})
+    stages = [s.choices for s in space.stage_choices("resnet18")]
+    assert stages[0].spatial is None and stages[0].spatial_values() == ["none", "spsa"]
+    assert stages[1].spatial == ["gc", "none"] and stages[1].spsa == [False]
+    space = load_space({"name": "s", "backbone": "resnet18", "stem": "cifar", "input_size": 16,
+                        "all_stages": {"spatial": ["nonlocal", "spsa"]}, "stages": {3: {"spsa": [True]}}})
+    stages = [s.choices for s in space.stage_choices("resnet18")]
+    assert stages[0].spsa == [False, True] and stages[0].spatial_values() == ["nonlocal", "spsa"]
+    assert stages[2].spatial is None and stages[2].spatial_values() == ["spsa"]
+
+
+def test_one_by_one_stage_drops_spsa_from_spatial_but_keeps_the_blocks() -> None:
+    space = load_space({"name": "small", "backbone": "resnet18", "input_size": 32,
+                        "all_stages": {"spatial": ["none", "spsa", "gc"]}})
+    stages = [s.choices for s in space.stage_choices("resnet18")]
+    assert stages[3].spatial == ["none", "gc"] and stages[3].spsa == [False]
+    assert stages[2].spatial == ["none", "spsa", "gc"]
+    assert any("stage 4 (layer4) is 1x1" in note for note in space.notes)

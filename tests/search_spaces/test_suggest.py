@@ -77,3 +77,71 @@ def test_io_from_the_dataset_or_the_space() -> None:
         suggest_arch(optuna.create_study().ask(), space, num_classes=4, in_channels=1)
     with pytest.raises(ValueError, match="in_channels"):
         suggest_arch(optuna.create_study().ask(), space)
+
+
+def test_spatial_ablation_parameter_names_and_specs() -> None:
+    space = builtin_spaces()["spatial_ablation"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    names: set[str] = set()
+    seen: set[str] = set()
+    switches: set[tuple[bool, str]] = set()
+    for _ in range(60):
+        trial = study.ask()
+        spec = suggest_arch(trial, space, num_classes=10, in_channels=1)
+        params = trial.params
+        names |= set(params)
+        for number, stage in enumerate(spec.stages, start=1):
+            choice = params[f"s{number}.spatial"]
+            assert stage.spatial == choice
+            seen.add(choice)
+            assert stage.spatial_attn == (choice if choice in ("nonlocal", "gc") else "none")
+            if choice == "spsa":
+                assert stage.spsa_reverse == params[f"s{number}.reverse"]
+                assert stage.spsa_similarity == params[f"s{number}.similarity"]
+                switches.add((stage.spsa_reverse, stage.spsa_similarity))
+            else:  # no phantom choices: the switches are neither suggested nor set
+                assert f"s{number}.reverse" not in params and f"s{number}.similarity" not in params
+                assert stage.spsa_reverse and stage.spsa_similarity == "correlation"
+        study.tell(trial, 1.0)
+    assert names == {f"s{n}.{p}" for n in range(1, 5) for p in ("spatial", "reverse", "similarity")}
+    assert seen == {"none", "spsa", "nonlocal", "gc"}
+    assert switches == {(True, "correlation"), (False, "correlation"), (True, "cosine"), (False, "cosine")}
+    dists = study.trials[-1].distributions
+    assert dists["s1.spatial"] == optuna.distributions.CategoricalDistribution(
+        ["none", "spsa", "nonlocal", "gc"])
+
+
+def test_attn_order_is_suggested_beside_a_non_local_or_gc_block() -> None:
+    space = load_space({"name": "s", "backbone": "resnet18", "stem": "cifar", "input_size": 16,
+                        "width": 0.25, "strategies": ["standalone"],
+                        "all_stages": {"spatial": ["gc"], "channel_attn": ["se"],
+                                       "attn_order": ["channel_first", "spsa_first"]}})
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    spec = suggest_arch(trial, space, num_classes=10, in_channels=3)
+    assert set(trial.params) == {f"s{n}.attn_order" for n in range(1, 5)}  # spatial: one value
+    assert all(s.spatial_attn == "gc" and s.attn_order == trial.params[f"s{n}.attn_order"]
+               for n, s in enumerate(spec.stages, start=1))
+
+
+@pytest.mark.parametrize("name", ["quick", "resnet18_cifar", "mobilenet_v2", "shufflenet_v2",
+                                  "resnet50_imagenet"])
+def test_existing_spaces_keep_their_parameters_and_distributions(name: str) -> None:
+    """Stored studies resume only if a space suggests the same names with the same distributions."""
+    space = builtin_spaces()[name]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for _ in range(40):
+        trial = study.ask()
+        suggest_arch(trial, space, num_classes=10, in_channels=3)
+        dists.update(trial.distributions)
+        study.tell(trial, 1.0)
+    for param, dist in dists.items():
+        stage, _, field = param.partition(".")
+        assert field in ("spsa", "heads", "alpha", "channel_attn", "attn_order") or param in (
+            "backbone", "width"), param
+        if field == "spsa":
+            assert dist == optuna.distributions.CategoricalDistribution([False, True])
+        choices = space.stage_choices(space.backbones[0])
+        if field == "channel_attn" and len(space.backbones) == 1:
+            assert dist == optuna.distributions.CategoricalDistribution(
+                choices[int(stage[1:]) - 1].choices.channel_attn)
