@@ -10,11 +10,20 @@ from spsa_nas.attention.fca import FCAAttention
 from spsa_nas.attention.none import NoAttention
 from spsa_nas.attention.se import SEAttention
 from spsa_nas.attention.simam import SimAMAttention
-from spsa_nas.attention.spsa import DEFAULT_EPS, SPSA, spsa_decomposed, spsa_fast, spsa_fused, spsa_reference
+from spsa_nas.attention.spsa import (
+    DEFAULT_EPS,
+    SIMILARITIES,
+    SPSA,
+    spsa_decomposed,
+    spsa_fast,
+    spsa_fused,
+    spsa_reference,
+)
 
 __all__ = [
     "ATTENTIONS",
     "DEFAULT_EPS",
+    "SIMILARITIES",
     "SPSA",
     "CBAMAttention",
     "ECAAttention",

@@ -25,11 +25,21 @@ def _tiny(dtype: torch.dtype) -> float:
     return 2.2250738585072014e-308 if dtype == torch.float64 else 1.1754943508222875e-38
 
 
-def key_stats(k: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def key_stats(k: Tensor, eps: float, cosine: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """From the key k (N, G, Cg, 1, 1) in the statistics' dtype: the shift s and scale 1/m
     (N, G, 1, 1, 1; m = max|k - s|, or 1 for a constant key), the centred scaled key ũ
     (N, G, Cg, 1, 1), its floored norm b and whether b is above its floor (N, G, 1, 1, 1).
-    s and 1/m carry no gradient (r does not depend on them)."""
+    s and 1/m carry no gradient (r does not depend on them).
+
+    `cosine`: no shift (s = 0, m = max|k|), ũ = k/m not centred, b = ‖ũ‖ unfloored ("above" where
+    b > 0, i.e. the key is not all zero)."""
+    if cosine:
+        s = torch.zeros_like(k[:, :, :1])
+        m = k.abs().amax(2, keepdim=True).detach()
+        inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
+        u = k * inv
+        b = torch.linalg.vector_norm(u, dim=2, keepdim=True)
+        return s, inv, u, b, b > 0
     s = k.mean(2, keepdim=True).detach()
     m = (k - s).abs().amax(2, keepdim=True).detach()
     inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
@@ -43,12 +53,19 @@ def key_stats(k: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Te
 
 
 def pixel_correlation(sum_y: Tensor, sum_yu: Tensor, norm_y: Tensor, sum_uc: Tensor, b: Tensor,
-                      channels: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      channels: int, eps: float,
+                      cosine: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """r per pixel from Σx̃, Σx̃·ũ and ‖x̃‖ (N, G, 1, H, W); also a (the pixel's floored spread), ok
-    (denominator usable) and above_x (a above its floor), as the backward needs them."""
-    s_xk = sum_yu - sum_y * sum_uc / channels
-    var_x = (norm_y.square() - sum_y.square() / channels).clamp_min(0.0)
-    floor_x = (eps * norm_y).detach()
+    (denominator usable) and above_x (a above its floor), as the backward needs them.
+    `cosine`: r = Σx̃·ũ / (a·b) with a = max(‖x̃‖, eps·b) (sum_y and sum_uc unused)."""
+    if cosine:
+        s_xk = sum_yu
+        var_x = norm_y.square()
+        floor_x = (eps * b).detach().expand_as(var_x)
+    else:
+        s_xk = sum_yu - sum_y * sum_uc / channels
+        var_x = (norm_y.square() - sum_y.square() / channels).clamp_min(0.0)
+        floor_x = (eps * norm_y).detach()
     above_x = var_x > floor_x.square()
     a = torch.where(above_x, torch.where(above_x, var_x, torch.ones_like(var_x)).sqrt(), floor_x)
     d = a * b
@@ -68,73 +85,94 @@ def _pixel_dot(y: Tensor, uc: Tensor) -> Tensor:
     return torch.matmul(uc.reshape(n, g, 1, cg), y.flatten(3)).unflatten(3, [h, w])
 
 
-def spsa_stats(x: Tensor, heads: int, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                              Tensor, Tensor, Tensor]:
+def spsa_stats(x: Tensor, heads: int, eps: float, cosine: bool = False) -> tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Everything SPSA computes before the gate: s, inv, uc, b, above_k (see `key_stats`), the
-    pixel mean of x̃ (N, G, 1, H, W), then r, a, ok, above_x (see `pixel_correlation`)."""
+    pixel mean of x̃ (N, G, 1, H, W; 0 for the cosine, which does not centre), then r, a, ok,
+    above_x (see `pixel_correlation`)."""
     x5 = _grouped(x, heads)
-    s, inv, uc, b, above_k = key_stats(x5.mean((3, 4), keepdim=True), eps)
+    s, inv, uc, b, above_k = key_stats(x5.mean((3, 4), keepdim=True), eps, cosine)
     y = (x5 - s).mul_(inv)  # x̃: shifted and scaled (r is invariant to both); one full-size temporary
-    sum_y = y.sum(2, keepdim=True)
     sum_yu = _pixel_dot(y, uc)
     norm_y = torch.linalg.vector_norm(y, dim=2, keepdim=True)
     cg = x5.shape[2]
-    r, a, ok, above_x = pixel_correlation(sum_y, sum_yu, norm_y, uc.sum(2, keepdim=True), b, cg, eps)
+    sum_y = torch.zeros_like(sum_yu) if cosine else y.sum(2, keepdim=True)
+    r, a, ok, above_x = pixel_correlation(sum_y, sum_yu, norm_y, uc.sum(2, keepdim=True), b, cg, eps, cosine)
     return s, inv, uc, b, above_k, sum_y / cg, r, a, ok, above_x
 
 
-def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float) -> Tensor:
+def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bool = True,
+                    similarity: str = "correlation") -> Tensor:
     """SPSA as plain torch operators (the op's decomposition); equal to `spsa_reference`.
 
     Written for inference graphs (its gradient is `spsa_backward`, not autograd through it): on
     x as (N, G, Cg, H·W), one mean for the key, x̃ = (x - s)/m, one batched matmul of x̃ with
     [1; ũ] per (n, g) for Σx̃ and Σx̃·ũ, one L2 norm for ‖x̃‖, and x times the gate; the rest
     works on (N, G, Cg) or (N, G, 1, H·W) tensors. The floors are maxima of squares
-    (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of `pixel_correlation`.
+    (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of `pixel_correlation`. The cosine
+    (`similarity="cosine"`): x̃ = x/m, one batched matmul of x̃ with k̃ for Σx̃·k̃,
+    a² = max(‖x̃‖², eps²·b²). `reverse=False`: the gate is sigmoid(r)^alpha.
     """
     sd = stat_dtype(x.dtype)
     x4 = x.flatten(2).unflatten(1, [heads, x.shape[1] // heads])  # (N, G, Cg, P)
     xs = x4.to(sd)
     k = xs.mean(3, keepdim=True)  # (N, G, Cg, 1)
-    s = k.mean(2, keepdim=True)
-    kc = k - s
-    m = kc.abs().amax(2, keepdim=True)
-    inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
-    u = kc * inv
-    uc = u - u.mean(2, keepdim=True)
-    b2 = torch.maximum(uc.square().sum(2, keepdim=True),
-                       (eps * eps) * (k * inv).square().sum(2, keepdim=True))
-    y = (xs - s) * inv
-    weights = torch.cat([torch.ones_like(uc), uc], dim=3).transpose(2, 3)  # (N, G, 2, Cg)
-    sums = torch.matmul(weights, y)  # (N, G, 2, P): Σx̃ and Σx̃·ũ
-    sum_y, sum_yu = sums[:, :, :1], sums[:, :, 1:]
-    syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
-    cg = float(x4.shape[2])
-    s_xk = sum_yu - sum_y * (uc.sum(2, keepdim=True) / cg)
-    a2 = torch.maximum(syy - sum_y.square() / cg, (eps * eps) * syy)
+    if similarity == "cosine":
+        m = k.abs().amax(2, keepdim=True)
+        inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
+        u = k * inv
+        b2 = u.square().sum(2, keepdim=True)
+        y = xs * inv
+        s_xk = torch.matmul(u.transpose(2, 3), y)  # (N, G, 1, P): Σx̃·k̃
+        a2 = torch.maximum(torch.linalg.vector_norm(y, dim=2, keepdim=True).square(), (eps * eps) * b2)
+    else:
+        s = k.mean(2, keepdim=True)
+        kc = k - s
+        m = kc.abs().amax(2, keepdim=True)
+        inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
+        u = kc * inv
+        uc = u - u.mean(2, keepdim=True)
+        b2 = torch.maximum(uc.square().sum(2, keepdim=True),
+                           (eps * eps) * (k * inv).square().sum(2, keepdim=True))
+        y = (xs - s) * inv
+        weights = torch.cat([torch.ones_like(uc), uc], dim=3).transpose(2, 3)  # (N, G, 2, Cg)
+        sums = torch.matmul(weights, y)  # (N, G, 2, P): Σx̃ and Σx̃·ũ
+        sum_y, sum_yu = sums[:, :, :1], sums[:, :, 1:]
+        syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
+        cg = float(x4.shape[2])
+        s_xk = sum_yu - sum_y * (uc.sum(2, keepdim=True) / cg)
+        a2 = torch.maximum(syy - sum_y.square() / cg, (eps * eps) * syy)
     d = a2.sqrt() * b2.sqrt()
     ok = (d > _tiny(d.dtype)) & (d < float("inf"))
     r = torch.where(ok, s_xk / d, torch.zeros_like(d))
-    gate = torch.sigmoid(-r)  # 1 - sigmoid(r) == sigmoid(-r)
+    gate = torch.sigmoid(-r) if reverse else torch.sigmoid(r)  # 1 - sigmoid(r) == sigmoid(-r)
     if alpha != 1.0:
         gate = gate.pow(alpha)
     return (x4 * gate.to(x.dtype)).reshape(x.shape)
 
 
-def spsa_backward(grad_out: Tensor, x: Tensor, alpha: float, heads: int, eps: float) -> Tensor:
+def spsa_backward(grad_out: Tensor, x: Tensor, alpha: float, heads: int, eps: float, reverse: bool = True,
+                  similarity: str = "correlation") -> Tensor:
     """dL/dx of SPSA, analytically, from x and the statistics recomputed from it.
 
     With q = dL/dr / (a·b) and β = dL/dr · r / a² (0 where a or a·b is floored / degenerate):
     dL/dx̃ = q·ũ_c − β·(x̃ − mean x̃); through the key, dL/dũ_c = Σ_p q·(x̃ − mean x̃) − R·ũ_c / b²
     with R = Σ_p dL/dr · r (0 where b is floored), centred over the channels and spread as
     1/(H·W) over the pixels (k is their mean); dL/dx = g·A + dL/dx̃ / m + that key term.
+    The cosine: the same with mean x̃ = 0 and no centring of dL/dũ (ũ = k/m is not centred).
+    dL/dr = Σ_c g·x · dA/dr with dA/dr = ∓alpha·A·sigmoid(±r) (upper sign: reverse).
     """
-    s, inv, uc, b, above_k, mean_y, r, a, ok, above_x = spsa_stats(x.detach(), heads, eps)
+    cosine = similarity == "cosine"
+    s, inv, uc, b, above_k, mean_y, r, a, ok, above_x = spsa_stats(x.detach(), heads, eps, cosine)
     x5 = _grouped(x.detach(), heads)
     g5 = grad_out.unflatten(1, [heads, x.shape[1] // heads]).to(x5.dtype)
     pixels = x.shape[2] * x.shape[3]
-    gate = torch.sigmoid(-r).pow(alpha)
-    grad_r = (g5 * x5).sum(2, keepdim=True) * (-alpha) * gate * torch.sigmoid(r)
+    if reverse:
+        gate = torch.sigmoid(-r).pow(alpha)
+        grad_r = (g5 * x5).sum(2, keepdim=True) * (-alpha) * gate * torch.sigmoid(r)
+    else:
+        gate = torch.sigmoid(r).pow(alpha)
+        grad_r = (g5 * x5).sum(2, keepdim=True) * alpha * gate * torch.sigmoid(-r)
     zero = torch.zeros_like(r)
     q = torch.where(ok, grad_r / torch.where(ok, a * b, torch.ones_like(a)), zero)
     flat = ok & above_x
@@ -146,6 +184,8 @@ def spsa_backward(grad_out: Tensor, x: Tensor, alpha: float, heads: int, eps: fl
     grad_u = torch.matmul(yc.flatten(3), q.reshape(n, g, pixels, 1)).unsqueeze(4)  # Σ_p q·yc
     b2 = torch.where(above_k, b.square(), torch.ones_like(b))
     grad_u = grad_u - torch.where(above_k, big_r / b2, torch.zeros_like(b)) * uc
-    grad_key = (grad_u - grad_u.mean(2, keepdim=True)) * inv / pixels  # dL/dk_c · 1/(H·W)
+    if not cosine:
+        grad_u = grad_u - grad_u.mean(2, keepdim=True)
+    grad_key = grad_u * inv / pixels  # dL/dk_c · 1/(H·W)
     grad_x = yc.mul_(-beta).addcmul_(q, uc).mul_(inv).add_(grad_key).addcmul_(g5, gate)
     return grad_x.flatten(1, 2).to(x.dtype)

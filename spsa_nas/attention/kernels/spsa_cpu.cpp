@@ -8,6 +8,11 @@
 // r = S/(a·b) with the relative eps floors (r = 0 where a·b is 0 or not finite) and
 // out = x · (1 - sigmoid(r))^alpha.
 //
+// The ablation switches, as runtime flags: `reverse` false gives out = x · sigmoid(r)^alpha (a sign
+// on r in the gate: nothing per element); `cosine` (a template parameter, so the default
+// correlation's code is unchanged) takes s = 0, m = max|k|, uc = k/m not centred, b = ‖uc‖,
+// r = Σy·uc / (a·b) with a = max(‖y‖, eps·b).
+//
 // Memory traffic: one read of x for the key, one read of x and one write of out for the rest
 // (a block of pixels is read once from memory and once more from the cache). NCHW works on blocks
 // of 4 SIMD vectors of pixels x the group's channels, the sums in registers; channels_last on one
@@ -19,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -41,6 +47,25 @@ struct GroupKey {
   acc_t sum_uc;   // Σ_c uc_c
   acc_t b;        // floored norm of uc
 };
+
+// Per (n, g), for the cosine: s = 0, 1/m with m = max|k| (1 if 0), uc = k/m, b = ‖uc‖.
+template <typename acc_t>
+GroupKey<acc_t> key_stats_cosine(const double* k, int64_t cg, acc_t* uc) {
+  acc_t m = 0;
+  for (int64_t c = 0; c < cg; ++c) m = std::max(m, std::abs(static_cast<acc_t>(k[c])));
+  acc_t inv = static_cast<acc_t>(1) / (m > 0 ? m : static_cast<acc_t>(1));
+  acc_t norm2 = 0;
+  for (int64_t c = 0; c < cg; ++c) {
+    uc[c] = static_cast<acc_t>(k[c]) * inv;
+    norm2 += uc[c] * uc[c];
+  }
+  GroupKey<acc_t> key;
+  key.s_inv = 0;
+  key.inv = inv;
+  key.sum_uc = 0;
+  key.b = std::sqrt(norm2);
+  return key;
+}
 
 // Per (n, g): the key statistics from the key k (Cg values, double), and uc written to `uc`.
 template <typename acc_t>
@@ -78,16 +103,24 @@ GroupKey<acc_t> key_stats(const double* k, int64_t cg, double eps, acc_t* uc) {
 }
 
 // The gate of one pixel from its sums (the same formula as composite.pixel_correlation).
-template <typename acc_t>
+// `sign` is 1 for the reverse gate 1 - sigmoid(r) = 1/(1 + e^r), -1 for sigmoid(r) = 1/(1 + e^-r).
+template <bool Cos, typename acc_t>
 inline acc_t pixel_gate(acc_t sy, acc_t syu, acc_t syy, const GroupKey<acc_t>& key, acc_t cg,
-                        acc_t eps, double alpha) {
-  acc_t s_xk = syu - sy * key.sum_uc / cg;
-  acc_t var_x = std::max(syy - sy * sy / cg, static_cast<acc_t>(0));
-  acc_t floor_x = eps * std::sqrt(syy);
+                        acc_t eps, double alpha, acc_t sign) {
+  acc_t s_xk, var_x, floor_x;
+  if constexpr (Cos) {
+    s_xk = syu;
+    var_x = syy;
+    floor_x = eps * key.b;
+  } else {
+    s_xk = syu - sy * key.sum_uc / cg;
+    var_x = std::max(syy - sy * sy / cg, static_cast<acc_t>(0));
+    floor_x = eps * std::sqrt(syy);
+  }
   acc_t a = var_x > floor_x * floor_x ? std::sqrt(var_x) : floor_x;
   acc_t d = a * key.b;
   acc_t r = (std::isfinite(d) && d > std::numeric_limits<acc_t>::min()) ? s_xk / d : static_cast<acc_t>(0);
-  acc_t g = static_cast<acc_t>(1) / (static_cast<acc_t>(1) + std::exp(r));  // 1 - sigmoid(r)
+  acc_t g = static_cast<acc_t>(1) / (static_cast<acc_t>(1) + std::exp(sign * r));  // 1 - sigmoid(r) for sign 1
   if (alpha == 1.0) return g;
   if (alpha == 2.0) return g * g;
   return static_cast<acc_t>(std::pow(static_cast<double>(g), alpha));
@@ -143,18 +176,20 @@ std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64
   return k;
 }
 
-template <typename scalar_t, typename acc_t>
+template <bool Cos, typename scalar_t, typename acc_t>
 void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t p, int64_t heads,
-                 double alpha, double eps, bool channels_last) {
+                 double alpha, double eps, bool channels_last, bool reverse) {
   const int64_t cg = c / heads;
   std::vector<double> k = channel_means(x, n, c, p, channels_last);
   std::vector<GroupKey<acc_t>> keys(n * heads);
   std::vector<acc_t> uc(n * c);
   at::parallel_for(0, n * heads, 64, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng)
-      keys[ng] = key_stats<acc_t>(k.data() + ng * cg, cg, eps, uc.data() + ng * cg);
+      keys[ng] = Cos ? key_stats_cosine<acc_t>(k.data() + ng * cg, cg, uc.data() + ng * cg)
+                     : key_stats<acc_t>(k.data() + ng * cg, cg, eps, uc.data() + ng * cg);
   });
   const acc_t cg_a = static_cast<acc_t>(cg), eps_a = static_cast<acc_t>(eps);
+  const acc_t sign = reverse ? static_cast<acc_t>(1) : static_cast<acc_t>(-1);
 
   if (channels_last) {
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p, 16384 / std::max<int64_t>(c, 1)));
@@ -178,7 +213,7 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
               syu += y * u[ch];
               syy += y * y;
             }
-            const scalar_t gate = static_cast<scalar_t>(pixel_gate(sy, syu, syy, key, cg_a, eps_a, alpha));
+            const scalar_t gate = static_cast<scalar_t>(pixel_gate<Cos>(sy, syu, syy, key, cg_a, eps_a, alpha, sign));
             scalar_t* ds = dst + g * cg;
 #pragma omp simd
             for (int64_t ch = 0; ch < cg; ++ch) ds[ch] = xs[ch] * gate;
@@ -221,7 +256,7 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
         for (int w = 0; w < width; ++w)
           for (int64_t l = 0; l < lanes; ++l)
             gates[w * lanes + l] = static_cast<scalar_t>(
-                pixel_gate<acc_t>(sy[w][l], syu[w][l], syy[w][l], key, cg_a, eps_a, alpha));
+                pixel_gate<Cos, acc_t>(sy[w][l], syu[w][l], syy[w][l], key, cg_a, eps_a, alpha, sign));
         V g[width];
         for (int w = 0; w < width; ++w) g[w] = Vec<scalar_t>::load(gates + w * lanes);
         for (int64_t ch = 0; ch < cg; ++ch) {
@@ -244,7 +279,7 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
         }
       }
       for (int64_t q = 0; q < len; ++q)
-        gates[q] = static_cast<scalar_t>(pixel_gate(sy[q], syu[q], syy[q], key, cg_a, eps_a, alpha));
+        gates[q] = static_cast<scalar_t>(pixel_gate<Cos>(sy[q], syu[q], syy[q], key, cg_a, eps_a, alpha, sign));
       for (int64_t ch = 0; ch < cg; ++ch) {
         const scalar_t* row = base + ch * p;
         scalar_t* orow = obase + ch * p;
@@ -266,32 +301,46 @@ void check(const at::Tensor& x, const at::Tensor& out, int64_t heads) {
 }
 
 // out = SPSA(x); x and out NCHW- or channels_last-contiguous with the same strides (out may be x).
-void spsa_forward_out(const at::Tensor& x, at::Tensor& out, double alpha, int64_t heads, double eps) {
+void spsa_forward_out(const at::Tensor& x, at::Tensor& out, double alpha, int64_t heads, double eps,
+                      bool reverse, bool cosine) {
   check(x, out, heads);
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(channels_last || x.is_contiguous(), "spsa_cpu: x must be NCHW- or channels_last-contiguous");
   const int64_t n = x.size(0), c = x.size(1), p = x.size(2) * x.size(3);
   if (x.numel() == 0) return;
-  if (x.scalar_type() == at::kFloat) {
-    spsa_kernel<float, float>(x.data_ptr<float>(), out.data_ptr<float>(), n, c, p, heads, alpha, eps,
-                              channels_last);
+  auto run = [&](auto cos) {
+    constexpr bool Cos = decltype(cos)::value;
+    if (x.scalar_type() == at::kFloat) {
+      spsa_kernel<Cos, float, float>(x.data_ptr<float>(), out.data_ptr<float>(), n, c, p, heads, alpha, eps,
+                                     channels_last, reverse);
+    } else {
+      spsa_kernel<Cos, double, double>(x.data_ptr<double>(), out.data_ptr<double>(), n, c, p, heads, alpha,
+                                       eps, channels_last, reverse);
+    }
+  };
+  if (cosine) {
+    run(std::true_type{});
   } else {
-    spsa_kernel<double, double>(x.data_ptr<double>(), out.data_ptr<double>(), n, c, p, heads, alpha, eps,
-                                channels_last);
+    run(std::false_type{});
   }
 }
 
-at::Tensor spsa_forward(const at::Tensor& x, double alpha, int64_t heads, double eps) {
+at::Tensor spsa_forward(const at::Tensor& x, double alpha, int64_t heads, double eps, bool reverse,
+                        bool cosine) {
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor src = channels_last ? x : x.contiguous();
   at::Tensor out = at::empty_like(src);
-  spsa_forward_out(src, out, alpha, heads, eps);
+  spsa_forward_out(src, out, alpha, heads, eps, reverse, cosine);
   return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &spsa_forward, "SPSA forward (fused CPU kernel)");
-  m.def("forward_out", &spsa_forward_out, "SPSA forward into out (which may be x)");
+  m.def("forward", &spsa_forward, "SPSA forward (fused CPU kernel)", pybind11::arg("x"), pybind11::arg("alpha"),
+        pybind11::arg("heads"), pybind11::arg("eps"), pybind11::arg("reverse") = true,
+        pybind11::arg("cosine") = false);
+  m.def("forward_out", &spsa_forward_out, "SPSA forward into out (which may be x)", pybind11::arg("x"),
+        pybind11::arg("out"), pybind11::arg("alpha"), pybind11::arg("heads"), pybind11::arg("eps"),
+        pybind11::arg("reverse") = true, pybind11::arg("cosine") = false);
 }

@@ -12,6 +12,10 @@ from them), fp32/fp16/bf16 in and out with fp32 statistics (the numerics of
    computes the gate, and runs down the channels again writing x · gate (those reads hit the
    cache). Traffic: x read twice (once from the cache, for small enough blocks) and out written.
 
+The ablation switches are compile-time constants of `_spsa_kernel` (`reverse_`: the gate
+1 - sigmoid(r), else sigmoid(r); `cosine_`: s = 0, m = max|k|, ũ = k/m not centred, b = ‖ũ‖,
+r = Σx̃·ũ / (a·b) with a = max(‖x̃‖, eps·b)), so the default variant's code is unchanged.
+
 Its numerics are tested on the CPU with Triton's interpreter (`TRITON_INTERPRET=1`, set before
 triton is imported), which runs these kernels on CPU tensors; on CUDA by the same tests, when a
 GPU is present.
@@ -59,7 +63,8 @@ if triton is not None:
 
     @triton.jit
     def _spsa_kernel(x_ptr, out_ptr, k_ptr, c, cg, p, heads, s_n, s_c, s_p, alpha, eps,
-                     cg_pow2: tl.constexpr, block_c_: tl.constexpr, block_p_: tl.constexpr):
+                     cg_pow2: tl.constexpr, block_c_: tl.constexpr, block_p_: tl.constexpr,
+                     reverse_: tl.constexpr, cosine_: tl.constexpr):
         ng = tl.program_id(0)
         pb = tl.program_id(1)
         n = ng // heads
@@ -68,17 +73,26 @@ if triton is not None:
         kidx = tl.arange(0, cg_pow2)
         kmask = kidx < cg
         k = tl.load(k_ptr + n * c + g * cg + kidx, mask=kmask, other=0.0)
-        s = tl.sum(k, axis=0) / cg
-        m = tl.max(tl.where(kmask, tl.abs(k - s), 0.0), axis=0)
-        inv = 1.0 / tl.where(m > 0, m, 1.0)
-        u = tl.where(kmask, (k - s) * inv, 0.0)
-        mean_u = tl.sum(u, axis=0) / cg
-        uc = tl.where(kmask, u - mean_u, 0.0)
-        sum_uc = tl.sum(uc, axis=0)
-        norm_k = tl.sqrt(tl.sum(uc * uc, axis=0))
-        kk = tl.where(kmask, k * inv, 0.0)
-        floor_k = eps * tl.sqrt(tl.sum(kk * kk, axis=0))
-        b = tl.where(norm_k > floor_k, norm_k, floor_k)
+        if cosine_:  # no shift, ũ = k/m not centred, b = ‖ũ‖
+            s = 0.0
+            m = tl.max(tl.where(kmask, tl.abs(k), 0.0), axis=0)
+            inv = 1.0 / tl.where(m > 0, m, 1.0)
+            mean_u = 0.0
+            kk = tl.where(kmask, k * inv, 0.0)
+            sum_uc = 0.0
+            b = tl.sqrt(tl.sum(kk * kk, axis=0))
+        else:
+            s = tl.sum(k, axis=0) / cg
+            m = tl.max(tl.where(kmask, tl.abs(k - s), 0.0), axis=0)
+            inv = 1.0 / tl.where(m > 0, m, 1.0)
+            u = tl.where(kmask, (k - s) * inv, 0.0)
+            mean_u = tl.sum(u, axis=0) / cg
+            uc = tl.where(kmask, u - mean_u, 0.0)
+            sum_uc = tl.sum(uc, axis=0)
+            norm_k = tl.sqrt(tl.sum(uc * uc, axis=0))
+            kk = tl.where(kmask, k * inv, 0.0)
+            floor_k = eps * tl.sqrt(tl.sum(kk * kk, axis=0))
+            b = tl.where(norm_k > floor_k, norm_k, floor_k)
         s_inv = s * inv
 
         pix = pb * block_p_ + tl.arange(0, block_p_)
@@ -99,14 +113,22 @@ if triton is not None:
             sy += tl.sum(y, axis=0)
             syu += tl.sum(y * uch[:, None], axis=0)
             syy += tl.sum(y * y, axis=0)
-        s_xk = syu - sy * sum_uc / cg
-        var_x = tl.maximum(syy - sy * sy / cg, 0.0)
-        floor_x = eps * tl.sqrt(syy)
+        if cosine_:
+            s_xk = syu
+            var_x = syy
+            floor_x = eps * b + tl.zeros([block_p_], dtype=tl.float32)
+        else:
+            s_xk = syu - sy * sum_uc / cg
+            var_x = tl.maximum(syy - sy * sy / cg, 0.0)
+            floor_x = eps * tl.sqrt(syy)
         a = tl.where(var_x > floor_x * floor_x, tl.sqrt(var_x), floor_x)
         d = a * b
         ok = (d > 1.1754943508222875e-38) & (d < float("inf"))
         r = tl.where(ok, s_xk / tl.where(ok, d, 1.0), 0.0)
-        gate = 1.0 / (1.0 + tl.exp(r))  # 1 - sigmoid(r)
+        if reverse_:  # noqa: SIM108 (a constexpr branch, compiled alone)
+            gate = 1.0 / (1.0 + tl.exp(r))  # 1 - sigmoid(r)
+        else:
+            gate = 1.0 / (1.0 + tl.exp(-r))  # sigmoid(r)
         gate = tl.where(alpha == 1.0, gate, tl.exp(alpha * tl.log(gate)))
         for c0 in range(0, cg, block_c_):
             chans = c0 + tl.arange(0, block_c_)
@@ -116,8 +138,11 @@ if triton is not None:
             tl.store(obase + offsets, (xv.to(tl.float32) * gate[None, :]).to(xv.dtype), mask=mask)
 
 
-def spsa_forward_out(x: torch.Tensor, out: torch.Tensor, alpha: float, heads: int, eps: float) -> None:
+def spsa_forward_out(x: torch.Tensor, out: torch.Tensor, alpha: float, heads: int, eps: float,
+                     reverse: bool = True, similarity: str = "correlation") -> None:
     """out = SPSA(x) (out may be x; same shape and strides, NCHW or channels_last)."""
+    if similarity not in ("correlation", "cosine"):
+        raise ValueError(f"spsa triton: similarity must be 'correlation' or 'cosine', got {similarity!r}")
     if triton is None:
         raise RuntimeError("Triton is not installed: the CUDA kernel of SPSA needs it (pip install triton)")
     if x.shape != out.shape or x.stride() != out.stride():
@@ -139,4 +164,5 @@ def spsa_forward_out(x: torch.Tensor, out: torch.Tensor, alpha: float, heads: in
     _spsa_kernel[(n * heads, triton.cdiv(p, block_p))](
         x, out, k, c, cg, p, heads, s_n, s_c, s_p, float(alpha), float(eps),
         cg_pow2=triton.next_power_of_2(cg), block_c_=block_c, block_p_=block_p,
+        reverse_=bool(reverse), cosine_=similarity == "cosine",
     )
