@@ -34,6 +34,13 @@ class SPSAMap:
     input_mean: np.ndarray  # (H, W): the input's mean over channels
     weight: np.ndarray  # (H, W): A, averaged over heads when there are several
     output_mean: np.ndarray  # (H, W): the output's mean over channels
+    reverse: bool = True  # the module's gate: (1 - sigmoid(r))^alpha, else sigmoid(r)^alpha
+    similarity: str = "correlation"  # the module's r: "correlation" or "cosine"
+
+    def switches(self) -> str:
+        """The module's non-default ablation switches, e.g. "reverse off, cosine" ("" for none)."""
+        return ", ".join(([] if self.reverse else ["reverse off"])
+                         + ([] if self.similarity == "correlation" else [self.similarity]))
 
 
 def load_image(data: bytes | Path, *, in_channels: int, size: int) -> torch.Tensor:
@@ -92,7 +99,8 @@ def _select(found: dict[str, SPSA], modules: Sequence[str] | None) -> list[str]:
 def _weight(x: torch.Tensor, out: torch.Tensor, heads: int, alpha: float) -> torch.Tensor:
     """A of each pixel and head, read back from SPSA's own input and output (out = x · A): per head,
     at the channel where |x| is largest; a pixel vector that is zero everywhere has A = 0.5 ** alpha
-    by SPSA's definition. Works for every implementation of the operator, fused ones included."""
+    by SPSA's definition (r = 0, whatever the gate and similarity). Works for every implementation of
+    the operator, fused ones included, and so for the module's own `reverse` and `similarity`."""
     n, c, h, w = x.shape
     xs = x.reshape(n, heads, c // heads, h, w)
     outs = out.reshape(n, heads, c // heads, h, w)
@@ -148,7 +156,7 @@ def capture_spsa_maps(
         maps.append(SPSAMap(
             name=name, block=_block_of(name), alpha=module.alpha, heads=module.heads,
             input_mean=x[0].mean(0).cpu().numpy(), weight=weight[0].mean(0).cpu().numpy(),
-            output_mean=out[0].mean(0).cpu().numpy(),
+            output_mean=out[0].mean(0).cpu().numpy(), reverse=module.reverse, similarity=module.similarity,
         ))
     return maps
 
@@ -189,7 +197,8 @@ def render_maps(image: torch.Tensor, maps: Sequence[SPSAMap], title: str = "") -
         draw.text((6, 4), title, fill="black", font=font)
     y = header
     for entry in maps:
-        draw.text((6, y + 2), f"{entry.block}  (alpha={entry.alpha:g}, heads={entry.heads}, "
+        switches = f"{entry.switches()}, " if entry.switches() else ""
+        draw.text((6, y + 2), f"{entry.block}  (alpha={entry.alpha:g}, heads={entry.heads}, {switches}"
                   f"{entry.weight.shape[0]}x{entry.weight.shape[1]})", fill="black", font=font)
         y += 18
         panels = [

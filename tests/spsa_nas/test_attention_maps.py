@@ -59,6 +59,68 @@ def test_spsa_weights_the_bright_square_over_the_background() -> None:
     torch.testing.assert_close(torch.from_numpy(entry.input_mean), x[0].mean(0))
 
 
+def profiled_square(channels: int = 8, size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
+    """A bright square whose channel profile differs from the background's (the paper's Fig. 3 setting).
+
+    Background pixels all carry the profile q = 0.2 + 0.1·(1, −1, 1, −1, …); the 4×4 square (16 of
+    256 pixels) carries p = 1 + 0.5·(1, 1, −1, −1, …): five times brighter and with another pattern
+    (orthogonal to q's once both are centred). The key, the mean over all pixels, is
+    0.94·q + 0.06·p: dominated by the background. So background pixels resemble the key (Pearson
+    r ≈ 0.95, cosine ≈ 0.99) and the square's much less (r ≈ 0.32, cosine ≈ 0.88). The paper's
+    reversed gate A = 1 − σ(r) therefore gives the background a LOW weight and the square a higher
+    one — SPSA suppresses what looks like the global context and lifts what stands out — while the
+    plain gate A = σ(r) does the opposite.
+    """
+    generator = torch.Generator().manual_seed(3)
+    alternate = torch.tensor([1.0, -1.0] * (channels // 2))
+    pairs = torch.tensor([1.0, 1.0, -1.0, -1.0] * (channels // 4))
+    q, p = 0.2 + 0.1 * alternate, 1.0 + 0.5 * pairs
+    x = q[:, None, None].expand(channels, size, size).clone()
+    square = np.zeros((size, size), dtype=bool)
+    square[6:10, 6:10] = True
+    x[:, torch.from_numpy(square)] = p[:, None]
+    x += 0.01 * torch.randn(x.shape, generator=generator)
+    return x[None], square
+
+
+@pytest.mark.parametrize("similarity", ["correlation", "cosine"])
+def test_fig3_reverse_weights_the_square_and_no_reverse_the_background(similarity: str) -> None:
+    """The paper's Fig. 3 claim on `profiled_square`: with the reverse, A is higher on the square
+    than anywhere on the background; without it, lower. The maps come from the modules' own
+    switches (capture_spsa_maps reads A back from each module's output)."""
+    x, square = profiled_square()
+    maps = {}
+    for reverse in (True, False):
+        model = torch.nn.Sequential()
+        model.add_module("spsa", SPSA(8, reverse=reverse, similarity=similarity))  # type: ignore[arg-type]
+        (entry,) = capture_spsa_maps(model, x)
+        assert (entry.reverse, entry.similarity) == (reverse, similarity)
+        maps[reverse] = entry.weight
+    assert maps[True][square].min() > maps[True][~square].max() + 0.01
+    assert maps[False][square].max() < maps[False][~square].min() - 0.01
+    # for alpha = 1 the two gates are complements: σ(r) = 1 − (1 − σ(r))
+    np.testing.assert_allclose(maps[False], 1.0 - maps[True], atol=1e-5)
+    # and A is the switched formula itself, written out here in float64
+    xs = x[0].double()
+    key = xs.mean((1, 2))
+    if similarity == "correlation":
+        xs, key = xs - xs.mean(0), key - key.mean()
+    r = (xs * key[:, None, None]).sum(0) / (xs.norm(dim=0) * key.norm())
+    np.testing.assert_allclose(maps[False], torch.sigmoid(r).numpy(), atol=1e-5)
+
+
+def test_the_figure_names_non_default_switches() -> None:
+    x, _ = profiled_square()
+    model = torch.nn.Sequential()
+    model.add_module("spsa", SPSA(8, reverse=False, similarity="cosine"))
+    (entry,) = capture_spsa_maps(model, x)
+    assert entry.switches() == "reverse off, cosine"
+    default = torch.nn.Sequential()
+    default.add_module("spsa", SPSA(8))
+    assert capture_spsa_maps(default, x)[0].switches() == ""
+    assert Image.open(io.BytesIO(attention_map_png(model, x))).format == "PNG"
+
+
 def _formula(x: torch.Tensor, heads: int, alpha: float) -> torch.Tensor:
     """A per head, written out from the paper's definition (no eps needed on these inputs)."""
     n, c, h, w = x.shape
