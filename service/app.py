@@ -10,7 +10,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.api.errors import install_handlers
 from service.api.limits import BodySizeLimit
-from service.api.routes import compare, downloads, health, login, maps, searches, spaces
+from service.api.routes import compare, downloads, health, login, maps, remeasure, searches, spaces
 from service.api.schemas import Message, with_quotas
 from service.core.settings import Settings
 from service.runtime import Runtime, build_runtime
@@ -47,6 +47,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None) -> FastAPI
     api.include_router(downloads.router)
     api.include_router(maps.router)
     api.include_router(compare.router)
+    api.include_router(remeasure.router)
     api.include_router(spaces.router)
     app.include_router(api)
     app.include_router(health.router)

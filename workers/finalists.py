@@ -111,4 +111,76 @@ def record_failure(study: optuna.Study, device: str, error: str) -> None:
     _write_note(study, finalists_note(record, []))
 
 
-__all__ = ["record_failure", "remeasure_finalists"]
+def remeasure_task(storage_url: str, study_name: str, *, device: str, lock_dir: str | None,
+                   pause_training: bool) -> dict[str, Any] | None:
+    """The body of the Ray task that re-measures a study's finalists on a worker (at the end of a
+    run, and on demand): under the host's latency gate; a failure is recorded in the study (the
+    study attr's `error`) and raised. `device` "auto": the worker's GPU when Ray gave it one."""
+    import ray
+
+    from search_spaces.storage import open_storage
+    from workers.latency_gate import NodeGate
+
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        gate = NodeGate(lock_dir, pause_training=pause_training)
+        try:
+            return remeasure_finalists(study, device=device, latency_lock=gate.latency_lock)
+        except Exception as exc:
+            record_failure(study, device, f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            gate.close()
+    finally:
+        storage.close()
+
+
+def remeasure_on_ray(
+    study_name: str,
+    storage_url: str,
+    *,
+    options: Any = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_s: float = 1.0,
+) -> dict[str, Any] | None:
+    """Re-measure a finished study's finalists on demand, as a run does at its end: one Ray task with
+    a trial's resources of the study's config (workers.ray_runner.RunnerOptions `options`: lock dir,
+    memory, custom resources), on a Ray the caller connected. `should_stop()`, polled every `poll_s`,
+    cancels the task (None is returned then). Returns the record (FINALISTS_ATTR), or None when the
+    study has no finalist; the task's error is raised (and recorded in the study)."""
+    import ray
+
+    from search_spaces.finalists import finalist_trials
+    from workers.ray_runner import RunnerOptions
+
+    options = options or RunnerOptions()
+    storage = None
+    try:
+        from search_spaces.storage import open_storage
+
+        storage = open_storage(storage_url)
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        if not finalist_trials(study):
+            return None
+        cfg = study_config(study)
+    finally:
+        if storage is not None:
+            storage.close()
+    resources = cfg.resources
+    ref = ray.remote(remeasure_task).options(
+        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+        memory=options.memory_limit(resources), resources=dict(options.resources) or None,
+        max_retries=0, retry_exceptions=False, name=f"spsa-nas-remeasure:{study_name}",
+    ).remote(storage_url, study_name, device=cfg.device, lock_dir=options.lock_dir,
+             pause_training=options.pause_training_during_latency)
+    while not ray.wait([ref], timeout=poll_s)[0]:
+        if should_stop is not None and should_stop():
+            ray.cancel(ref, force=True)
+            return None
+    return ray.get(ref)  # type: ignore[no-any-return]
+
+
+__all__ = ["record_failure", "remeasure_finalists", "remeasure_on_ray", "remeasure_task"]

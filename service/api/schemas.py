@@ -257,6 +257,24 @@ class Progress(BaseModel):
     mean_trial_s: float | None = Field(description="mean duration of the finished trials")
 
 
+class RemeasureStatus(BaseModel):
+    state: Literal["none", "pending", "running", "done", "failed"] = Field(
+        description="none: never asked; pending: asked, not started; running; done; failed (`error`)"
+    )
+    requested_at: UTCDatetime | None = Field(description="when the pending one was asked for")
+    started_at: UTCDatetime | None = Field(description="when a coordinator last took one")
+    finished_at: UTCDatetime | None = Field(description="when the last one finished")
+    error: str | None = Field(description="why the last one failed")
+    count: int = Field(description="re-measurements finished on demand")
+
+
+class RemeasurePublic(BaseModel):
+    search_id: str
+    remeasure: RemeasureStatus
+    links: dict[str, str] = Field(description="where to watch it (`search`: its `remeasure`) and where "
+                                              "the re-measured figures show (`pareto`, `best`, `trials`)")
+
+
 class SearchPublic(BaseModel):
     id: str
     name: str | None
@@ -272,6 +290,9 @@ class SearchPublic(BaseModel):
     )
     progress: Progress | None = Field(None, description="trial counts, best so far, timings")
     summary: RunReport | None = Field(None, description="the runner's report once the search ended")
+    remeasure: RemeasureStatus | None = Field(
+        None, description="the on-demand re-measurement of its finalists (POST .../remeasure)"
+    )
     links: Links
 
     @field_validator("config")

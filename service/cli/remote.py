@@ -1,5 +1,5 @@
 """`spsa-nas remote ...`: a client of a running server over HTTP (submit, status, cancel, best, download,
-compare)."""
+compare, remeasure)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ def register(subparsers: Any) -> None:
         "compare", help="a search's completed trials by choice (SPSA vs NL vs GC, reverse, similarity)")
     compare.add_argument("id")
     compare.add_argument("--json", action="store_true", help="print JSON")
+    remeasure = remote_sub.add_parser(
+        "remeasure", help="re-measure a finished search's finalists together (watch `status ID`)")
+    remeasure.add_argument("id")
     for sub in (best, download):
         sub.add_argument("--latency-budget-ms", type=float, help="the best trial under this latency")
         sub.add_argument("--trial", type=int, help="this trial number instead of the best")
-    for sub in (submit, status, cancel, best, download, compare):
+    for sub in (submit, status, cancel, best, download, compare, remeasure):
         sub.add_argument(
             "--url",
             default=os.environ.get("SPSA_NAS_URL", DEFAULT_URL),
@@ -105,6 +108,8 @@ def _remote_call(args: argparse.Namespace, client: Any) -> int:
         print(json.dumps(_check(client.get(path)).json(), indent=2))
     elif command == "cancel":
         print(json.dumps(_check(client.post(f"{base}/{args.id}/cancel")).json(), indent=2))
+    elif command == "remeasure":
+        print(json.dumps(_check(client.post(f"{base}/{args.id}/remeasure")).json(), indent=2))
     elif command == "compare":
         summary = _check(client.get(f"{base}/{args.id}/compare")).json()
         if args.json:

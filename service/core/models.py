@@ -73,6 +73,17 @@ class Search(Base):
     lease_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Served first when higher (an admin raises it); ties are served round-robin across owners.
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # On-demand re-measurement of a finished search's finalists (POST .../remeasure; migration 0006):
+    # pending while `remeasure_requested_at` is set; a coordinator claims it (owner, lease on the
+    # database's clock), runs it, then clears the request and records when it finished (and why
+    # it failed). `remeasure_count`: re-measurements finished on demand.
+    remeasure_requested_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, index=True)
+    remeasure_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    remeasure_expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    remeasure_started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    remeasure_finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    remeasure_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    remeasure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     owner: Mapped[User] = relationship()
 

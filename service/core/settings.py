@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     max_active_searches_per_user: int = Field(8, ge=1)
     max_queued_searches_per_user: int = Field(6, ge=1)
     max_running_searches_per_user: int = Field(2, ge=1)
+    # Re-measurements of finalists asked for on demand (POST .../remeasure) and not finished, per
+    # user (one per search at most; 429 beyond it). Each holds the host's latency gate for a while.
+    max_pending_remeasures_per_user: int = Field(2, ge=1)
     # Bytes of trial weights and ONNX exports of a user's searches; beyond it new searches answer 429.
     max_artifact_bytes_per_user: int = Field(20 * 2**30, ge=0)
     # Below this many free bytes on the artifact or data disk, new searches answer 507.

@@ -26,6 +26,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from search_spaces.run import RunReport
 from service import crud
@@ -42,6 +43,20 @@ RECORD_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)  # between tries of recording a se
 
 # run_search(study_name, storage_url, *, artifact_dir, ray_address, should_cancel) -> RunReport
 Runner = Callable[..., RunReport]
+# remeasure_on_ray(study_name, storage_url, *, should_stop) -> the finalists' record, or None
+Remeasurer = Callable[..., dict[str, Any] | None]
+
+
+def _runner_options(settings: Settings) -> Any:
+    from workers.ray_runner import RunnerOptions
+
+    memory = int(settings.trial_memory_gb * 2**30) if settings.trial_memory_gb else None
+    return RunnerOptions(
+        lease_s=settings.trial_lease_s,
+        nice=settings.trial_nice or None,
+        memory_bytes=memory,
+        pending_timeout_s=settings.trial_pending_timeout_s,
+    )
 
 
 def ray_runner(settings: Settings) -> Runner:
@@ -49,26 +64,32 @@ def ray_runner(settings: Settings) -> Runner:
     bound (when a search sets none) and the time a trial may wait for resources."""
     from functools import partial
 
-    from workers.ray_runner import RunnerOptions, run_search
+    from workers.ray_runner import run_search
 
-    memory = int(settings.trial_memory_gb * 2**30) if settings.trial_memory_gb else None
-    options = RunnerOptions(
-        lease_s=settings.trial_lease_s,
-        nice=settings.trial_nice or None,
-        memory_bytes=memory,
-        pending_timeout_s=settings.trial_pending_timeout_s,
-    )
-    return partial(run_search, options=options)
+    return partial(run_search, options=_runner_options(settings))
+
+
+def ray_remeasurer(settings: Settings) -> Remeasurer:
+    """workers.finalists.remeasure_on_ray with this service's per-trial memory bound: the on-demand
+    re-measurement of a finished search's finalists, the same as a run's end does."""
+    from functools import partial
+
+    from workers.finalists import remeasure_on_ray
+
+    return partial(remeasure_on_ray, options=_runner_options(settings), poll_s=settings.dispatcher_poll_s)
 
 
 class Dispatcher:
     """`settings.concurrent_searches` threads running searches, plus one watcher of their rows."""
 
-    def __init__(self, runtime: Runtime, *, runner: Runner | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, *, runner: Runner | None = None, remeasurer: Remeasurer | None = None
+    ) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         self.owner = f"spsa-nas-{uuid.uuid4()}"  # this process's claims
         self._runner = runner
+        self._remeasurer = remeasurer
         self._stop = threading.Event()
         self._draining = threading.Event()  # claim nothing more; let the running searches finish
         self._held: dict[str, str] = {}  # search id -> last known status, LOST or OUTAGE
@@ -152,6 +173,8 @@ class Dispatcher:
             if self._disk_full() is not None:  # start nothing while the disk is full
                 self._stop.wait(self.settings.dispatcher_poll_s)
                 continue
+            if self._remeasure_next():  # asked-for re-measurements first: short, and their users wait
+                continue
             try:
                 with self.runtime.sessions() as session:
                     search = crud.claim_next_search(
@@ -170,6 +193,72 @@ class Dispatcher:
                 self._run(search)
             except Exception:  # never the silent end of a dispatcher thread
                 log.exception("search %s: the dispatcher could not run it; its lease will expire", search.id)
+
+    # --- on-demand re-measurements of finished searches' finalists ------------------------------
+    def _remeasure_next(self) -> bool:
+        """Claim and run one pending re-measurement (POST .../remeasure); False when none is pending."""
+        try:
+            with self.runtime.sessions() as session:
+                search = crud.claim_remeasure(session, owner=self.owner, lease_s=self.settings.lease_s)
+        except Exception:
+            log.exception("dispatcher: cannot claim a re-measurement (database unreachable?)")
+            return False
+        if search is None:
+            return False
+        try:
+            self._remeasure(search)
+        except Exception:  # never the silent end of a dispatcher thread; the claim expires
+            log.exception("search %s: the dispatcher could not re-measure its finalists", search.id)
+        return True
+
+    def _remeasure(self, search: Search) -> None:
+        """Run the finalists' re-measurement of `search` (the same as at the end of a run), renewing
+        the claim every lease_s / 3 while it runs; then clear the request and record when it finished
+        (and its error). Stopped by our shutdown, or with the claim lost: released, still pending."""
+        search_id, lease_s = search.id, self.settings.lease_s
+        renewed, lost = time.monotonic(), False
+
+        def should_stop() -> bool:
+            nonlocal renewed, lost
+            if self._stop.is_set() or lost:
+                return True
+            if time.monotonic() - renewed >= lease_s / 3:
+                try:
+                    with self.runtime.sessions() as session:
+                        ours = crud.renew_remeasure(
+                            session, search_id=search_id, owner=self.owner, lease_s=lease_s
+                        )
+                except Exception:
+                    log.exception("search %s: cannot renew its re-measurement's claim", search_id)
+                    ours = time.monotonic() - renewed < lease_s
+                    if ours:
+                        return False
+                if ours:
+                    renewed = time.monotonic()
+                else:
+                    lost = True
+            return lost
+
+        log.info("search %s: re-measuring its finalists (asked %s)", search_id, search.remeasure_requested_at)
+        error = None
+        try:
+            remeasurer = self._remeasurer or ray_remeasurer(self.settings)
+            record = remeasurer(search.study_name, self.settings.db_url, should_stop=should_stop)
+            if record is None and not should_stop():
+                error = "the search has no complete trial with a spec: nothing to re-measure"
+            elif record is not None and record.get("error"):
+                error = str(record["error"])
+        except Exception as exc:
+            log.warning("search %s: the re-measurement failed:\n%s", search_id, traceback.format_exc())
+            error = f"{type(exc).__name__}: {exc}"[-2000:]
+        with self.runtime.sessions() as session:
+            if self._stop.is_set() or lost:
+                crud.release_remeasure(session, search_id=search_id, owner=self.owner)
+                log.info("search %s: re-measurement released unfinished (still pending)", search_id)
+                return
+            done = crud.finish_remeasure(session, search_id=search_id, owner=self.owner, error=error)
+        log.info("search %s: re-measurement %s", search_id,
+                 ("failed: " + error if error else "done") if done else "taken over meanwhile")
 
     def _should_cancel(self, search_id: str) -> bool:
         if self._stop.is_set():

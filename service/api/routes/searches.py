@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -24,6 +26,7 @@ from service.api.schemas import (
     Links,
     Message,
     PriorityUpdate,
+    RemeasureStatus,
     SearchCreate,
     SearchesPublic,
     SearchPublic,
@@ -97,7 +100,7 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
     config = runtime.studies.config(search.study_name) or {}  # stored once: with the study
     progress = None
     if with_progress:
-        study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
+        study = study_view(runtime, search)
         progress = results.progress(search, study, int(config.get("trials", 0)))
     return SearchPublic(
         **_summary_fields(request, search, runtime),
@@ -109,6 +112,7 @@ def _public(request: Request, search: Search, runtime: Runtime, *, with_progress
         config=redact_json(config, runtime.settings),
         progress=progress,
         summary=_report(search, runtime),
+        remeasure=RemeasureStatus.model_validate(crud.remeasure_status(search)),
     )
 
 
@@ -206,8 +210,26 @@ def read_search(
     return _public(request, find_search(session, search_id, user), runtime, with_progress=True)
 
 
+# The last on-demand re-measurement's end this process saw, per search: a finished search's snapshot
+# is cached for good (StudyCache), so one re-measured since is reloaded once, here.
+_REMEASURED_SEEN: dict[str, datetime | None] = {}
+_REMEASURED_LOCK = threading.Lock()
+
+
+def study_view(runtime: Runtime, search: Search) -> StudyView | None:
+    """The search's study snapshot (None when the study is gone), reloaded when a re-measurement of
+    its finalists finished since this process last looked (the row says when)."""
+    finished = search.remeasure_finished_at
+    with _REMEASURED_LOCK:
+        seen = _REMEASURED_SEEN.get(search.id, finished)
+        _REMEASURED_SEEN[search.id] = finished
+    if seen != finished:
+        runtime.studies.forget(search.study_name)  # its figures changed since that snapshot
+    return runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
+
+
 def _study(runtime: Runtime, search: Search) -> StudyView:
-    study = runtime.studies.view(search.study_name, final=search.status in FINAL_STATES)
+    study = study_view(runtime, search)
     if study is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="the search's study is gone from the storage")
     return study
