@@ -492,8 +492,9 @@ def _dynamo_limits(models: int) -> contextlib.AbstractContextManager[Any]:
 def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, device: torch.device,
                 x: torch.Tensor) -> Iterator[list[_Prepared]]:
     """Each model (in eval mode on `device`) ready to be timed in `cfg.runtime`, each run once
-    untimed: eager as it is; compiled by `torch.compile` (default mode; the first call compiles,
-    under inference mode like the timed calls; dynamo's caches reset before and after);
+    untimed: eager as it is; compiled by `torch.compile` (default mode, fullgraph: a model dynamo
+    cannot capture whole is an error, not a figure of a partly eager model; the first call
+    compiles, under inference mode like the timed calls; dynamo's caches reset before and after);
     onnxruntime: exported by spsa_nas.export.export_model_onnx (the exporter of the trial's
     download) for the timed input's shape, the graph hashed, and run by an InferenceSession bound
     to the input (_OrtForward). A failure names the runtime and the model."""
@@ -510,7 +511,7 @@ def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, devi
                 for name, model in named:
                     begin = time.perf_counter()
                     try:
-                        compiled = torch.compile(model)
+                        compiled = torch.compile(model, fullgraph=True)
                         with torch.inference_mode():
                             compiled(x)
                     except Exception as exc:
