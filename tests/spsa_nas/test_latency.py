@@ -33,7 +33,9 @@ CONTRACT_FIELDS = {"median_ms", "p90_ms", "mean_ms", "std_ms", "iqr_ms", "min_ms
 # ... and what the current protocols add to it.
 NEW_FIELDS = {"protocol", "ci_low_ms", "ci_high_ms", "ci_level", "blocks", "block_size", "ci_extensions",
               "converged", "settled", "reference", "reference_ms", "ratio", "ratio_ci_low",
-              "ratio_ci_high", "group_size", "affinity", "clocks", "measured_at"}
+              "ratio_ci_high", "group_size", "affinity", "clocks", "measured_at",
+              # the runtime (LatencyConfig.runtime) and what it took to prepare it
+              "runtime", "runtime_version", "prepare_s", "onnx_graph_sha256"}
 SIMPLE = {"protocol": "simple", "threads": None}  # the first protocol, with its default threads
 
 
