@@ -16,6 +16,13 @@ convention of the SPSA paper's tables (torchvision ResNet-50 at 1x3x224x224: 4.1
   with a batched matmul (the compiled path uses plain reductions; the count must not depend on
   which).
 
+The spatial baselines a stage may carry instead of SPSA are counted by these rules as they are:
+the non-local block's θ/φ/g/W convolutions, its two batched matrix products (the affinity,
+quadratic in the positions, and its product with g) and its eval BatchNorm1d (softmax and
+max-pool free); the GC block's context convolution, its weighted sum over positions (a batched
+matrix product), its bottleneck convolutions and its LayerNorm (tests/spsa_nas/test_counting.py
+checks both against a hand count).
+
 Convolutions and matrix products are counted at the aten-operator level with
 `torch.utils.flop_counter.FlopCounterMode` (which counts 2 FLOPs per MAC; halved here); norms
 and pools at the torch-function level with a `TorchFunctionMode`, so that functional calls count

@@ -80,12 +80,8 @@ class BlockAttention(nn.Module):
 
 def make_spsa(channels: int, stage: StageSpec, *, inplace: bool = False) -> SPSA:
     """SPSA with the stage's heads, alpha, gate direction and similarity."""
-    switches: dict[str, object] = {}
-    if not stage.spsa_reverse:  # only when not the default: SPSA's defaults are the paper's
-        switches["reverse"] = False
-    if stage.spsa_similarity != "correlation":
-        switches["similarity"] = stage.spsa_similarity
-    return SPSA(channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads, inplace=inplace, **switches)
+    return SPSA(channels, alpha=stage.spsa_alpha, heads=stage.spsa_heads, inplace=inplace,
+                reverse=stage.spsa_reverse, similarity=stage.spsa_similarity)
 
 
 def make_spatial(channels: int, stage: StageSpec) -> nn.Module | None:

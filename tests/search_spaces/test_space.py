@@ -260,3 +260,46 @@ def test_one_by_one_stage_drops_spsa_from_spatial_but_keeps_the_blocks() -> None
     assert stages[3].spatial == ["none", "gc"] and stages[3].spsa == [False]
     assert stages[2].spatial == ["none", "spsa", "gc"]
     assert any("stage 4 (layer4) is 1x1" in note for note in space.notes)
+
+
+@pytest.mark.slow
+def test_a_search_on_spatial_ablation_runs_through_the_local_runner(tmp_path: Path) -> None:
+    """Two real trials (digits, 1 epoch) of the built-in space, enqueued so that NL, GC and SPSA
+    with each switch flipped are sure to be trained, measured and stored (minutes on 2 cores)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from search_spaces.config import SearchConfig
+    from search_spaces.study import create_study
+    from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+    from spsa_nas.spec import ArchSpec
+    from workers.local import run_local
+
+    url = f"sqlite:///{tmp_path}/study.db"
+    cfg = SearchConfig(study_name="ablation", space="spatial_ablation",
+                       dataset=DataConfig(name="digits", train_subset=160), trials=2,
+                       train=TrainConfig(epochs=1, batch_size=16), latency=LatencyConfig(repeats=3, warmup=1),
+                       device="cpu")
+    study = create_study(cfg, url)
+    study.enqueue_trial({"s1.spatial": "nonlocal", "s2.spatial": "gc", "s3.spatial": "spsa",
+                         "s3.reverse": False, "s3.similarity": "cosine", "s4.spatial": "none"})
+    study.enqueue_trial({"s1.spatial": "spsa", "s1.reverse": True, "s1.similarity": "correlation",
+                         "s2.spatial": "nonlocal", "s3.spatial": "gc", "s4.spatial": "spsa",
+                         "s4.reverse": False, "s4.similarity": "correlation"})
+    report = run_local("ablation", url, artifact_dir=tmp_path / "artifacts")
+    assert report.outcome == "done" and report.finished == 2, report.last_error
+    trials = optuna.load_study(study_name="ablation", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2, [t.user_attrs.get("error") for t in trials]
+    first = ArchSpec.model_validate(trials[0].user_attrs["spec"])
+    assert [s.spatial for s in first.stages] == ["nonlocal", "gc", "spsa", "none"]
+    assert not first.stages[2].spsa_reverse and first.stages[2].spsa_similarity == "cosine"
+    assert trials[0].user_attrs["spec"]["stages"][2]["spsa_reverse"] is False  # stored as chosen
+    plain = ArchSpec.plain("resnet18", num_classes=10, in_channels=1, stem="cifar", input_size=16, width=0.25)
+    from spsa_nas import build_model
+    from spsa_nas.counting import count_params
+
+    assert trials[0].user_attrs["params"] > count_params(build_model(plain))  # NL and GC weigh
+    for t in trials:
+        assert 0.0 <= t.user_attrs["val_acc"] <= 1.0 and t.user_attrs["latency_ms"] > 0
+        names = {f"s{n}.{p}" for n in range(1, 5) for p in ("spatial", "reverse", "similarity")}
+        assert set(t.params) <= names

@@ -175,7 +175,12 @@ def test_spatial_and_similarity_names_match_the_modules() -> None:
 
     assert SPATIAL_ATTENTIONS == ("none", "nonlocal", "gc")
     assert SIMILARITIES == ("correlation", "cosine")
-    import spsa_nas.attention.spsa as spsa_module
+    from spsa_nas.attention.gc import GCBlock
+    from spsa_nas.attention.nonlocal_block import NonLocalBlock
+    from spsa_nas.attention.spsa import SIMILARITIES as SPSA_SIMILARITIES
+    from spsa_nas.models._attn import make_spatial
 
-    if hasattr(spsa_module, "SIMILARITIES"):  # the SPSA module's own list, where it has one
-        assert tuple(spsa_module.SIMILARITIES) == SIMILARITIES
+    assert tuple(SPSA_SIMILARITIES) == SIMILARITIES  # the spec's (no torch) and the module's agree
+    assert make_spatial(16, StageSpec()) is None
+    assert isinstance(make_spatial(16, StageSpec(spatial_attn="nonlocal")), NonLocalBlock)
+    assert isinstance(make_spatial(16, StageSpec(spatial_attn="gc")), GCBlock)
