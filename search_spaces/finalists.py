@@ -254,7 +254,7 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
     accuracy_noise = (f"one training seed per candidate: accuracy noise is not measured here; differences "
                       f"within ± {accuracy_tolerance:g} are taken as noise (accuracy_tolerance)")
     if record is not None and record.get("trials"):
-        latency_noise = (f"{record.get('ci_level', 0.95):g} confidence intervals; finalists re-measured "
+        latency_noise = (f"{record.get('ci_level') or 0.95:g} confidence intervals; finalists re-measured "
                          f"together at {record.get('at')} on {record.get('device')}, other trials first pass")
     else:
         latency_noise = "first-pass confidence intervals (the finalists were not re-measured together)"

@@ -9,6 +9,8 @@ from typing import Any
 import optuna
 from sqlalchemy import update
 
+from search_spaces.finalists import remeasurement_record
+from search_spaces.keys import FINALISTS_ATTR
 from service import crud
 from service.core.models import COMPLETED, Search
 from tests.service.conftest import Service, tiny_spec
@@ -132,3 +134,31 @@ def test_an_expired_claim_is_taken_over(service: Service) -> None:
         assert row is not None and row.id == search["id"] and row.remeasure_owner == "alive"
         assert not crud.finish_remeasure(session, search_id=search["id"], owner="dead")
         assert crud.finish_remeasure(session, search_id=search["id"], owner="alive")
+
+
+def test_a_finished_searchs_snapshot_is_reloaded_after_a_remeasurement(service: Service) -> None:
+    """A finished search's study snapshot is cached for good; once a re-measurement finished (the row
+    says when), /pareto and /best answer its figures, not the snapshot's."""
+    fay = service.user()
+    search = _finished(service, fay)
+    base = search["links"]["self"]
+    before = service.client.get(f"{base}/pareto", headers=fay).json()["data"]
+    assert before and "latency_remeasured_ms" not in before[0]["metrics"]  # cached now, without figures
+    assert service.client.post(f"{base}/remeasure", headers=fay).status_code == 202
+    _only_pending(service, search["id"])
+    study = service.study(search)  # what the coordinator's task writes ...
+    numbers = [t.number for t in study.get_trials()]
+    record = remeasurement_record({n: {"median_ms": 1.5, "figure_ms": 1.25} for n in numbers}, device="cpu",
+                                  reference=None)
+    study.set_user_attr(FINALISTS_ATTR, record)
+    assert "latency_remeasured_ms" not in service.client.get(f"{base}/pareto", headers=fay).json()["data"][0][
+        "metrics"]  # ... unseen while the request runs: the snapshot is the finished search's
+    with service.runtime.sessions() as session:  # ... and its dispatcher, once it ran
+        assert crud.claim_remeasure(session, owner="c", lease_s=60) is not None
+        assert crud.finish_remeasure(session, search_id=search["id"], owner="c")
+    after = service.client.get(f"{base}/pareto", headers=fay).json()["data"]
+    assert [t["metrics"]["latency_remeasured_ms"] for t in after] == [1.25] * len(after)
+    assert after[0]["metrics"]["latency_remeasured_at"] == record["at"]
+    best = service.client.get(f"{base}/best", headers=fay).json()
+    assert best["metrics"]["latency_remeasured_ms"] == 1.25
+    assert best["tie"]["tied"][0]["latency_source"] == "remeasured"
