@@ -51,6 +51,67 @@ def test_kernel_equals_reference(shape: tuple[int, ...], heads: int, channels_la
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+#: (reverse, similarity) of the three non-default variants (the ablation switches of issue 13)
+SWITCHES = [(False, "correlation"), (True, "cosine"), (False, "cosine")]
+SWITCH_IDS = ["norev-correlation", "rev-cosine", "norev-cosine"]
+
+
+@pytest.mark.parametrize(("reverse", "similarity"), SWITCHES, ids=SWITCH_IDS)
+@pytest.mark.parametrize(("shape", "heads"), SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_switched_kernel_equals_reference(shape: tuple[int, ...], heads: int, channels_last: bool,
+                                          dtype: torch.dtype, reverse: bool, similarity: str) -> None:
+    # the seeds of test_kernel_equals_reference: (4, 6, 1, 35) with another seed has a pixel whose
+    # two channels differ by 0.2 % of their offset from the key's mean, where the one-pass fp32
+    # variance loses ~3 digits in every variant, the default one included
+    x = _rand(shape, dtype, channels_last, seed=sum(shape))
+    got = cpu.load().forward(x, 1.5, heads, 1e-5, reverse, similarity == "cosine")  # type: ignore[union-attr]
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    expected = spsa_reference(x, 1.5, heads, reverse=reverse, similarity=similarity)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # through the op too, in place as well
+    torch.testing.assert_close(spsa_fused(x, 1.5, heads, reverse=reverse, similarity=similarity),  # type: ignore[arg-type]
+                               expected, atol=tol, rtol=tol)
+    y = x.clone()
+    torch.ops.spsa_nas.spsa_(y, 1.5, heads, 1e-5, reverse, similarity)
+    torch.testing.assert_close(y, got, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cosine_kernel_scale_and_degenerate_cases(channels_last: bool) -> None:
+    """Cosine in the kernel: scale-invariant from 1e-30 to 1e30 in fp32; an all-zero pixel vector or
+    key gives A = 0.5 ** alpha; a constant pixel vector is an ordinary one; all finite."""
+    base = _rand((2, 64, 9, 9), torch.float64, channels_last, seed=5)
+    for scale in (1e-30, 1e-3, 1.0, 1e30):
+        x = base * scale
+        truth = spsa_reference(x, 1.0, 2, similarity="cosine")
+        got = cpu.load().forward(x.float(), 1.0, 2, 1e-5, True, True)  # type: ignore[union-attr]
+        assert ((got.double() - truth) / x).abs().max().item() < 2e-5, scale
+    x = _rand((3, 16, 6, 5), torch.float32, False, seed=6)
+    x[0, :, 1, 1] = 0.7
+    x[0, :, 2, 2] = 0.0
+    x[1] = 0.0
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    got = cpu.load().forward(x, 1.5, 2, 1e-5, False, True)  # type: ignore[union-attr]
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[0, :, 2, 2], torch.zeros(16))
+    expected = spsa_reference(x, 1.5, 2, reverse=False, similarity="cosine")
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    assert abs(float(got[0, 0, 1, 1]) / 0.7 - 0.5**1.5) > 1e-2  # a constant pixel is not r = 0 here
+
+
+@pytest.mark.parametrize(("reverse", "similarity"), SWITCHES, ids=SWITCH_IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_switched_gradcheck_and_opcheck(channels_last: bool, reverse: bool, similarity: str) -> None:
+    x = _rand((2, 8, 3, 4), torch.float64, channels_last, seed=8).requires_grad_(True)
+    op = torch.ops.spsa_nas.spsa
+    assert torch.autograd.gradcheck(lambda t: op(t, 1.3, 2, 1e-5, reverse, similarity), (x,))
+    torch.library.opcheck(op.default, (x.float().detach(), 1.5, 2, 1e-5, reverse, similarity))
+    torch.library.opcheck(op.default, (x, 1.0, 1, 1e-5, reverse, similarity))
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_large_offset_and_scale(channels_last: bool) -> None:
     """The shift by the key's mean keeps the one-pass sums accurate at large offsets."""
