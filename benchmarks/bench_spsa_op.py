@@ -9,7 +9,9 @@ every round, so that the machine's drift hits every variant alike):
 - `fused`: `SPSA(c)(x)` with the default implementation (the custom op; its fused kernel);
 - `fused_inplace`: the same with `inplace=True` (what the models use in eval; no allocation),
   on a fresh copy of x each time, compared with `copy_into`;
-- `decomposed` and `reference`: the plain-torch implementations.
+- `decomposed` and `reference`: the plain-torch implementations;
+- with `--switches`: `fused_norev` (reverse=False), `fused_cosine` (similarity="cosine") and
+  `fused_norev_cosine`, the ablation switches' variants of the fused op.
 
 Each variant's median and minimum time and their ratios to `copy` (`fused_inplace`: to
 `copy_into`) are reported (the minimum is the run least disturbed by other processes),
@@ -18,7 +20,7 @@ with the target (fused <= 2.5 x copy on the CPU, <= 1.9 x on CUDA) and the machi
 makes every figure slower and noisier.
 
 Usage: python benchmarks/bench_spsa_op.py [--device cpu|cuda] [--repeats 30] [--shapes 8x256x56x56,...]
-[--threads N] [--quick]
+[--threads N] [--quick] [--switches]
 """
 
 from __future__ import annotations
@@ -99,6 +101,12 @@ def measure(shape: tuple[int, ...], channels_last: bool, args: argparse.Namespac
     if not args.quick:
         fns["decomposed"] = lambda: decomposed(x)
         fns["reference"] = lambda: reference(x)
+    if args.switches:
+        variants = (("fused_norev", False, "correlation"), ("fused_cosine", True, "cosine"),
+                    ("fused_norev_cosine", False, "cosine"))
+        for name, reverse, similarity in variants:
+            module = SPSA(shape[1], reverse=reverse, similarity=similarity).eval()  # type: ignore[arg-type]
+            fns[name] = lambda module=module: module(x)
     with torch.no_grad():
         times = interleaved(fns, args.repeats, device)
     result: dict[str, Any] = {}
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated NxCxHxW")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: one small shape, 3 repeats")
+    parser.add_argument("--switches", action="store_true",
+                        help="also time the fused op with reverse=False and/or similarity='cosine'")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
