@@ -488,6 +488,34 @@ def _dynamo_limits(models: int) -> contextlib.AbstractContextManager[Any]:
     return config.patch(changes)
 
 
+def trained_like(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose batch-norm statistics and affine parameters are not at their
+    initial values (drawn from a private generator, seed 0): an exporter's graph optimiser removes
+    what is zero in a fresh model (the conv biases that batch norm folds into are all zero before
+    training), so a fresh model's ONNX graph is not the graph of the trained model a user
+    downloads. Exported for the onnxruntime latency, the copy's graph is the trained one's
+    (spsa_nas.export.onnx_graph_sha256 agrees). Other weights are kept: they are random already."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(tensor: torch.Tensor, center: float) -> torch.Tensor:
+        noise = torch.rand(tensor.shape, generator=generator, dtype=torch.float32) * 0.2 + 0.05
+        return (center + noise).to(device=tensor.device, dtype=tensor.dtype)
+
+    with torch.no_grad():
+        for module in clone.modules():
+            if isinstance(module, nn.modules.batchnorm._NormBase):
+                if module.running_mean is not None and module.running_var is not None:
+                    module.running_mean.copy_(draw(module.running_mean, 0.0))
+                    module.running_var.copy_(draw(module.running_var, 1.0))
+                if module.affine:
+                    module.weight.copy_(draw(module.weight, 1.0))
+                    module.bias.copy_(draw(module.bias, 0.0))
+    return clone
+
+
 @contextlib.contextmanager
 def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, device: torch.device,
                 x: torch.Tensor) -> Iterator[list[_Prepared]]:
@@ -495,9 +523,9 @@ def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, devi
     untimed: eager as it is; compiled by `torch.compile` (default mode, fullgraph: a model dynamo
     cannot capture whole is an error, not a figure of a partly eager model; the first call
     compiles, under inference mode like the timed calls; dynamo's caches reset before and after);
-    onnxruntime: exported by spsa_nas.export.export_model_onnx (the exporter of the trial's
-    download) for the timed input's shape, the graph hashed, and run by an InferenceSession bound
-    to the input (_OrtForward). A failure names the runtime and the model."""
+    onnxruntime: a trained_like copy exported by spsa_nas.export.export_model_onnx (the exporter
+    of the trial's download) for the timed input's shape, the graph hashed, and run by an
+    InferenceSession bound to the input (_OrtForward). A failure names the runtime and the model."""
     runtime = cfg.runtime
     if runtime == "eager":
         yield [_Prepared(model) for _, model in named]
@@ -528,7 +556,8 @@ def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, devi
         for index, (name, model) in enumerate(named):
             begin = time.perf_counter()
             try:
-                path = export_model_onnx(model, Path(tmp) / f"model-{index}.onnx", tuple(x.shape))
+                path = export_model_onnx(trained_like(model), Path(tmp) / f"model-{index}.onnx",
+                                         tuple(x.shape))
                 session = _ort_session(path, cfg, device)
                 forward = _OrtForward(session, x, device)
                 forward(x)

@@ -67,11 +67,14 @@ def test_onnxruntime_measures_the_download_exporters_graph(tmp_path: Path) -> No
     assert result.median_ms > 0 and result.ratio is not None and result.prepare_s is not None
     assert result.reference == f"{ref[1]} [onnxruntime {onnxruntime.__version__}]"
     assert result.warmup >= 1  # the bound call that ran the session once, untimed
-    # the graph measured is the one the trial's download writes (export_model_onnx), whatever the
-    # weights: a differently initialised (e.g. trained) model of the spec hashes the same ...
+    # the graph measured is the one the trial's download writes (export_model_onnx) of the model
+    # once trained: here other weights and batch-norm statistics moved by forward passes in train
+    # mode (a fresh model's zero conv biases would be optimised away: latency.trained_like) ...
     torch.manual_seed(123)
     other = build_model(spec)
-    downloaded = export_model_onnx(other, tmp_path / "download.onnx", (1, *SHAPE))
+    with torch.no_grad():
+        other(torch.randn(4, *SHAPE))
+    downloaded = export_model_onnx(other.eval(), tmp_path / "download.onnx", (1, *SHAPE))
     assert onnx_graph_sha256(downloaded) == result.onnx_graph_sha256
     # ... and another architecture does not
     plain = export_onnx(build_model(_spec(spsa_stage=-1)), tmp_path / "plain.onnx", (1, *SHAPE))
