@@ -147,7 +147,8 @@ def test_bad_space_yaml_is_a_usage_error_with_line(tmp_path: Path) -> None:
 def test_spaces_lists_the_builtins(tmp_path: Path) -> None:
     done = _cli("spaces", cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
-    for name in ("quick", "resnet50_imagenet", "resnet18_cifar", "mobilenet_v2", "shufflenet_v2"):
+    for name in ("quick", "resnet50_imagenet", "resnet18_cifar", "mobilenet_v2", "shufflenet_v2",
+                 "detection_quick", "spatial_ablation"):
         assert name in done.stdout
 
 
