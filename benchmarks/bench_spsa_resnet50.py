@@ -30,6 +30,11 @@ The machine's load average (os.getloadavg) is recorded before and after each mea
 processes on a shared machine slow every variant, and interleaving makes that drift cancel out
 of the ratios, not out of the absolute figures.
 
+- Trial latency (batch-1 configs, and --quick's): SPSA / plain as a search measures it, through
+  `spsa_nas.latency.measure_latency` (the trial's protocol, the plain model as its interleaved
+  reference) in each runtime of --trial-runtimes (LatencyConfig.runtime: eager, compiled,
+  onnxruntime), with the ratio's interval; --trial-latency-only skips everything else.
+
 Usage: python benchmarks/bench_spsa_resnet50.py [--quick] [--device cpu|cuda] [--no-compile] [--no-onnx]
 `--quick` is a smoke run (one tiny config at width 0.25, 3 repeats, training of plain and fast
 SPSA only, no compile unless --compile): it checks that the script works, its figures mean nothing.
@@ -173,6 +178,27 @@ def onnxruntime_inference(cfg: dict[str, Any], args: argparse.Namespace) -> dict
             "ratio_to_plain": {n: round(v["img_per_s"] / plain, 4) for n, v in out.items()}}
 
 
+def trial_latency(cfg: dict[str, Any], runtime: str, args: argparse.Namespace,
+                  device: torch.device) -> dict[str, Any]:
+    """SPSA / plain as a search measures it: spsa_nas.latency.measure_latency, the trial's own code
+    (interleaved blocks, warm-up until settled, median of block ratios with its interval), with the
+    plain ResNet-50 as the reference, both in `runtime` (LatencyConfig.runtime)."""
+    from spsa_nas.config import LatencyConfig
+    from spsa_nas.latency import measure_latency
+
+    latency = LatencyConfig(runtime=runtime, batch_size=cfg["batch"], threads=args.threads or 1,
+                            max_time_s=args.trial_max_time_s, max_warmup_s=args.trial_max_time_s / 2)
+    spsa, plain = make_model("spsa_fast", cfg, device), make_model("plain", cfg, device)
+    progress(f"trial latency {cfg} {runtime}: spsa_fast against plain (spsa_nas.latency)")
+    result = measure_latency(spsa, (3, cfg["size"], cfg["size"]), latency, device, reference=plain,
+                             reference_name="resnet50 plain")
+    return {"runtime": result.runtime, "runtime_version": result.runtime_version,
+            "spsa_over_plain": result.ratio, "ratio_ci": [result.ratio_ci_low, result.ratio_ci_high],
+            "spsa_ms": result.median_ms, "plain_ms": result.reference_ms, "threads": result.threads,
+            "blocks": result.blocks, "converged": result.converged, "settled": result.settled,
+            "prepare_s": result.prepare_s, "max_time_s": latency.max_time_s}
+
+
 def _loaded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """fn()'s result with the load average before and after it."""
     before = os.getloadavg()
@@ -283,6 +309,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated subset of the configs (b1x224, b8x224, b64x32; quick: b2x32)")
     parser.add_argument("--no-train", action="store_true", help="skip the training measurements")
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime measurements")
+    parser.add_argument("--trial-runtimes", default="eager,compiled,onnxruntime",
+                        help="batch-1 configs: SPSA / plain also through spsa_nas.latency (the trial's "
+                             "measurement) in these runtimes (comma-separated; 'none' to skip)")
+    parser.add_argument("--trial-max-time-s", type=float, default=15.0,
+                        help="the trial measurement's time budget per model (LatencyConfig.max_time_s)")
+    parser.add_argument("--trial-latency-only", action="store_true",
+                        help="only the trial measurement (skips the benchmark's own timing and training)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -292,6 +325,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.compile_variants.split(",")) - set(VARIANTS)
     if unknown or "plain" not in args.compile_variants.split(","):
         parser.error(f"--compile-variants must include plain and name only {', '.join(VARIANTS)}")
+    args.trial_runtimes = [] if args.trial_runtimes == "none" else args.trial_runtimes.split(",")
+    if set(args.trial_runtimes) - {"eager", "compiled", "onnxruntime"}:
+        parser.error("--trial-runtimes: comma-separated eager, compiled, onnxruntime, or none")
     if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0:
         parser.error("--repeats and --train-repeats must be >= 1, --warmup >= 0")
     return args
@@ -347,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {name: cfg for name, cfg in chosen.items() if name in wanted}
     for name, cfg in chosen.items():
         entry: dict[str, Any] = {**cfg, "inference": {}}
+        if cfg["batch"] == 1 or args.quick:
+            entry["trial_latency"] = {runtime: _loaded(lambda cfg=cfg, runtime=runtime: trial_latency(
+                cfg, runtime, args, device)) for runtime in args.trial_runtimes}
+        if args.trial_latency_only:
+            report["configs"][name] = entry
+            continue
         entry["inference"]["eager"] = _loaded(lambda cfg=cfg: inference(cfg, list(VARIANTS), False, args,
                                                                          device))
         if do_compile:
@@ -366,12 +408,20 @@ def main(argv: list[str] | None = None) -> int:
 
     targets: dict[str, Any] = {}
     for name, entry in report["configs"].items():
+        measured = entry.get("trial_latency", {})
+        trial_targets = {f"trial_{runtime}_spsa_latency_ratio": _target(
+            None if measured[runtime].get("spsa_over_plain") is None
+            else round(measured[runtime]["spsa_over_plain"], 4), "<=", 1.10) for runtime in measured}
+        if args.trial_latency_only:
+            targets[name] = trial_targets
+            continue
         if entry["batch"] == 1:  # latency: SPSA / plain in every runtime
             targets[name] = {
                 f"{runtime}_spsa_latency_ratio": _target(
                     None if "ratio_to_plain" not in entry["inference"][runtime]
                     else round(1 / entry["inference"][runtime]["ratio_to_plain"]["spsa_fast"], 4), "<=", 1.10)
                 for runtime in ("eager", "compiled", "onnxruntime")}
+            targets[name].update(trial_targets)
             continue
         compiled = entry["inference"]["compiled"].get("ratio_to_plain", {}).get("spsa_fast")
         targets[name] = {
