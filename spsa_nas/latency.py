@@ -506,13 +506,13 @@ def trained_like(model: nn.Module) -> nn.Module:
 
     with torch.no_grad():
         for module in clone.modules():
-            if isinstance(module, nn.modules.batchnorm._NormBase):
-                if module.running_mean is not None and module.running_var is not None:
-                    module.running_mean.copy_(draw(module.running_mean, 0.0))
-                    module.running_var.copy_(draw(module.running_var, 1.0))
-                if module.affine:
-                    module.weight.copy_(draw(module.weight, 1.0))
-                    module.bias.copy_(draw(module.bias, 0.0))
+            # nn.BatchNorm*d and torchvision's FrozenBatchNorm2d (detectors) alike
+            if "BatchNorm" not in type(module).__name__:
+                continue
+            for name, center in (("running_mean", 0.0), ("running_var", 1.0), ("weight", 1.0), ("bias", 0.0)):
+                tensor = getattr(module, name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    tensor.copy_(draw(tensor, center))
     return clone
 
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
-from spsa_nas.evaluate import EvalHooks, cached_latency, evaluate_spec
+from spsa_nas.evaluate import EvalHooks, cached_latency, check_runtime_for, evaluate_spec
 from spsa_nas.export import export_model_onnx, export_onnx, onnx_graph_sha256
 from spsa_nas.latency import LatencyResult, latency_key, measure_latency, reference_model
 from spsa_nas.models import build_model
@@ -179,6 +179,21 @@ def _detection_spec() -> ArchSpec:
     return ArchSpec(backbone="resnet18", width=0.25, num_classes=3, input_size=64, task="detection",
                     detector={"name": "fasterrcnn", "fpn_channels": 16},
                     stages=[StageSpec(spsa=True), StageSpec(), StageSpec(), StageSpec()])
+
+
+def test_onnxruntime_measures_a_detector_with_its_reference() -> None:
+    from spsa_nas.detection.evaluate import reference_detector
+    from spsa_nas.detection.model import build_detector
+
+    spec = _detection_spec()
+    cfg = LatencyConfig(runtime="onnxruntime", **QUICK)
+    ref = reference_detector(spec, cfg)
+    assert ref is not None
+    result = measure_latency(build_detector(spec).eval(), (3, 64, 64), cfg, "cpu", reference=ref[0],
+                             reference_name=ref[1])
+    assert result.runtime == "onnxruntime" and result.ratio is not None and result.onnx_graph_sha256
+    with pytest.raises(ValueError, match="batch_size 1"):
+        check_runtime_for(spec, LatencyConfig(runtime="onnxruntime", batch_size=2), torch.device("cpu"))
 
 
 def test_a_detector_is_refused_in_the_compiled_runtime_at_trial_time() -> None:
