@@ -14,13 +14,6 @@ from workers.cli import UsageError
 from workers.cli.common import fmt, open_storage_arg, resolve_study, storage_args
 
 
-def _acc(cell: dict[str, Any]) -> str:
-    text = fmt(cell["val_acc_mean"])
-    if cell["val_acc_std"] is not None:
-        text += f" ± {cell['val_acc_std']:.4f}"
-    return text
-
-
 def print_tables(summary: dict[str, Any], out: Console) -> None:
     """One table per choice dimension (rows: scope and choice), then how cells count."""
     counts = summary["counts"]
@@ -34,16 +27,20 @@ def print_tables(summary: dict[str, Any], out: Console) -> None:
         if not cells:
             continue
         table = Table(title=title)
-        for column in ("scope", "choice", "n", f"{summary['accuracy']} mean ± std", "test top1",
-                       "latency ms (re-measured)", "first pass ms"):
-            table.add_column(column, justify="left" if column in ("scope", "choice") else "right")
+        for column in ("scope", "choice", "n", "acc", "± std", "top1", "ms", "re-m", "1st ms"):
+            table.add_column(column, justify="left" if column in ("scope", "choice") else "right",
+                             no_wrap=True)
         previous = None
         for c in cells:
-            table.add_row(c["scope"] if c["scope"] != previous else "", c["choice"], str(c["n"]), _acc(c),
-                          fmt(c["top1_mean"]), f"{fmt(c['latency_ms_mean'], '.3f')} ({c['n_remeasured']})",
+            table.add_row(c["scope"] if c["scope"] != previous else "", c["choice"], str(c["n"]),
+                          fmt(c["val_acc_mean"]), fmt(c["val_acc_std"]), fmt(c["top1_mean"]),
+                          fmt(c["latency_ms_mean"], ".3f"), str(c["n_remeasured"]),
                           fmt(c["latency_first_pass_ms_mean"], ".3f"))
             previous = c["scope"]
         out.print(table)
+    out.print(f"acc: mean {summary['accuracy']} (± its sample std), top1: mean test top-1; ms: mean "
+              "latency, re-m of the trials re-measured as finalists; 1st ms: mean first-pass latency",
+              markup=False, highlight=False)
     if summary["estimated"]:
         out.print(f"{summary['estimated']} of the trials' accuracies are one-shot (supernet) estimates",
                   markup=False, highlight=False)
