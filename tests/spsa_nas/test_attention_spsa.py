@@ -419,7 +419,7 @@ def test_cosine_degenerate_pixels_and_keys(fn: object, reverse: bool) -> None:
     torch.testing.assert_close(out[2, :4], x[2, :4] * 0.25)  # zero key: r = 0, A = 0.5 ** 2
     gate = _plain_switched_gate(x[:1], 2.0, 2, reverse, "cosine")
     torch.testing.assert_close(out[0, :4, 2, 2] / 0.7, gate[0, 0, 2, 2].expand(4))
-    assert abs(float(out[0, 0, 3, 3] / x[0, 0, 3, 3]) - 0.25) < 1e-4  # r ≈ 0 below the eps floor
+    assert abs(float(out[0, 0, 3, 3].detach() / x[0, 0, 3, 3]) - 0.25) < 1e-4  # r ≈ 0 below the eps floor
 
 
 @pytest.mark.parametrize("fn", [*FAST, spsa_reference])
