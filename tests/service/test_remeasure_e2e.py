@@ -96,7 +96,11 @@ def test_compare_and_remeasure_on_demand(tmp_path: Path) -> None:
         at = client.get(f"{url}/best").json()["metrics"]["latency_remeasured_at"]
         assert at == front[0]["metrics"]["latency_remeasured_at"]
         assert client.get(f"{url}/compare").json()["remeasured_at"] == at
-        # a new request may follow the finished one
-        assert client.post(f"{url}/remeasure").status_code == 202
+        # a new request may follow the finished one, from the command line too
+        asked = cli("remote", "remeasure", created.json()["id"], env=env)
+        assert asked.returncode == 0, asked.stderr
+        assert json.loads(asked.stdout)["remeasure"]["state"] in ("pending", "running")
+        refused = cli("remote", "remeasure", created.json()["id"], env={**env, "SPSA_NAS_TOKEN": other})
+        assert refused.returncode == 2 and "HTTP 404" in refused.stderr  # bob's view: no such search
     finally:
         server.stop()
