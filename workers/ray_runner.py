@@ -582,27 +582,12 @@ def run_search(
 
 def _finalists_task(spec: _TaskSpec) -> dict[str, Any] | None:
     """A Ray task: the finalists of the study re-measured together on this worker, under the host's
-    latency gate (workers.finalists.remeasure_finalists); a failure is recorded in the study."""
-    import ray
+    latency gate (workers.finalists.remeasure_task); a failure is recorded in the study."""
+    from workers.finalists import remeasure_task
 
-    from workers.finalists import record_failure, remeasure_finalists
-
-    device = spec.cfg.device
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-    storage = open_storage(spec.storage_url)
-    try:
-        study = optuna.load_study(study_name=spec.study_name, storage=storage)
-        gate = NodeGate(spec.options.lock_dir, pause_training=spec.options.pause_training_during_latency)
-        try:
-            return remeasure_finalists(study, device=device, latency_lock=gate.latency_lock)
-        except Exception as exc:
-            record_failure(study, device, f"{type(exc).__name__}: {exc}")
-            raise
-        finally:
-            gate.close()
-    finally:
-        storage.close()
+    options = spec.options
+    return remeasure_task(spec.storage_url, spec.study_name, device=spec.cfg.device,
+                          lock_dir=options.lock_dir, pause_training=options.pause_training_during_latency)
 
 
 def _remeasure_finalists(run: _Run, ray: Any, spec: Any, should_cancel: Callable[[], bool] | None) -> None:

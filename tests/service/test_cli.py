@@ -122,7 +122,7 @@ def test_migrations_are_idempotent_and_keep_data(tmp_path: Path) -> None:
         names = [r[0] for r in conn.exec_driver_sql("SELECT name FROM users")]
         version = conn.exec_driver_sql("SELECT version_num FROM spsa_nas_alembic_version").scalar()
         tables = {r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert names == ["keep"] and version == "0005"
+    assert names == ["keep"] and version == "0006"
     assert {"users", "tokens", "web_sessions", "searches", "spsa_nas_alembic_version"} <= tables
     assert "alembic_version" not in tables  # Optuna's own version table stays Optuna's
     engine.dispose()
