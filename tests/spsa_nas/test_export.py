@@ -2,8 +2,9 @@
 
 Exports dominate this file's run time (seconds each on this CPU), so instead of one export per
 (backbone, attention) pair, each backbone is exported a few times with a different attention in
-each stage: every pair of the 8 backbones x 8 attention choices (none, spsa, se, eca, cbam, fca,
-simam, spsa+se) is exported and checked against onnxruntime, in 17 exports instead of 64.
+each stage: every pair of the 8 backbones x 12 attention choices (none, spsa, se, eca, cbam, fca,
+simam, spsa+se, SPSA with the forward gate sigmoid(r), SPSA with cosine similarity, the non-local
+block, the GC block + ECA) is exported and checked against onnxruntime, in 24 exports instead of 96.
 `test_every_pair_is_covered` keeps the table honest.
 """
 
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from spsa_nas.attention import SPSA, spsa_reference
+from spsa_nas.attention.gc import GCBlock
 from spsa_nas.export import SPEC_METADATA_KEY, export_onnx, load_spec, load_state_dict_file, save_safetensors
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec, Backbone, StageSpec
@@ -33,6 +35,11 @@ VARIANTS: dict[str, StageSpec] = {
     "fca": StageSpec(channel_attn="fca"),
     "simam": StageSpec(channel_attn="simam"),
     "spsa+se": StageSpec(spsa=True, spsa_heads=2, channel_attn="se", attn_order="spsa_first"),
+    # SPSA's ablation switches and the spatial baselines in its place (issue 13)
+    "spsa-forward": StageSpec(spsa=True, spsa_reverse=False, spsa_alpha=1.5),
+    "spsa-cosine": StageSpec(spsa=True, spsa_similarity="cosine", spsa_heads=2),
+    "nonlocal": StageSpec(spatial_attn="nonlocal"),
+    "gc+eca": StageSpec(spatial_attn="gc", channel_attn="eca", attn_order="spsa_first"),
 }
 NAMES = list(VARIANTS)
 ALL = list(get_args(Backbone))
@@ -52,7 +59,7 @@ CASES = [(backbone, tuple(group)) for backbone in ALL
 def test_every_pair_is_covered() -> None:
     covered = {(backbone, name) for backbone, group in CASES for name in group}
     assert covered == {(b, n) for b in ALL for n in NAMES}
-    assert len(CASES) == 17
+    assert len(CASES) == 24
 
 
 def _spec(backbone: str, group: tuple[str, ...]) -> ArchSpec:
@@ -61,14 +68,19 @@ def _spec(backbone: str, group: tuple[str, ...]) -> ArchSpec:
 
 
 def _randomise_bn(model: torch.nn.Module) -> None:
-    """Non-trivial BN statistics and affine parameters, so that the comparison means something."""
+    """Non-trivial BN statistics and affine parameters, so that the comparison means something;
+    the non-local blocks' BN (BatchNorm1d, scale 0 at init) and the GC blocks' last convolution
+    (0 at init) too, so that they are not the identity."""
     generator = torch.Generator().manual_seed(1)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d):
             m.running_mean.copy_(torch.rand(m.num_features, generator=generator) * 0.2 - 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=generator) * 0.5 + 0.25)
             m.bias.data.copy_(torch.rand(m.num_features, generator=generator) * 0.2 - 0.1)
+        elif isinstance(m, GCBlock):
+            last = m.transform[-1]
+            last.weight.data.copy_(torch.randn(last.weight.shape, generator=generator) * 0.2)
 
 
 def _onnx_outputs(path: Path, x: torch.Tensor) -> np.ndarray:

@@ -4,7 +4,7 @@ torch.jit.trace, torch.jit.script, torch.fx.symbolic_trace, torchvision's create
 torch.export, the TorchScript ONNX exporter (run by onnxruntime) and AOTInductor. The dynamo ONNX
 exporter is covered by tests/spsa_nas/test_export.py (export_onnx uses it). As in test_export, each
 backbone is traced a few times with a different attention in each stage, so that every
-(backbone, attention) pair is covered without tracing 64 models. Backbones: one of each block
+(backbone, attention) pair is covered without tracing 60 models. Backbones: one of each block
 family (basic ResNet, bottleneck ResNet, grouped ResNeXt, MobileNetV2, ShuffleNetV2); resnet34,
 101 and 152 differ from these only in depth.
 """
@@ -24,7 +24,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from spsa_nas.attention import SPSA
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
-from tests.spsa_nas.test_export import NAMES, VARIANTS  # every attention variant, one list
+from tests.spsa_nas.test_export import NAMES, VARIANTS, _randomise_bn  # every attention variant, one list
 
 BACKBONES = ["resnet18", "resnet50", "resnext50_32x4d", "mobilenet_v2", "shufflenet_v2_x1_0"]
 
@@ -47,12 +47,7 @@ def _model(backbone: str, group: tuple[str, ...]) -> torch.nn.Module:
     spec = ArchSpec(backbone=backbone, stages=[VARIANTS[n] for n in group],  # type: ignore[arg-type]
                     stem="cifar", width=0.25, input_size=32, num_classes=10)
     model = build_model(spec)
-    generator = torch.Generator().manual_seed(1)
-    for m in model.modules():  # non-trivial BN, so that a wrong graph moves the logits
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=generator) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) * 0.5 + 0.25)
+    _randomise_bn(model)  # non-trivial BN and NL/GC blocks, so that a wrong graph moves the logits
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.normal_(m.weight, 0, 0.5)
