@@ -38,6 +38,9 @@ REMEASURED_MS_ATTR = "latency_remeasured_ms"  # its figure (median of block mean
 REMEASURED_CI_ATTR = "latency_remeasured_ci_ms"  # [low, high] of that figure
 WEIGHTS_ARTIFACT_ATTR = "weights_artifact"  # artifact id of the trained weights (safetensors)
 ONNX_ARTIFACT_ATTR = "onnx_artifact"  # artifact id of the ONNX export, made when the trial completed
+LATENCY_RUNTIME_ATTR = "latency_runtime"  # "runtime version" of the latency figure (LatencyConfig.runtime)
+ONNX_GRAPH_ATTR = "onnx_graph_sha256"  # the downloadable ONNX file's graph hash (spsa_nas.export.
+# onnx_graph_sha256); with latency.runtime onnxruntime it equals the measured one in `latency`
 ONNX_ERROR_ATTR = "onnx_error"  # why that export failed (the trial stays COMPLETE), one line
 ESTIMATE_ATTR = "oneshot_estimate"  # True: val_acc/top1/top5 come from the supernet's weights
 RETRAIN_OF_ATTR = "retrain_of"  # number of the one-shot candidate this trial retrained from scratch

@@ -22,9 +22,11 @@ from search_spaces.keys import (
     LATENCY_KEY_ATTR,
     LATENCY_RATIO_ATTR,
     LATENCY_RATIO_CI_ATTR,
+    LATENCY_RUNTIME_ATTR,
     LATENCY_TIME_ATTR,
     ONNX_ARTIFACT_ATTR,
     ONNX_ERROR_ATTR,
+    ONNX_GRAPH_ATTR,
     REASON_ATTR,
     TRACEBACK_ATTR,
     WEIGHTS_ARTIFACT_ATTR,
@@ -37,12 +39,6 @@ from spsa_nas.data import dataset_in_channels, dataset_num_classes
 from spsa_nas.evaluate import Cancelled, EvalHooks, Fit, Measurement, evaluate_spec
 from spsa_nas.latency import LatencyResult, full_input_shape
 from workers.detection_trial import evaluate_detection
-
-#: Trial attr: "runtime version" of the latency figure (LatencyConfig.runtime, docs/latency.md).
-LATENCY_RUNTIME_ATTR = "latency_runtime"
-#: Trial attr: the downloadable ONNX file's graph hash (spsa_nas.export.onnx_graph_sha256); with
-#: latency.runtime onnxruntime it equals the measured one, `latency.onnx_graph_sha256`.
-ONNX_GRAPH_ATTR = "onnx_graph_sha256"
 
 
 def latency_interval_attrs(latency: LatencyResult, study: optuna.Study) -> dict[str, Any]:
