@@ -71,8 +71,9 @@ def supernet_key(backbone: str, width: float) -> str:
 
 def uniform_sampler(space: SearchSpace, base: ArchSpec) -> PathSampler:
     """Draws paths of `space` at `base`'s backbone and width uniformly, choice by choice, with the
-    same structure as suggest_arch (heads, alpha and order only where SPSA is on; a continuous
-    alpha range uniformly, log-uniformly when it says log, on its grid when it has a step)."""
+    same structure as suggest_arch (heads, alpha, order, reverse and similarity only where SPSA is
+    on; a continuous alpha range uniformly, log-uniformly when it says log, on its grid when it has
+    a step)."""
     stages = [stage.choices for stage in space.stage_choices(base.backbone)]
 
     def alpha(rng: random.Random, choices: Any) -> float:
@@ -94,8 +95,15 @@ def uniform_sampler(space: SearchSpace, base: ArchSpec) -> PathSampler:
                 specs.append(StageSpec(channel_attn=attn))
                 continue
             order = rng.choice(c.attn_order) if attn != "none" else "channel_first"
-            specs.append(StageSpec(spsa=True, spsa_heads=rng.choice(c.heads), spsa_alpha=alpha(rng, c.alpha),
-                                   channel_attn=attn, attn_order=order))  # type: ignore[arg-type]
+            heads, gate = rng.choice(c.heads), alpha(rng, c.alpha)
+            # SPSA's switches are drawn only where the space offers several values, so that the
+            # random sequence (and with it a resumed supernet's paths) of older spaces is unchanged
+            reverse = rng.choice(c.spsa_reverse) if len(c.spsa_reverse) > 1 else c.spsa_reverse[0]
+            similarity = (rng.choice(c.spsa_similarity) if len(c.spsa_similarity) > 1
+                          else c.spsa_similarity[0])
+            specs.append(StageSpec(spsa=True, spsa_heads=heads, spsa_alpha=gate, channel_attn=attn,
+                                   attn_order=order, spsa_reverse=reverse,  # type: ignore[arg-type]
+                                   spsa_similarity=similarity))
         return base.model_copy(update={"stages": tuple(specs)})
 
     return sample

@@ -58,6 +58,27 @@ def test_uniform_sampler_draws_valid_paths_of_every_choice() -> None:
     assert all(ArchSpec.model_validate(spec.model_dump()) == spec for spec in specs[:5])
 
 
+def test_uniform_sampler_draws_spsa_switches_only_where_offered() -> None:
+    space = load_space(TINY)
+    (base,) = supernet_bases(_cfg(), space)
+    before = [uniform_sampler(space, base)(random.Random(s)) for s in range(20)]
+    switched = load_space({**TINY, "all_stages": {**TINY["all_stages"], "spsa_reverse": [True, False],
+                                                  "spsa_similarity": ["correlation", "cosine"]}})
+    rng = random.Random(0)
+    on = [s for _ in range(300) for s in uniform_sampler(switched, base)(rng).stages if s.spsa]
+    assert {s.spsa_reverse for s in on} == {True, False}
+    assert {s.spsa_similarity for s in on} == {"correlation", "cosine"}
+    assert all(not s.spsa or (s.spsa_reverse and s.spsa_similarity == "correlation")
+               for spec in before for s in spec.stages)
+    # a single-valued switch draws nothing: the paths are those of the space without it, so the
+    # random sequence of older spaces (and a resumed supernet's paths) is unchanged
+    fixed = load_space({**TINY, "all_stages": {**TINY["all_stages"], "spsa_reverse": [False]}})
+    after = [uniform_sampler(fixed, base)(random.Random(s)) for s in range(20)]
+    assert [[s.model_copy(update={"spsa_reverse": True}) for s in spec.stages] for spec in after] == [
+        list(spec.stages) for spec in before]
+    assert any(not s.spsa_reverse for spec in after for s in spec.stages)
+
+
 def test_one_supernet_per_width() -> None:
     bases = supernet_bases(_cfg(), load_space({**TINY, "width": [0.125, 0.25]}))
     assert [(b.backbone, b.width, b.num_classes, b.in_channels) for b in bases] == [
