@@ -290,12 +290,17 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
 
 
 def describe_spec(spec: dict[str, Any]) -> str:
-    """A short summary of a spec dict: backbone, width and per stage SPSA/attention."""
+    """A short summary of a spec dict: backbone, width and per stage SPSA (heads, alpha, "/fwd"
+    without the reverse, "/cos" with cosine similarity) or NL / GC, and the channel attention."""
     parts = []
     for i, stage in enumerate(spec.get("stages", []), start=1):
         bits = []
         if stage.get("spsa"):
-            bits.append(f"spsa{stage.get('spsa_heads', 1)}h/a{stage.get('spsa_alpha', 1.0):g}")
+            bits.append(f"spsa{stage.get('spsa_heads', 1)}h/a{stage.get('spsa_alpha', 1.0):g}"
+                        + ("/fwd" if stage.get("spsa_reverse", True) is False else "")
+                        + ("/cos" if stage.get("spsa_similarity", "correlation") == "cosine" else ""))
+        elif stage.get("spatial_attn", "none") != "none":
+            bits.append("nl" if stage["spatial_attn"] == "nonlocal" else "gc")
         if stage.get("channel_attn", "none") != "none":
             bits.append(stage["channel_attn"])
         if len(bits) == 2 and stage.get("attn_order") == "spsa_first":

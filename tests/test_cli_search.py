@@ -152,6 +152,16 @@ def test_spaces_lists_the_builtins(tmp_path: Path) -> None:
         assert name in done.stdout
 
 
+def test_spaces_shows_the_spatial_choices_and_spsa_switches(tmp_path: Path) -> None:
+    done = _cli("spaces", "spatial_ablation", cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    header = next(line for line in done.stdout.splitlines() if line.startswith("┃"))
+    assert all(col in header for col in ("spatial", "reverse", "similarity"))
+    assert "none, spsa, nonlocal, gc" in done.stdout and "correlation, cosine" in done.stdout
+    quick = _cli("spaces", "quick", cwd=tmp_path, timeout=300)  # no switches offered: no columns
+    assert quick.returncode == 0 and "reverse" not in quick.stdout and "spsa" in quick.stdout
+
+
 def test_best_on_a_storage_with_no_such_study(tmp_path: Path) -> None:
     import optuna
 

@@ -15,6 +15,7 @@ from search_spaces.storage import SQLITE_BUSY_TIMEOUT_S, open_storage
 from search_spaces.study import (
     CONFIG_ATTR,
     create_study,
+    describe_spec,
     load_study,
     mnas_score,
     objective_values,
@@ -127,3 +128,11 @@ def test_select_best_uses_the_studys_budget_and_score(url: str) -> None:
     assert study.user_attrs[CONFIG_ATTR]
     assert select_best(study).number == 1
     assert select_best(study, latency_budget_ms=10.0).number == 2
+
+
+def test_describe_spec_names_nl_gc_and_spsa_switches() -> None:
+    spec = {"backbone": "resnet18", "width": 0.25, "stages": [
+        {"spsa": True, "spsa_heads": 2, "spsa_alpha": 0.5},
+        {"spsa": True, "spsa_reverse": False, "spsa_similarity": "cosine", "channel_attn": "se"},
+        {"spatial_attn": "nonlocal"}, {"spatial_attn": "gc", "channel_attn": "eca"}]}
+    assert describe_spec(spec) == "resnet18 w0.25 s1:spsa2h/a0.5 s2:spsa1h/a1/fwd/cos+se s3:nl s4:gc+eca"

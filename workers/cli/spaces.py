@@ -27,7 +27,11 @@ def _show(name: str, out: Console) -> None:
     out.print(f"{space.summary()}; size: {_size(space)}")
     for backbone in space.backbones:
         table = Table(title=backbone)
-        for column in ("stage", "ch", "map", "spsa", "heads", "alpha", "channel_attn", "attn_order"):
+        switches = any(len(st.choices.spsa_reverse) > 1 or len(st.choices.spsa_similarity) > 1
+                       or st.choices.spatial is not None for st in space.stage_choices(backbone))
+        columns = ["stage", "ch", "map", "spatial" if switches else "spsa", "heads", "alpha"]
+        columns += ["reverse", "similarity"] if switches else []
+        for column in (*columns, "channel_attn", "attn_order"):
             table.add_column(column)
         for i, stage in enumerate(space.stage_choices(backbone), start=1):
             c = stage.choices
@@ -37,16 +41,13 @@ def _show(name: str, out: Console) -> None:
                 else ", ".join(f"{a:g}" for a in c.alpha)
             )
             channels = "/".join(str(stage_table(backbone, w)[i - 1].channels) for w in space.widths)
-            table.add_row(
-                f"{i} {stage.info.name}",
-                channels,
-                f"{stage.feature_size}x{stage.feature_size}",
-                ", ".join(str(s).lower() for s in c.spsa),
-                ", ".join(map(str, c.heads)),
-                alpha,
-                ", ".join(c.channel_attn),
-                ", ".join(c.attn_order),
-            )
+            spatial = (", ".join(c.spatial_values()) if c.spatial is not None
+                       else ", ".join(str(s).lower() for s in c.spsa))
+            row = [f"{i} {stage.info.name}", channels, f"{stage.feature_size}x{stage.feature_size}",
+                   spatial, ", ".join(map(str, c.heads)), alpha]
+            if switches:  # SPSA's ablation switches (issue 13), shown where a space offers them
+                row += [", ".join(str(r).lower() for r in c.spsa_reverse), ", ".join(c.spsa_similarity)]
+            table.add_row(*row, ", ".join(c.channel_attn), ", ".join(c.attn_order))
         out.print(table)
     for note in space.notes:
         out.print(f"note: {note}")
