@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ from workers.oneshot import OneshotPhases, run_oneshot_trial
 from workers.trial import run_trial
 
 MAX_CONSECUTIVE_FAILURES = 3  # then stop: the same error would repeat for every trial
+
+logger = logging.getLogger(__name__)
 
 
 class StopEvent(Protocol):
@@ -63,7 +66,7 @@ def fail_stale_local_trials(study: optuna.Study) -> list[int]:
 def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
               stop_event: StopEvent | None = None,
               progress: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-              device: str | None = None) -> RunReport:
+              device: str | None = None, remeasure_finalists: bool = True) -> RunReport:
     """Run the search of the study `study_name` in this process until its config's `trials` trials
     are finished (complete or pruned).
 
@@ -74,6 +77,12 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
     `progress(study, trial)` is called after each trial. KeyboardInterrupt: the running trial is
     told FAIL and the exception propagates; running again continues the study. KeyError when the
     study does not exist.
+
+    A finished run (outcome "done" or "timeout") ends by re-measuring its finalists' latencies
+    together in this process (workers.finalists.remeasure_finalists, as the Ray runner's task does;
+    the study attr FINALISTS_ATTR), unless `remeasure_finalists` is False. The local loop takes no
+    latency gate for its trials and none for this either. A failure is logged and recorded in the
+    study (the attr's `error`); it never fails the search.
     """
     study = load_study(study_name, open_storage(storage_url))
     cfg, space = study_config(study), study_space(study)
@@ -125,6 +134,8 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
                 break
         else:
             failures_in_row = 0
+    if outcome in ("done", "timeout") and remeasure_finalists:
+        _remeasure(study, device or cfg.device)
     counts = trial_counts(study)
     return RunReport(
         outcome=outcome,
@@ -139,3 +150,19 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
         elapsed_s=round(time.monotonic() - start, 3),
         recovered=recovered,
     )
+
+
+def _remeasure(study: optuna.Study, device: str) -> None:
+    """After the last trial: the finalists re-measured together here; a failure is logged and
+    recorded in the study (workers.finalists.record_failure), never raised."""
+    from workers.finalists import record_failure
+    from workers.finalists import remeasure_finalists as remeasure
+
+    try:
+        remeasure(study, device=device)
+    except Exception as exc:  # the search's trials are done: its outcome stands
+        logger.warning("search %s: the finalists' re-measurement failed: %s", study.study_name, exc)
+        try:
+            record_failure(study, device, f"{type(exc).__name__}: {exc}")
+        except Exception as again:  # e.g. the storage went away: the log line is all there is
+            logger.warning("search %s: recording that failure failed too: %s", study.study_name, again)

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from search_spaces.config import SearchConfig
+from search_spaces.finalists import remeasurement
 from search_spaces.loading import builtin_spaces, load_space
 from search_spaces.run import RunReport
 from search_spaces.space import SearchSpace, SpaceError
@@ -92,8 +93,10 @@ def run_search_command(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"the Ray runner is not available ({exc}); run without --parallelism and --ray-address"
             ) from None
+        options = None if args.remeasure else ray_runner.RunnerOptions(remeasure_finalists=False)
         report = ray_runner.run_search(
-            cfg.study_name, args.storage, artifact_dir=args.artifacts, ray_address=args.ray_address
+            cfg.study_name, args.storage, artifact_dir=args.artifacts, ray_address=args.ray_address,
+            options=options,
         )
     else:
         report = _search_local(cfg, args, console, before)
@@ -140,7 +143,8 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
 
     with progress:
         task = progress.add_task(best_text, total=cfg.trials, completed=min(before, cfg.trials))
-        return run_local(cfg.study_name, args.storage, artifact_dir=args.artifacts, progress=on_trial)
+        return run_local(cfg.study_name, args.storage, artifact_dir=args.artifacts, progress=on_trial,
+                         remeasure_finalists=args.remeasure)
 
 
 def _report(study: optuna.Study, report: RunReport, console: Console, args: argparse.Namespace) -> int:
@@ -153,11 +157,27 @@ def _report(study: optuna.Study, report: RunReport, console: Console, args: argp
             front_table(f"Pareto front of {study.study_name} (* = best by the selection rule)", front, chosen)
         )
     console.print(report.line(), markup=False, highlight=False)
+    if args.remeasure and report.outcome in ("done", "timeout"):
+        _print_remeasured(study, console)
     console.print(f"watch it: optuna-dashboard {args.storage}")
     if report.failing:
         console.print(f"[red]trials keep failing:[/] {escape(str(report.last_error))}")
         return EXIT_FAILING
     return 0
+
+
+def _print_remeasured(study: optuna.Study, console: Console) -> None:
+    """One line on the end-of-run re-measurement of the finalists (when this study has one)."""
+    record = remeasurement(study)
+    if record is None:
+        return
+    if record.get("error"):
+        error = escape(str(record["error"])[-300:])
+        console.print(f"[yellow]the finalists' re-measurement failed:[/] {error}")
+        return
+    numbers = ", ".join(sorted(record.get("trials") or {}, key=int))
+    console.print(f"finalists re-measured together on {record.get('device')}: trials {numbers} "
+                  "(spsa-nas best shows both figures)", markup=False, highlight=False)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -173,6 +193,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, help="artifact directory (weights)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster")
+    p.add_argument("--no-remeasure", dest="remeasure", action="store_false",
+                   help="do not re-measure the finalists' latencies together when the run ends "
+                        "(done or timeout); `spsa-nas remeasure` does it later")
     add_config_flags(p)
     p.set_defaults(run=run_search_command)
 
