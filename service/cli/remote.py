@@ -24,8 +24,13 @@ def register(subparsers: Any) -> None:
     status.add_argument("id", nargs="?")
     cancel = remote_sub.add_parser("cancel", help="cancel a search")
     cancel.add_argument("id")
-    best = remote_sub.add_parser("best", help="the best architecture of a search (spec and metrics)")
+    best = remote_sub.add_parser(
+        "best", help="the best architecture of a search (spec and metrics as JSON; whether it is tied, "
+                     "in words on stderr)")
     best.add_argument("id")
+    best.add_argument("--accuracy-tolerance", type=float, default=None,
+                      help="validation-accuracy differences within this are noise (one seed per trial; "
+                           "default: the server's)")
     download = remote_sub.add_parser("download", help="download the best spec, weights or ONNX file")
     download.add_argument("id")
     download.add_argument("what", choices=("spec", "weights", "onnx"))
@@ -128,9 +133,12 @@ def _remote_call(args: argparse.Namespace, client: Any) -> int:
             for k, v in (("latency_budget_ms", args.latency_budget_ms), ("trial", args.trial))
             if v is not None
         }
+        if command == "best" and args.accuracy_tolerance is not None:
+            params["accuracy_tolerance"] = args.accuracy_tolerance
         best = _check(client.get(f"{base}/{args.id}/best", params=params)).json()
         if command == "best":
             print(json.dumps(best, indent=2))
+            _print_tie(best)
             return 0
         ext = {"spec": "json", "weights": "safetensors", "onnx": "onnx"}[args.what]
         output = Path(args.output or f"{args.id}-trial{best['trial']}.{ext}")
@@ -147,3 +155,21 @@ def _remote_call(args: argparse.Namespace, client: Any) -> int:
                         f.write(chunk)
         print(output)
     return 0
+
+
+def _print_tie(best: dict[str, Any]) -> None:
+    """The pick and its tie decision in words on stderr, as `spsa-nas best` prints them (stdout stays
+    the JSON answer, for scripts)."""
+    from workers.cli.common import fmt
+    from workers.cli.results import decision_lines
+
+    metrics = best.get("metrics") or {}
+    remeasured = metrics.get("latency_remeasured_ms")
+    first = fmt(metrics.get("latency_ms"), ".3f")
+    latency = (f"{fmt(remeasured, '.3f')} ms re-measured together (first pass {first} ms)"
+               if remeasured is not None else f"{first} ms (first pass)")
+    lines = [f"best: trial {best.get('trial')}: val acc {fmt(metrics.get('val_acc'))}, {latency}"]
+    tie = best.get("tie")
+    lines += decision_lines(tie) if isinstance(tie, dict) else [
+        "no tie decision in the server's answer (a trial asked for by number is not compared)"]
+    print("\n".join(lines), file=sys.stderr)

@@ -89,16 +89,33 @@ def _latency_table(title: str, trials: list[optuna.trial.FrozenTrial], record: d
     return table
 
 
-def _print_decision(out: Console, decision: BestDecision) -> None:
-    if decision.decided:
-        out.print(f"no other candidate is within the noise of trial {decision.chosen.number} "
-                  f"({decision.tie_rule})", markup=False, highlight=False)
+def _figure_text(row: dict[str, Any]) -> str:
+    """A tied candidate's latency (BestDecision.to_dict's rows): ms [interval] and where it is from."""
+    source = {"remeasured": "re-measured together", "first_pass": "first pass"}.get(
+        str(row.get("latency_source")), "no figure")
+    return f"{_interval(row.get('latency_ms'), row.get('latency_ci_ms'))} ms ({source})"
+
+
+def decision_lines(tie: dict[str, Any]) -> list[str]:
+    """The tie decision (BestDecision.to_dict, also the API's `tie`) in words: whether the pick is
+    beyond the noise, the tied set with their figures, the rules and the noise of each side."""
+    chosen, tied = tie["chosen"], tie.get("tied") or []
+    if tie.get("decided", len(tied) <= 1):
+        lines = [f"no other candidate is within the noise of trial {chosen} ({tie['tie_rule']})"]
     else:
-        others = ", ".join(str(t.number) for t in decision.tied[1:])
-        out.print(f"TIE: trials {others} are within the noise of trial {decision.chosen.number} "
-                  f"({decision.tie_rule}); picked by: {decision.rule}", markup=False, highlight=False)
-    out.print(f"accuracy noise: {decision.accuracy_noise}", markup=False, highlight=False)
-    out.print(f"latency noise: {decision.latency_noise}", markup=False, highlight=False)
+        others = ", ".join(str(row["trial"]) for row in tied[1:])
+        lines = [f"TIE: trials {others} are within the noise of trial {chosen} ({tie['tie_rule']}); "
+                 f"picked by: {tie['rule']}"]
+        lines += [f"  trial {row['trial']}{' (picked)' if row['trial'] == chosen else ''}: val acc "
+                  f"{fmt(row.get('val_acc'))}, {_figure_text(row)}" for row in tied]
+    lines.append(f"accuracy noise: {tie['accuracy_noise']}")
+    lines.append(f"latency noise: {tie['latency_noise']}")
+    return lines
+
+
+def _print_decision(out: Console, decision: BestDecision) -> None:
+    for line in decision_lines(decision.to_dict()):
+        out.print(line, markup=False, highlight=False)
 
 
 def run_best(args: argparse.Namespace) -> int:
@@ -269,4 +286,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_export)
 
 
-__all__ = ["register", "run_best", "run_export", "run_remeasure"]
+__all__ = ["decision_lines", "register", "run_best", "run_export", "run_remeasure"]
