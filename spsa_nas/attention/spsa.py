@@ -182,9 +182,10 @@ def spsa_decomposed(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: fl
     if not torch.compiler.is_compiling():
         _check_input(x, heads)
         _check_args(x.shape[1], alpha, heads, eps, reverse, similarity)
+    fusable = torch.compiler.is_compiling()  # sums inductor fuses, not a matmul (composite docstring)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _Decomposed.apply(x, float(alpha), heads, float(eps), reverse, similarity)
-    return composite.spsa_decomposed(x, float(alpha), heads, float(eps), reverse, similarity)
+        return _Decomposed.apply(x, float(alpha), heads, float(eps), reverse, similarity, fusable)
+    return composite.spsa_decomposed(x, float(alpha), heads, float(eps), reverse, similarity, fusable)
 
 
 class _Decomposed(torch.autograd.Function):
@@ -193,15 +194,15 @@ class _Decomposed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, alpha: float, heads: int, eps: float, reverse: bool,
-                similarity: str) -> torch.Tensor:
+                similarity: str, fusable: bool) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.args = (alpha, heads, eps, reverse, similarity)
-        return composite.spsa_decomposed(x, alpha, heads, eps, reverse, similarity)
+        return composite.spsa_decomposed(x, alpha, heads, eps, reverse, similarity, fusable)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (x,) = ctx.saved_tensors
-        return composite.spsa_backward(grad, x, *ctx.args), None, None, None, None, None
+        return composite.spsa_backward(grad, x, *ctx.args), None, None, None, None, None, None
 
 
 def spsa_fused(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: float = DEFAULT_EPS,

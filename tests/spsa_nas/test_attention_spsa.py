@@ -531,7 +531,22 @@ def test_torch_compile_takes_the_decomposition(impl: str, reverse: bool, similar
     for graph in graphs:
         ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
         assert not any("spsa_nas" in op for op in ops), ops
-        assert {"aten.bmm.default", "aten.sigmoid.default", "aten.mean.dim"} <= ops, ops
+        assert {"aten.sigmoid.default", "aten.mean.dim", "aten.sum.dim_IntList"} <= ops, ops
+    forward = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert "aten.bmm.default" not in forward  # the fusable form: sums, not an external matmul
+
+
+@pytest.mark.parametrize(("reverse", "similarity"), SWITCHES, ids=SWITCH_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fusable_decomposition_equals_the_matmul_one(reverse: bool, similarity: str,
+                                                     dtype: torch.dtype) -> None:
+    from spsa_nas.attention.kernels import composite
+
+    x = _rand((2, 16, 5, 6), dtype, True, seed=38)
+    args = (1.5, 2, 1e-5, reverse, similarity)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(composite.spsa_decomposed(x, *args, fusable=True),
+                               composite.spsa_decomposed(x, *args), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(("reverse", "similarity"), SWITCHES[1:], ids=SWITCH_IDS[1:])

@@ -102,7 +102,7 @@ def spsa_stats(x: Tensor, heads: int, eps: float, cosine: bool = False) -> tuple
 
 
 def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bool = True,
-                    similarity: str = "correlation") -> Tensor:
+                    similarity: str = "correlation", fusable: bool = False) -> Tensor:
     """SPSA as plain torch operators (the op's decomposition); equal to `spsa_reference`.
 
     Written for inference graphs (its gradient is `spsa_backward`, not autograd through it): on
@@ -112,6 +112,11 @@ def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bo
     (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of `pixel_correlation`. The cosine
     (`similarity="cosine"`): x̃ = x/m, one batched matmul of x̃ with k̃ for Σx̃·k̃,
     a² = max(‖x̃‖², eps²·b²). `reverse=False`: the gate is sigmoid(r)^alpha.
+
+    `fusable=True` (what torch.compile gets): the channel sums as plain elementwise products and
+    sums instead of the batched matmul and the L2 norm, so that inductor computes them in one
+    reduction kernel fused with x̃ (and with the producer of x); a matmul is an external kernel
+    that needs x̃ written out first. Same values up to rounding.
     """
     sd = stat_dtype(x.dtype)
     x4 = x.flatten(2).unflatten(1, [heads, x.shape[1] // heads])  # (N, G, Cg, P)
@@ -123,8 +128,13 @@ def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bo
         u = k * inv
         b2 = u.square().sum(2, keepdim=True)
         y = xs * inv
-        s_xk = torch.matmul(u.transpose(2, 3), y)  # (N, G, 1, P): Σx̃·k̃
-        a2 = torch.maximum(torch.linalg.vector_norm(y, dim=2, keepdim=True).square(), (eps * eps) * b2)
+        if fusable:
+            s_xk = (y * u).sum(2, keepdim=True)
+            syy = (y * y).sum(2, keepdim=True)
+        else:
+            s_xk = torch.matmul(u.transpose(2, 3), y)  # (N, G, 1, P): Σx̃·k̃
+            syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
+        a2 = torch.maximum(syy, (eps * eps) * b2)
     else:
         s = k.mean(2, keepdim=True)
         kc = k - s
@@ -135,10 +145,15 @@ def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bo
         b2 = torch.maximum(uc.square().sum(2, keepdim=True),
                            (eps * eps) * (k * inv).square().sum(2, keepdim=True))
         y = (xs - s) * inv
-        weights = torch.cat([torch.ones_like(uc), uc], dim=3).transpose(2, 3)  # (N, G, 2, Cg)
-        sums = torch.matmul(weights, y)  # (N, G, 2, P): Σx̃ and Σx̃·ũ
-        sum_y, sum_yu = sums[:, :, :1], sums[:, :, 1:]
-        syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
+        if fusable:
+            sum_y = y.sum(2, keepdim=True)
+            sum_yu = (y * uc).sum(2, keepdim=True)
+            syy = (y * y).sum(2, keepdim=True)
+        else:
+            weights = torch.cat([torch.ones_like(uc), uc], dim=3).transpose(2, 3)  # (N, G, 2, Cg)
+            sums = torch.matmul(weights, y)  # (N, G, 2, P): Σx̃ and Σx̃·ũ
+            sum_y, sum_yu = sums[:, :, :1], sums[:, :, 1:]
+            syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
         cg = float(x4.shape[2])
         s_xk = sum_yu - sum_y * (uc.sum(2, keepdim=True) / cg)
         a2 = torch.maximum(syy - sum_y.square() / cg, (eps * eps) * syy)
