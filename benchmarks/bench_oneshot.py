@@ -57,7 +57,7 @@ from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
 from spsa_nas.supernet import Supernet, SupernetRun, evaluate_path, train_supernet
 from spsa_nas.train import train_model
-from workers.oneshot import supernet_bases, uniform_sampler
+from workers.oneshot import sandwich_extremes, supernet_bases, uniform_sampler
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,8 +78,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--bn-batches", type=int, default=8, help="BN recalibration batches (default 8)")
-    p.add_argument("--sampling", choices=["uniform", "fair"], default="uniform",
-                   help="supernet paths per step: uniform (one, SPOS) or fair (FairNAS: every branch once)")
+    p.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
+                   help="supernet paths per step: uniform (one, SPOS), fair (FairNAS: every branch once) "
+                        "or sandwich (BigNAS: largest, smallest and --sandwich-paths random)")
+    p.add_argument("--sandwich-paths", type=int, default=2,
+                   help="sandwich: random paths per step (default 2)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--cost-candidates", type=int, default=100)
     p.add_argument("--retrain", type=int, default=3, help="retrained finalists in the cost (default 3)")
@@ -173,7 +176,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     curve = train_supernet(supernet, sample, splits.train, splits.val,
                            SupernetRun(train=s_train, epochs=s_epochs, bn_batches=args.bn_batches,
-                                       probe_paths=1, sampling=args.sampling), "cpu")
+                                       probe_paths=1, sampling=args.sampling,
+                                       extremes=sandwich_extremes(space, base, supernet)
+                                       if args.sampling == "sandwich" else None,
+                                       sandwich_paths=args.sandwich_paths), "cpu")
     supernet_s = time.perf_counter() - start
     print(f"supernet: {supernet_s:.1f} s, curve {[round(r.val_acc, 3) for r in curve]}", file=sys.stderr)
     oneshot, eval_s = [], []
@@ -195,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seed_tau = kendalltau([a[0] for a in standalone], [a[1] for a in standalone]).statistic \
         if args.seeds > 1 else None
     n = args.cost_candidates
-    passes = max(len(c) for c in supernet.choices) if args.sampling == "fair" else 1  # paths a step
+    passes = {"fair": max(len(c) for c in supernet.choices),  # paths a step
+              "sandwich": 2 + args.sandwich_paths}.get(args.sampling, 1)
     one_epochs = (passes * s_epochs * s_per_epoch / loader_steps
                   + args.retrain * epochs * per_epoch / loader_steps)
     alone_epochs = n * epochs * per_epoch / loader_steps
@@ -207,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "standalone_budget": standalone_budget,
         "budget": {"supernet_steps": s_epochs * s_per_epoch, "paths_per_step": passes,
                    "supernet_epochs": s_epochs * s_per_epoch / loader_steps,
-                   "bn_batches": args.bn_batches, "sampling": args.sampling},
+                   "bn_batches": args.bn_batches, "sampling": args.sampling,
+                   "sandwich_paths": args.sandwich_paths if args.sampling == "sandwich" else None},
         "standalone_reused_from": str(args.reuse) if args.reuse else None,
         "archs": len(archs),
         "kendall_tau": tau,

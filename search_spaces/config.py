@@ -67,9 +67,12 @@ class OneshotConfig(_Config):
     bn_batches: int = Field(8, ge=1, le=1000, description="training batches per BN recalibration")
     workers: int = Field(1, ge=1, le=256, description="data-parallel workers (Ray Train DDP) of the "
                                                       "supernet on the Ray runner; 1 on one machine")
-    sampling: Literal["uniform", "fair"] = Field(
-        "uniform", description="paths per supernet step: uniform (one, SPOS) or fair (FairNAS strict "
-                               "fairness: every channel-attention branch once per step)")
+    sampling: Literal["uniform", "fair", "sandwich"] = Field(
+        "uniform", description="paths per supernet step: uniform (one, SPOS), fair (FairNAS strict "
+                               "fairness: every channel-attention branch once per step) or sandwich "
+                               "(BigNAS: the largest path, the smallest and sandwich_paths random ones)")
+    sandwich_paths: int = Field(2, ge=1, le=64, description="sampling sandwich: random paths per step "
+                                                            "beside the largest and the smallest")
 
     def supernet_epochs(self, train: TrainConfig) -> int:
         """The epochs the supernet trains: `epochs`, else twice the standalone budget."""

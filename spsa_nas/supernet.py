@@ -44,6 +44,8 @@ from spsa_nas.train import (
     make_optimizer,
 )
 
+SAMPLINGS = ("uniform", "fair", "sandwich")  # how train_supernet picks the paths of a step
+
 #: Draws one path (an ArchSpec of the supernet's backbone and width) from a random generator.
 PathSampler = Callable[[random.Random], ArchSpec]
 
@@ -176,6 +178,16 @@ class Supernet(nn.Module):
             stage.model_copy(update={"channel_attn": orders[i][k % len(orders[i])]})
             for i, stage in enumerate(path.stages))}) for k in range(count)]
 
+    def branch_parameters(self, stage: int) -> dict[str, int]:
+        """The parameters each channel-attention choice of stage `stage` adds, over its blocks
+        ("none": 0)."""
+        sizes = {name: 0 for name in self.choices[stage]}
+        for block, index in self.blocks:
+            if index == stage:
+                for name, branch in self.net.get_submodule(block).attn.branches.items():
+                    sizes[name] += sum(p.numel() for p in branch.parameters())
+        return sizes
+
     def path_state_dict(self, spec: ArchSpec) -> dict[str, Tensor]:
         """The weights of path `spec` under the keys of `build_model(spec)` (the supernet's own
         tensors, not copies: loading them into a candidate copies their values)."""
@@ -259,7 +271,10 @@ class SupernetRun:
     bn_batches: int = 8  # batches for each BN recalibration
     probe_paths: int = 2  # paths whose validation accuracy makes the training curve
     shards: int = 1  # BN batches per global batch: the DDP world size (single worker: micro-batches)
-    sampling: str = "uniform"  # uniform: one path a step (SPOS); fair: FairNAS strict fairness
+    sampling: str = "uniform"  # uniform: one path a step (SPOS); fair: FairNAS strict fairness;
+    # sandwich: the `extremes` (largest, smallest) and `sandwich_paths` random paths a step (BigNAS)
+    extremes: tuple[ArchSpec, ArchSpec] | None = None
+    sandwich_paths: int = 2
     rank: int = 0  # with a DDP wrapper, the shard this worker computes
     curve: list[SupernetEpoch] = field(default_factory=list)
 
@@ -294,11 +309,14 @@ def train_supernet(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[SupernetEpoch, Callable[[], dict[str, Any]]], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    stop_after_epoch: Callable[[], bool] | None = None,
 ) -> list[SupernetEpoch]:
     """Single-path uniform training (SPOS): each step draws one path (`sampler` with
     `path_rng(seed, step)`), routes the supernet through it and takes one SGD step on it.
     `run.sampling == "fair"`: each step accumulates the gradients of `Supernet.fair_paths` (every
     channel-attention branch of every stage once, FairNAS's strict fairness) before its one step.
+    `run.sampling == "sandwich"` (the sandwich rule of BigNAS / Once-for-All): each step accumulates
+    the largest path, the smallest (`run.extremes`) and `run.sandwich_paths` sampled ones.
 
     The recipe is the trial's (SGD + momentum, weight decay, label smoothing, cosine LR with
     warm-up, `max_steps_per_epoch`), in float32. Epoch e's batches come from a loader seeded with
@@ -307,8 +325,20 @@ def train_supernet(
     `run.shards` BN batches: a DDP worker (`wrapped` = its DistributedDataParallel around
     `supernet`) computes shard `run.rank` and DDP averages the gradients; a single worker computes
     every shard and averages their losses — the same gradients. After each epoch `on_epoch(record,
-    checkpoint)` is called; `checkpoint()` returns the state to resume from.
+    checkpoint)` is called; `checkpoint()` returns the state to resume from. Then, before another
+    epoch, `stop_after_epoch()` (a deadline) may end the training early: the curve so far is
+    returned and the last checkpoint resumes it. Under DDP the workers stop together (any worker's
+    True stops all). `should_stop()` (a cancel) is asked before every step and raises Cancelled.
     """
+    if run.sampling not in SAMPLINGS:
+        raise ValueError(f"sampling: {run.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    if run.sampling == "sandwich":
+        if run.extremes is None:
+            raise ValueError("sampling sandwich needs run.extremes (the largest and the smallest path)")
+        if run.sandwich_paths < 1:
+            raise ValueError(f"sandwich_paths must be >= 1, got {run.sandwich_paths}")
+        for path in run.extremes:
+            supernet.check_path(path)
     dev = torch.device(device)
     cfg = run.train
     supernet.to(dev)
@@ -343,6 +373,9 @@ def train_supernet(
             paths = [sampler(rng)]
             if run.sampling == "fair":
                 paths = supernet.fair_paths(paths[0], rng)
+            elif run.sampling == "sandwich":
+                assert run.extremes is not None
+                paths = [*run.extremes, *paths, *(sampler(rng) for _ in range(run.sandwich_paths - 1))]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
@@ -365,9 +398,9 @@ def train_supernet(
             losses.append(step_loss)
         mean_loss = sum(losses) / max(1, len(losses))
         if wrapped is not None and torch.distributed.is_initialized():  # every worker's shards
-            summed = torch.tensor([mean_loss], dtype=torch.float64)
+            summed = torch.tensor([mean_loss], dtype=torch.float64, device=dev)  # NCCL: on the GPU
             torch.distributed.all_reduce(summed)
-            mean_loss = float(summed) / torch.distributed.get_world_size()
+            mean_loss = float(summed.item()) / torch.distributed.get_world_size()
         record = SupernetEpoch(epoch=epoch, train_loss=mean_loss,
                                val_acc=probe_accuracy(supernet, sampler, train_set, val_set, run, dev),
                                seconds=time.perf_counter() - start)
@@ -380,7 +413,19 @@ def train_supernet(
                         "curve": [r.to_dict() for r in run.curve]}
 
             on_epoch(record, checkpoint)
+        if epoch < run.epochs and stop_after_epoch is not None and _agreed(stop_after_epoch(), wrapped):
+            break
     return run.curve
+
+
+def _agreed(flag: bool, wrapped: nn.Module | None) -> bool:
+    """`flag`, or under DDP whether any worker's flag is True (every worker then agrees)."""
+    if wrapped is None or not torch.distributed.is_initialized():
+        return flag
+    device = next(wrapped.parameters()).device  # NCCL reduces GPU tensors only
+    summed = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(summed)
+    return float(summed.item()) > 0
 
 
 def evaluate_path(supernet: Supernet, spec: ArchSpec, train_set: Dataset, val_set: Dataset,
@@ -395,6 +440,7 @@ def evaluate_path(supernet: Supernet, spec: ArchSpec, train_set: Dataset, val_se
 
 
 __all__ = [
+    "SAMPLINGS",
     "MixedAttention",
     "PathSampler",
     "Supernet",

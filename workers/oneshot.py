@@ -2,9 +2,11 @@
 candidate evaluation on the supernet's weights, and the standalone retraining of the finalists.
 
 Phases, recorded in the study's user attr `spsa_nas:phase` (the API's progress shows it):
-  supernet   - one supernet per (backbone, width) of the space trains with single-path uniform
-               sampling; each epoch's checkpoint is a study artifact (`spsa_nas:supernet` holds
-               its id, the epoch and the training curve), so a killed run resumes from the last one;
+  supernet   - one supernet per (backbone, width) of the space trains (oneshot.sampling: uniform
+               single-path, fair or sandwich); each epoch's checkpoint is a study artifact
+               (`spsa_nas:supernet` holds its id, the epoch and the training curve), so a killed run
+               resumes from the last one; past the search's timeout_s training stops after the epoch
+               in progress and the run ends "timeout" in this phase (no candidate on a partial supernet);
   candidates - the study's trials: each asks an architecture as a standalone trial does, is built
                standalone (latency measured exactly as a standalone trial's), takes its path's
                supernet weights, recalibrates BatchNorm, and is validated and tested (user attr
@@ -109,6 +111,45 @@ def uniform_sampler(space: SearchSpace, base: ArchSpec) -> PathSampler:
     return sample
 
 
+def _middle_alpha(choices: Any) -> float:
+    """A fixed alpha of a stage's choices: the middle of a list or grid, the (geometric when log)
+    centre of a range."""
+    if not isinstance(choices, AlphaRange):
+        values = sorted(choices)
+        return float(values[len(values) // 2])
+    grid = choices.values()
+    if grid is not None:
+        return float(grid[len(grid) // 2])
+    if choices.log:
+        return math.sqrt(choices.low * choices.high)
+    return (choices.low + choices.high) / 2
+
+
+def sandwich_extremes(space: SearchSpace, base: ArchSpec, supernet: Supernet) -> tuple[ArchSpec, ArchSpec]:
+    """The sandwich rule's two fixed paths of `space` at `base`'s backbone and width. Largest: every
+    stage its channel attention with the most parameters in `supernet` and SPSA on (where the stage
+    may switch it on) with its most heads, the middle alpha, and the stage's first order, gate
+    direction and similarity. Smallest: every stage without channel attention (its lightest where
+    "none" is not a choice) and SPSA off (where it may be off; else with its fewest heads)."""
+    largest: list[StageSpec] = []
+    smallest: list[StageSpec] = []
+    for index, stage in enumerate(space.stage_choices(base.backbone)):
+        c = stage.choices
+        sizes = supernet.branch_parameters(index)
+        order = list(c.channel_attn)  # ties: the space's first
+        heavy = max(order, key=lambda name: (sizes[name], -order.index(name)))
+        light = min(order, key=lambda name: (sizes[name], order.index(name)))
+
+        for out, attn, spsa, heads in ((largest, heavy, True in c.spsa, max(c.heads)),
+                                       (smallest, light, False not in c.spsa, min(c.heads))):
+            out.append(StageSpec(channel_attn=attn) if not spsa else StageSpec(
+                spsa=True, spsa_heads=heads, spsa_alpha=_middle_alpha(c.alpha), channel_attn=attn,
+                attn_order=c.attn_order[0] if attn != "none" else "channel_first",  # type: ignore[arg-type]
+                spsa_reverse=c.spsa_reverse[0], spsa_similarity=c.spsa_similarity[0]))  # type: ignore[arg-type]
+    return (base.model_copy(update={"stages": tuple(largest)}),
+            base.model_copy(update={"stages": tuple(smallest)}))
+
+
 @dataclass(frozen=True)
 class SupernetJob:
     """Everything one supernet's training needs, picklable for Ray Train workers."""
@@ -120,6 +161,7 @@ class SupernetJob:
     space: SearchSpace
     base: ArchSpec  # backbone, width, stem, input size, classes, channels of the supernet
     cancel_attr: str | None = None  # the study attr a coordinator sets to stop the run
+    deadline: float | None = None  # wall-clock time (time.time()) of the search's timeout_s
 
     @property
     def key(self) -> str:
@@ -172,7 +214,8 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
     """Train (or resume) the supernet of `job` to its epochs. Each global batch is `shards` BN
     batches: a DDP worker (`wrapped`) computes shard `rank`, a single worker all of them (what
     `shards` DDP workers compute together). Rank 0 stores each epoch's checkpoint as a study
-    artifact and the curve in `spsa_nas:supernet`."""
+    artifact and the curve in `spsa_nas:supernet`. Past `job.deadline` the training stops after
+    the epoch in progress (its checkpoint stored; the record stays not `done`)."""
     device = resolve_device(device)
     storage = open_storage(job.storage_url)
     try:
@@ -186,8 +229,12 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
         if record.get("checkpoint"):
             resume = load_checkpoint(job.artifact_dir, record["checkpoint"])
         splits = job.splits()
+        sampling = job.cfg.oneshot.sampling
         run = SupernetRun(train=job.cfg.train, epochs=epochs, bn_batches=job.cfg.oneshot.bn_batches,
-                          shards=shards, rank=rank, sampling=job.cfg.oneshot.sampling)
+                          shards=shards, rank=rank, sampling=sampling,
+                          extremes=sandwich_extremes(job.space, job.base, supernet)
+                          if sampling == "sandwich" else None,
+                          sandwich_paths=job.cfg.oneshot.sandwich_paths)
 
         def on_epoch(epoch: SupernetEpoch, checkpoint: Callable[[], dict[str, Any]]) -> None:
             if rank != 0:
@@ -205,10 +252,13 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
                                          "curve": state["curve"], "done": epoch.epoch >= epochs,
                                          "workers": shards if wrapped is not None else 1})
 
+        deadline = job.deadline
+        past_deadline = None if deadline is None else (lambda: time.time() >= deadline)
         curve = train_supernet(supernet, uniform_sampler(job.space, job.base), splits.train, splits.val, run,
                                device, wrapped=wrapped, resume=resume, on_epoch=on_epoch,
-                               should_stop=should_stop)
-        if rank == 0 and not _record(study, job.key).get("done"):  # resumed at its last epoch
+                               should_stop=should_stop, stop_after_epoch=past_deadline)
+        trained = bool(curve) and curve[-1].epoch >= epochs  # not when the deadline stopped it
+        if rank == 0 and trained and not _record(study, job.key).get("done"):  # resumed at its last epoch
             _set_record(study, job.key, {**_record(study, job.key), "done": True})
         return curve
     finally:
@@ -379,36 +429,51 @@ class OneshotPhases:
         if self.phase != phase:
             self.study.set_user_attr(PHASE_ATTR, phase)
 
-    def jobs(self, cancel_attr: str | None = None) -> list[SupernetJob]:
+    def jobs(self, cancel_attr: str | None = None, deadline: float | None = None) -> list[SupernetJob]:
         return [SupernetJob(storage_url=self.storage_url, study_name=self.study.study_name,
                             artifact_dir=self.artifact_dir, cfg=self.cfg, space=self.space, base=base,
-                            cancel_attr=cancel_attr)
+                            cancel_attr=cancel_attr, deadline=deadline)
                 for base in supernet_bases(self.cfg, self.space)]
+
+    def deadline(self) -> float | None:
+        """The wall-clock end of this run's supernet phase: now + the search's timeout_s (a runner's
+        timeout counts from its start, which is just before this phase)."""
+        return None if self.cfg.timeout_s is None else time.time() + self.cfg.timeout_s
 
     def supernets_done(self) -> bool:
         return all(_record(self.study, job.key).get("done") for job in self.jobs())
 
-    def train_supernets(self, *, device: str = "cpu", should_stop: Callable[[], bool] | None = None) -> None:
-        """In this process, one worker (the local runner). Cancelled when should_stop() says so."""
+    def train_supernets(self, *, device: str = "cpu", should_stop: Callable[[], bool] | None = None) -> bool:
+        """In this process, one worker (the local runner). Cancelled (Cancelled raised) when
+        should_stop() says so. Returns False when the search's timeout_s passed first: training
+        stopped after the epoch in progress, whose checkpoint resumes it; the phase stays
+        `supernet` (no candidate is evaluated on a partly trained supernet) and the runner ends
+        on "timeout"."""
         if self.supernets_done():
             self._after_supernets()
-            return
+            return True
         self.set_phase("supernet")
-        for job in self.jobs():
+        deadline = self.deadline()
+        for job in self.jobs(deadline=deadline):
             train_one_supernet(job, device, should_stop=should_stop)
+            if not _record(self.study, job.key).get("done"):
+                return False
         self._after_supernets()
+        return True
 
     def train_supernets_ray(self, *, run_id: str, should_cancel: Callable[[], bool] | None,
                             poll_s: float = 1.0) -> bool:
         """With Ray Train (cfg.oneshot.workers DDP workers each with the trial's resources); the
         coordinator polls `should_cancel` meanwhile and tells the workers through the run's cancel
-        attr. Returns False when cancelled."""
+        attr. Returns False when cancelled. Past the search's timeout_s the workers stop together
+        after the epoch in progress (checkpointed) and this returns True with the phase still
+        `supernet`: the runner, past its timeout too, ends on "timeout"."""
         if self.supernets_done():
             self._after_supernets()
             return True
         self.set_phase("supernet")
         cancel_attr = run_cancel_attr(run_id)
-        for job in self.jobs(cancel_attr=cancel_attr):
+        for job in self.jobs(cancel_attr=cancel_attr, deadline=self.deadline()):
             if _record(self.study, job.key).get("done"):
                 continue
             errors: list[BaseException] = []
@@ -433,6 +498,8 @@ class OneshotPhases:
                 return False
             if errors:
                 raise RuntimeError(f"supernet {job.key} training failed: {errors[0]}") from errors[0]
+            if not _record(self.study, job.key).get("done"):  # stopped by the deadline
+                return True
         self._after_supernets()
         return True
 
@@ -472,6 +539,7 @@ __all__ = [
     "oneshot_trial_fn",
     "retrain_choice",
     "run_oneshot_trial",
+    "sandwich_extremes",
     "supernet_bases",
     "supernet_fit",
     "supernet_key",

@@ -220,3 +220,64 @@ def test_a_path_with_a_non_local_or_gc_block_is_refused(choice: str) -> None:
     with pytest.raises(ValueError, match=rf"stages\.1\.spatial_attn: strategy oneshot does not support "
                                          rf"spatial attention '{choice}'"):
         supernet.set_path(path)
+
+
+def test_stop_after_epoch_ends_training_at_an_epoch_boundary(
+        data: tuple[TensorDataset, TensorDataset]) -> None:
+    train, val = data
+    for answer, epochs in ((True, [1]), (False, [1, 2, 3])):
+        torch.manual_seed(0)
+        supernet = Supernet(BASE, CHOICES)
+        run = SupernetRun(train=TrainConfig(epochs=3, batch_size=16, max_steps_per_epoch=1), epochs=3,
+                          bn_batches=1, probe_paths=1)
+        saved: list[int] = []
+
+        def on_epoch(record: object, checkpoint, saved: list[int] = saved) -> None:
+            saved.append(checkpoint()["epoch"])
+
+        curve = train_supernet(supernet, _sampler, train, val, run, "cpu", on_epoch=on_epoch,
+                               stop_after_epoch=lambda answer=answer: answer)
+        assert [r.epoch for r in curve] == epochs and saved == epochs  # each epoch run is checkpointed
+
+
+LARGEST = _path(*[StageSpec(spsa=True, spsa_heads=2, channel_attn="se")] * 4)
+SMALLEST = _path(*[StageSpec()] * 4)
+
+
+def test_branch_parameters_order_the_choices() -> None:
+    sizes = Supernet(BASE, CHOICES).branch_parameters(0)
+    assert sizes["none"] == 0 < sizes["eca"] < sizes["se"]
+
+
+def test_sandwich_steps_train_the_extremes_and_random_paths(
+        data: tuple[TensorDataset, TensorDataset]) -> None:
+    train, val = data
+    seen: list[ArchSpec] = []
+    torch.manual_seed(0)
+    supernet = Supernet(BASE, CHOICES)
+    original = supernet.set_path
+
+    def spy(spec: ArchSpec) -> None:
+        seen.append(spec)
+        original(spec)
+
+    supernet.set_path = spy  # type: ignore[method-assign]
+    before = supernet.net.conv1.weight.detach().clone()
+    run = SupernetRun(train=TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2), epochs=1,
+                      bn_batches=1, probe_paths=1, sampling="sandwich", extremes=(LARGEST, SMALLEST),
+                      sandwich_paths=2)
+    curve = train_supernet(supernet, _sampler, train, val, run, "cpu")
+    assert len(curve) == 1 and curve[0].train_loss > 0
+    assert not torch.equal(before, supernet.net.conv1.weight)
+    steps = [seen[k * 4:(k + 1) * 4] for k in range(2)]  # 2 steps of 4 paths (then the probe path)
+    for paths in steps:
+        assert paths[:2] == [LARGEST, SMALLEST]
+        for path in paths[2:]:
+            supernet.check_path(path)
+    assert steps[0][2:] != steps[1][2:]
+    with pytest.raises(ValueError, match=r"sampling sandwich needs run\.extremes"):
+        train_supernet(supernet, _sampler, train, val, SupernetRun(
+            train=run.train, epochs=1, sampling="sandwich"), "cpu")
+    with pytest.raises(ValueError, match="sampling: 'spos' is not one of uniform, fair, sandwich"):
+        train_supernet(supernet, _sampler, train, val,
+                       SupernetRun(train=run.train, epochs=1, sampling="spos"), "cpu")

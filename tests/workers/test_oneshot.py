@@ -23,8 +23,9 @@ from search_spaces.loading import load_space
 from search_spaces.study import create_study, select_best
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.spec import ArchSpec
+from spsa_nas.supernet import Supernet
 from workers.local import run_local
-from workers.oneshot import load_checkpoint, supernet_bases, uniform_sampler
+from workers.oneshot import load_checkpoint, sandwich_extremes, supernet_bases, uniform_sampler
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +78,24 @@ def test_uniform_sampler_draws_spsa_switches_only_where_offered() -> None:
     assert [[s.model_copy(update={"spsa_reverse": True}) for s in spec.stages] for spec in after] == [
         list(spec.stages) for spec in before]
     assert any(not s.spsa_reverse for spec in after for s in spec.stages)
+
+
+def test_sandwich_extremes_are_the_largest_and_the_smallest_paths() -> None:
+    space = load_space({**TINY, "stages": {2: {"channel_attn": ["eca", "se"], "spsa": [True],
+                                                  "heads": [1, 2, 4]}}})
+    (base,) = supernet_bases(_cfg(), space)
+    supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
+    largest, smallest = sandwich_extremes(space, base, supernet)
+    supernet.check_path(largest)
+    supernet.check_path(smallest)
+    assert [s.channel_attn for s in largest.stages] == ["se"] * 4  # SE has more parameters than ECA
+    # SPSA on wherever it may be (stage 4 is 1x1 at 8 px: SPSA forced off), with the most heads
+    assert [s.spsa for s in largest.stages] == [True, True, True, False]
+    assert [s.spsa_heads for s in largest.stages[:3]] == [2, 4, 2]
+    assert largest.stages[0].spsa_alpha == pytest.approx(1.0)  # the geometric centre of [0.5, 2]
+    assert [s.channel_attn for s in smallest.stages] == ["none", "eca", "none", "none"]
+    assert [s.spsa for s in smallest.stages] == [False, True, False, False]  # s2 must have SPSA
+    assert smallest.stages[1].spsa_heads == 1
 
 
 def test_one_supernet_per_width() -> None:
@@ -200,3 +219,24 @@ def test_a_cancel_during_the_supernet_phase_stops_the_run(tmp_path: Path) -> Non
     assert report.outcome == "cancelled" and report.ran == 0
     assert study.user_attrs[PHASE_ATTR] == "supernet" and SUPERNET_ATTR not in study.user_attrs
     assert study.get_trials(deepcopy=False) == []
+
+
+def test_a_timeout_in_the_supernet_phase_stops_it_checkpointed_and_a_rerun_resumes(tmp_path: Path) -> None:
+    url, artifacts = f"sqlite:///{tmp_path / 's.db'}", tmp_path / "artifacts"
+    # a timeout no supernet of 50 epochs can meet: the first epoch ends past it
+    cfg = _cfg(timeout_s=1e-3, oneshot=OneshotConfig(epochs=50, bn_batches=1),
+               train=TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2))
+    study = create_study(cfg, url)
+    report = run_local("os", url, artifact_dir=artifacts)
+    assert report.outcome == "timeout" and report.ran == 0 and report.finished == 0
+    (first,) = study.user_attrs[SUPERNET_ATTR].values()
+    assert first["epoch"] == 1 and first["epochs"] == 50 and not first["done"]
+    assert study.user_attrs[PHASE_ATTR] == "supernet"  # no candidate on a partly trained supernet
+    assert study.get_trials(deepcopy=False) == []
+    state = load_checkpoint(str(artifacts), first["checkpoint"])
+    assert state["epoch"] == 1 and "net.conv1.weight" in state["model"]
+    report = run_local("os", url, artifact_dir=artifacts)  # resumes from epoch 1's checkpoint
+    assert report.outcome == "timeout"
+    (second,) = study.user_attrs[SUPERNET_ATTR].values()
+    assert second["epoch"] == 2 and not second["done"] and second["checkpoint"] != first["checkpoint"]
+    assert second["curve"][0] == first["curve"][0]  # epoch 1 was not trained again
