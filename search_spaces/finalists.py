@@ -18,6 +18,7 @@ from search_spaces.study import mnas_score, pareto_front, select_best, study_con
 ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
 MAX_FINALISTS = 16  # re-measured together at most (the Pareto front first)
 NOTE_MARK = "<!-- spsa-nas:finalists -->"  # first line of the study note this module writes
+SEEDS_ATTR = "spsa_nas:seeds"  # study attr: the top-k re-trained with more seeds (seed_record)
 
 
 class StudyLike(Protocol):
@@ -161,6 +162,32 @@ def latency_figure(trial: FrozenTrial, record: dict[str, Any] | None = None) -> 
     return LatencyFigure(float(ms), None, None, "first_pass")
 
 
+def seed_record(study: StudyLike) -> dict[str, Any] | None:
+    """The last re-training of the top-k with more seeds (study attr SEEDS_ATTR), or None."""
+    record = study.user_attrs.get(SEEDS_ATTR)
+    return record if isinstance(record, dict) and isinstance(record.get("trials"), dict) else None
+
+
+def seeds_entry(seed_accs: dict[int, float]) -> dict[str, Any]:
+    """One trial's figures of SEEDS_ATTR: its validation accuracy by training seed, their mean and
+    (sample) standard deviation; the accuracy interval is mean ± std."""
+    values = list(seed_accs.values())
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"val_acc_by_seed": {str(k): v for k, v in seed_accs.items()}, "val_acc_mean": mean,
+            "val_acc_std": std, "seeds": len(values)}
+
+
+def accuracy_interval(trial: FrozenTrial, record: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(mean - std, mean + std) of the trial's validation accuracy over seeds, when it was re-trained
+    with 2+ seeds (`record`: seed_record); None otherwise (one seed: the tolerance stands in)."""
+    entry = ((record or {}).get("trials") or {}).get(str(trial.number))
+    if not isinstance(entry, dict) or int(entry.get("seeds") or 0) < 2:
+        return None
+    mean, std = float(entry["val_acc_mean"]), float(entry["val_acc_std"])
+    return (mean - std, mean + std)
+
+
 @dataclass(frozen=True)
 class BestDecision:
     """What `best` picked, and whether it could tell: the tied set (the pick first) and the rules."""
@@ -172,6 +199,7 @@ class BestDecision:
     tie_rule: str  # when two trials are tied
     accuracy_noise: str
     latency_noise: str
+    seeds: dict[int, dict[str, Any]] | None = None  # the candidates re-trained with 2+ seeds
 
     @property
     def decided(self) -> bool:
@@ -181,8 +209,10 @@ class BestDecision:
     def to_dict(self) -> dict[str, Any]:
         def row(t: FrozenTrial) -> dict[str, Any]:
             figure = self.figures.get(t.number)
+            seeds = (self.seeds or {}).get(t.number)  # only a candidate re-trained with 2+ seeds
+            extra = {k: seeds[k] for k in ("val_acc_mean", "val_acc_std", "seeds")} if seeds else {}
             return {"trial": t.number, "val_acc": t.user_attrs.get("val_acc"),
-                    **(figure.to_dict() if figure is not None else {"latency_ms": None})}
+                    **(figure.to_dict() if figure is not None else {"latency_ms": None}), **extra}
 
         return {"decided": self.decided, "chosen": self.chosen.number, "tied": [row(t) for t in self.tied],
                 "rule": self.rule, "tie_rule": self.tie_rule, "accuracy_noise": self.accuracy_noise,
@@ -224,6 +254,14 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
         candidates.append(chosen)
     figures = {t.number: latency_figure(t, record) for t in candidates}
     pick, pick_acc = figures[chosen.number], float(chosen.user_attrs.get("val_acc") or 0.0)
+    seeds = seed_record(study)
+    intervals = {t.number: accuracy_interval(t, seeds) for t in candidates}
+
+    def accuracy_tied(t: FrozenTrial, acc: float) -> bool:
+        a, b = intervals[t.number], intervals[chosen.number]
+        if a is not None and b is not None:  # both re-trained with 2+ seeds: their intervals overlap
+            return a[0] <= b[1] and b[0] <= a[1]
+        return abs(acc - pick_acc) <= accuracy_tolerance
 
     def tied(t: FrozenTrial) -> bool:
         figure, acc = figures[t.number], float(t.user_attrs["val_acc"])
@@ -234,7 +272,7 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
                 _score_bounds(pick_acc, pick, accuracy_tolerance, objective)
             return a[0] <= b[1] and b[0] <= a[1]
         clearly_slower = figure.bounds()[0] > pick.bounds()[1]
-        return abs(acc - pick_acc) <= accuracy_tolerance and not clearly_slower
+        return accuracy_tied(t, acc) and not clearly_slower
 
     def order(t: FrozenTrial) -> tuple[float, float, int]:
         primary = t.values[0] if kind == "score" and t.values else t.user_attrs["val_acc"]
@@ -253,6 +291,13 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
                     "clearly slower (confidence intervals overlap, or faster)")
     accuracy_noise = (f"one training seed per candidate: accuracy noise is not measured here; differences "
                       f"within ± {accuracy_tolerance:g} are taken as noise (accuracy_tolerance)")
+    seeded = {n: (seeds or {})["trials"][str(n)] for n, i in intervals.items() if i is not None}
+    if seeded and kind != "score":
+        numbers = ", ".join(str(n) for n in sorted(seeded))
+        accuracy_noise = (f"trials {numbers} re-trained with {min(e['seeds'] for e in seeded.values())}+ "
+                          f"training seeds (at {(seeds or {}).get('at')}): between two of them, validation "
+                          "accuracy is tied when their mean ± std intervals overlap; otherwise one seed, "
+                          f"differences within ± {accuracy_tolerance:g} taken as noise (accuracy_tolerance)")
     if record is not None and record.get("trials"):
         latency_noise = (f"{record.get('ci_level') or 0.95:g} confidence intervals; finalists re-measured "
                          f"together at {record.get('at')} on {record.get('device')}, other trials first pass")
@@ -261,7 +306,8 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
     if pick is not None and pick.low is None:
         latency_noise += "; the pick has no interval (measured with the first protocol): a point"
     return BestDecision(chosen=chosen, tied=[chosen, *others], figures=figures, rule=rule, tie_rule=tie_rule,
-                        accuracy_noise=accuracy_noise, latency_noise=latency_noise)
+                        accuracy_noise=accuracy_noise, latency_noise=latency_noise,
+                        seeds=seeded or None)
 
 
 def remeasurement_record(results: dict[int, dict[str, Any]], *, device: str, reference: dict[str, Any] | None,
@@ -309,8 +355,10 @@ __all__ = [
     "ACCURACY_TOLERANCE",
     "MAX_FINALISTS",
     "NOTE_MARK",
+    "SEEDS_ATTR",
     "BestDecision",
     "LatencyFigure",
+    "accuracy_interval",
     "anchor_attr",
     "anchor_ms",
     "decide_best",
@@ -321,4 +369,6 @@ __all__ = [
     "remeasured_fields",
     "remeasurement",
     "remeasurement_record",
+    "seed_record",
+    "seeds_entry",
 ]

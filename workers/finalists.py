@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from typing import Any
 
 import optuna
@@ -15,13 +16,15 @@ from search_spaces.finalists import (
     ACCURACY_TOLERANCE,
     MAX_FINALISTS,
     NOTE_MARK,
+    SEEDS_ATTR,
     anchor_ms,
     finalist_trials,
     finalists_note,
     normalized,
     remeasurement_record,
+    seeds_entry,
 )
-from search_spaces.keys import FINALISTS_ATTR
+from search_spaces.keys import ESTIMATE_ATTR, FINALISTS_ATTR, LATENCY_KEY_ATTR
 from search_spaces.study import study_config
 
 logger = logging.getLogger(__name__)
@@ -104,6 +107,73 @@ def remeasure_finalists(
     return record
 
 
+class _StoredLatency:
+    """A read-only latency cache over the study's trials (their `latency` attrs by `latency_key`): the
+    re-training with other seeds reuses the trial's measurement instead of measuring again."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        for trial in self._study.get_trials(deepcopy=False):
+            attrs = trial.user_attrs
+            if attrs.get(LATENCY_KEY_ATTR) == key and isinstance(attrs.get("latency"), dict):
+                return dict(attrs["latency"])
+        return None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        """Nothing is stored: the study's trials hold the measurements."""
+
+
+def reseed_top_k(study: optuna.Study, *, top_k: int = 3, seeds: int = 2, device: str | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+    """Re-train the `top_k` complete trials by validation accuracy with more training seeds, so that
+    `best` can tell their accuracy noise (search_spaces.finalists.accuracy_interval).
+
+    Each trial's architecture is trained again through the trial's evaluation
+    (spsa_nas.evaluate.evaluate_spec, the search's data, training and latency settings) with
+    `train.seed` = the search's seed + 1 ... + `seeds` - 1 (the trial's own run is the first seed);
+    the latency is the trial's stored measurement. The result is the study attr SEEDS_ATTR: per
+    trial its validation accuracy by seed, mean and std; the trials themselves are left as they are.
+    Returns the record, or None when no complete trial has a spec. ValueError for top_k < 1 or
+    seeds < 2; oneshot estimates and detectors are left out (their accuracy is not a trained one).
+    """
+    from spsa_nas.evaluate import EvalHooks, evaluate_spec
+    from spsa_nas.spec import ArchSpec
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if seeds < 2:
+        raise ValueError(f"seeds must be at least 2 (the trial's own run is one), got {seeds}")
+    cfg = study_config(study)
+    candidates = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                  if isinstance(t.user_attrs.get("spec"), dict) and t.user_attrs.get("val_acc") is not None
+                  and not t.user_attrs.get(ESTIMATE_ATTR)
+                  and t.user_attrs["spec"].get("task", "classification") != "detection"]
+    if not candidates:
+        return None
+    # select_best's order: the highest accuracy, then the lower first-pass latency, then the number
+    top = sorted(candidates, key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs.get("latency_ms") or 0.0,
+                                            t.number))[:top_k]
+    hooks = EvalHooks(latency_cache=_StoredLatency(study), should_stop=should_stop)
+    trials: dict[str, Any] = {}
+    for trial in top:
+        spec = ArchSpec.model_validate(trial.user_attrs["spec"])
+        accs = {cfg.train.seed: float(trial.user_attrs["val_acc"])}
+        for extra in range(1, seeds):
+            seed = cfg.train.seed + extra
+            result = evaluate_spec(spec, data=cfg.dataset, train=cfg.train.model_copy(update={"seed": seed}),
+                                   latency=cfg.latency, device=device or cfg.device, hooks=hooks)
+            accs[seed] = float(result.metrics()["val_acc"])
+        trials[str(trial.number)] = seeds_entry(accs)
+        logger.info("search %s: trial %s re-trained with %d seeds: %s", study.study_name, trial.number,
+                    seeds, trials[str(trial.number)])
+    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "seeds": seeds, "top_k": top_k,
+              "trials": trials}
+    study.set_user_attr(SEEDS_ATTR, record)
+    return record
+
+
 def record_failure(study: optuna.Study, device: str, error: str) -> None:
     """Record a re-measurement that failed (the study attr says why; the note too)."""
     record = remeasurement_record({}, device=device, reference=None, error=error[:2000])
@@ -183,4 +253,4 @@ def remeasure_on_ray(
     return ray.get(ref)  # type: ignore[no-any-return]
 
 
-__all__ = ["record_failure", "remeasure_finalists", "remeasure_on_ray", "remeasure_task"]
+__all__ = ["record_failure", "remeasure_finalists", "remeasure_on_ray", "remeasure_task", "reseed_top_k"]

@@ -96,6 +96,13 @@ def _figure_text(row: dict[str, Any]) -> str:
     return f"{_interval(row.get('latency_ms'), row.get('latency_ci_ms'))} ms ({source})"
 
 
+def _seeds_text(row: dict[str, Any]) -> str:
+    """' (mean m ± s over n seeds)' for a candidate re-trained with more seeds, else ''."""
+    if row.get("val_acc_mean") is None or int(row.get("seeds") or 1) < 2:
+        return ""
+    return f" (mean {row['val_acc_mean']:.4f} ± {row['val_acc_std']:.4f} over {row['seeds']} seeds)"
+
+
 def decision_lines(tie: dict[str, Any]) -> list[str]:
     """The tie decision (BestDecision.to_dict, also the API's `tie`) in words: whether the pick is
     beyond the noise, the tied set with their figures, the rules and the noise of each side."""
@@ -107,7 +114,7 @@ def decision_lines(tie: dict[str, Any]) -> list[str]:
         lines = [f"TIE: trials {others} are within the noise of trial {chosen} ({tie['tie_rule']}); "
                  f"picked by: {tie['rule']}"]
         lines += [f"  trial {row['trial']}{' (picked)' if row['trial'] == chosen else ''}: val acc "
-                  f"{fmt(row.get('val_acc'))}, {_figure_text(row)}" for row in tied]
+                  f"{fmt(row.get('val_acc'))}{_seeds_text(row)}, {_figure_text(row)}" for row in tied]
     lines.append(f"accuracy noise: {tie['accuracy_noise']}")
     lines.append(f"latency noise: {tie['latency_noise']}")
     return lines
@@ -208,6 +215,32 @@ def run_remeasure(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_reseed(args: argparse.Namespace) -> int:
+    """Re-train the study's top-k by validation accuracy with more training seeds, here; `best` then
+    ties on their accuracy intervals (mean ± std) instead of the one-seed tolerance."""
+    from workers.finalists import reseed_top_k
+
+    storage = open_storage_arg(args.storage, must_exist=True)
+    study = resolve_study(storage, args.study)
+    try:
+        record = reseed_top_k(study, top_k=args.top_k, seeds=args.seeds, device=args.device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if record is None:
+        raise UsageError(f"study {study.study_name!r} has no complete trial with a spec to re-train")
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    table = Table(title=f"Top {args.top_k} of {study.study_name} re-trained with {args.seeds} seeds")
+    for column in ("trial", "val acc by seed", "mean", "std"):
+        table.add_column(column, justify="right")
+    for number, entry in record["trials"].items():
+        by_seed = ", ".join(f"{seed}: {acc:.4f}" for seed, acc in entry["val_acc_by_seed"].items())
+        table.add_row(number, by_seed, f"{entry['val_acc_mean']:.4f}", f"{entry['val_acc_std']:.4f}")
+    Console().print(table)
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Write the chosen trial's spec.json, weights.safetensors, model.onnx and metrics.json."""
     if args.trial is None and not args.best:
@@ -275,6 +308,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
     p.set_defaults(run=run_remeasure)
 
+    p = subparsers.add_parser("reseed", help="re-train a study's top-k with more seeds (accuracy noise)",
+                              description="Re-train the top-k complete trials by validation accuracy with "
+                                          "more training seeds, here; `best` then ties on their accuracy "
+                                          "intervals (mean ± std) instead of the one-seed tolerance.")
+    storage_args(p)
+    p.add_argument("--top-k", type=int, default=3, help="how many trials, by validation accuracy (default 3)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per trial, its own run included (default 2)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: the search's device)")
+    p.add_argument("--json", action="store_true", help="print the stored record as JSON")
+    p.set_defaults(run=run_reseed)
+
     p = subparsers.add_parser("export", help="write a trial's spec.json, weights and model.onnx")
     storage_args(p)
     which = p.add_mutually_exclusive_group()
@@ -286,4 +330,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_export)
 
 
-__all__ = ["decision_lines", "register", "run_best", "run_export", "run_remeasure"]
+__all__ = ["decision_lines", "register", "run_best", "run_export", "run_remeasure", "run_reseed"]
