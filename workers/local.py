@@ -66,7 +66,8 @@ def fail_stale_local_trials(study: optuna.Study) -> list[int]:
 def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
               stop_event: StopEvent | None = None,
               progress: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-              device: str | None = None, remeasure_finalists: bool = True) -> RunReport:
+              device: str | None = None, remeasure_finalists: bool = True,
+              reseed_top_k: int = 0, reseed_seeds: int = 2) -> RunReport:
     """Run the search of the study `study_name` in this process until its config's `trials` trials
     are finished (complete or pruned).
 
@@ -82,8 +83,13 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
     together in this process (workers.finalists.remeasure_finalists, as the Ray runner's task does;
     the study attr FINALISTS_ATTR), unless `remeasure_finalists` is False. The local loop takes no
     latency gate for its trials and none for this either. A failure is logged and recorded in the
-    study (the attr's `error`); it never fails the search.
+    study (the attr's `error`); it never fails the search. `reseed_top_k` > 0: then the top
+    `reseed_top_k` trials by validation accuracy are re-trained with `reseed_seeds` seeds in all
+    (workers.finalists.reseed_top_k: accuracy noise for `best`); a failure there is logged too.
     """
+    if reseed_top_k < 0 or (reseed_top_k and reseed_seeds < 2):
+        raise ValueError(f"reseed_top_k must be >= 0 and reseed_seeds >= 2, got {reseed_top_k} and "
+                         f"{reseed_seeds}")
     study = load_study(study_name, open_storage(storage_url))
     cfg, space = study_config(study), study_space(study)
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,8 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
             failures_in_row = 0
     if outcome in ("done", "timeout") and remeasure_finalists:
         _remeasure(study, device or cfg.device)
+    if outcome in ("done", "timeout") and reseed_top_k:
+        _reseed(study, reseed_top_k, reseed_seeds, device or cfg.device, extra.should_stop)
     counts = trial_counts(study)
     return RunReport(
         outcome=outcome,
@@ -166,3 +174,15 @@ def _remeasure(study: optuna.Study, device: str) -> None:
             record_failure(study, device, f"{type(exc).__name__}: {exc}")
         except Exception as again:  # e.g. the storage went away: the log line is all there is
             logger.warning("search %s: recording that failure failed too: %s", study.study_name, again)
+
+
+def _reseed(study: optuna.Study, top_k: int, seeds: int, device: str,
+            should_stop: Callable[[], bool] | None) -> None:
+    """After the last trial: the top-k re-trained with more seeds; a failure is logged, never raised."""
+    from workers.finalists import reseed_top_k
+
+    try:
+        reseed_top_k(study, top_k=top_k, seeds=seeds, device=device, should_stop=should_stop)
+    except Exception as exc:  # the search's trials are done: its outcome stands
+        logger.warning("search %s: re-training the top %d with %d seeds failed: %s", study.study_name,
+                       top_k, seeds, exc)

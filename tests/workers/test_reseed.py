@@ -83,3 +83,19 @@ def test_reseed_retrains_the_top_k_with_more_seeds(tmp_path: Path,
     assert main(["best", "--storage", url, "--json"]) == 0
     tie = json.loads(capsys.readouterr().out)["tie"]
     assert tie["tied"][0]["seeds"] == 2 and "re-trained with 2+ training seeds" in tie["accuracy_noise"]
+
+
+@pytest.mark.slow
+def test_a_local_search_can_end_by_reseeding_its_top_k(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    space = tmp_path / "tiny.yaml"
+    space.write_text(TINY_YAML)
+    url = f"sqlite:///{tmp_path}/study.db"
+    common = ["search", "--space", str(space), *FLAGS, "--storage", url, "--artifacts", str(tmp_path / "a")]
+    assert main([*common, "--reseed-seeds", "1"]) == 2
+    assert "--reseed-seeds >= 2" in capsys.readouterr().err
+    assert main([*common, "--parallelism", "2", "--reseed-top-k", "1"]) == 2
+    assert "local runner only" in capsys.readouterr().err
+    assert main([*common, "--trials", "2", "--no-remeasure", "--reseed-top-k", "1"]) == 0
+    record = optuna.load_study(study_name="local-fin-digits", storage=url).user_attrs[SEEDS_ATTR]
+    assert record["top_k"] == 1 and record["seeds"] == 2 and len(record["trials"]) == 1

@@ -60,11 +60,17 @@ def _check_data(cfg: SearchConfig, space: SearchSpace) -> None:
 def run_search_command(args: argparse.Namespace) -> int:
     """Create (or resume) the study, run it locally or on Ray, print the front and the outcome."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it all
+    if args.reseed_top_k < 0 or args.reseed_seeds < 2:
+        raise UsageError(f"--reseed-top-k must be >= 0 and --reseed-seeds >= 2, got {args.reseed_top_k} "
+                         f"and {args.reseed_seeds}")
     try:
         space = load_space(args.space)
     except SpaceError as exc:
         raise UsageError(str(exc)) from None
     cfg = _config(args, space)
+    if args.reseed_top_k and (cfg.parallelism > 1 or args.ray_address):
+        raise UsageError("--reseed-top-k runs with the local runner only; after a Ray search run "
+                         "`spsa-nas reseed --storage URL --study NAME`")
     _check_data(cfg, space)
     storage = open_storage_arg(args.storage, must_exist=False)
     try:
@@ -144,7 +150,8 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
     with progress:
         task = progress.add_task(best_text, total=cfg.trials, completed=min(before, cfg.trials))
         return run_local(cfg.study_name, args.storage, artifact_dir=args.artifacts, progress=on_trial,
-                         remeasure_finalists=args.remeasure)
+                         remeasure_finalists=args.remeasure, reseed_top_k=args.reseed_top_k,
+                         reseed_seeds=args.reseed_seeds)
 
 
 def _report(study: optuna.Study, report: RunReport, console: Console, args: argparse.Namespace) -> int:
@@ -196,6 +203,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-remeasure", dest="remeasure", action="store_false",
                    help="do not re-measure the finalists' latencies together when the run ends "
                         "(done or timeout); `spsa-nas remeasure` does it later")
+    p.add_argument("--reseed-top-k", type=int, default=0,
+                   help="when the run ends, re-train the top K by validation accuracy with more seeds "
+                        "(accuracy noise for `best`; local runner; default 0: off, one seed)")
+    p.add_argument("--reseed-seeds", type=int, default=2,
+                   help="seeds in all per re-trained trial (default 2)")
     add_config_flags(p)
     p.set_defaults(run=run_search_command)
 
