@@ -3,9 +3,9 @@
 N distinct architectures are drawn uniformly from a space at ONE width (a supernet has one width;
 pinning it also keeps the width, which alone orders accuracies, from inflating tau). Each is
 trained standalone from scratch with `--seeds` seeds (the trial's recipe, a fixed step budget);
-its standalone accuracy is the mean over seeds. One supernet is trained (single-path uniform
-sampling) and every architecture is evaluated on it (path weights, BN recalibrated, validation
-accuracy). Reported as JSON:
+its standalone accuracy is the mean over seeds. One supernet is trained (`--sampling`: uniform
+single-path, fair or sandwich) and every architecture is evaluated on it (path weights, BN
+recalibrated, validation accuracy). Reported as JSON:
 
 - tau: Kendall's tau-b between one-shot and standalone accuracy, with a bootstrap 95 % interval
   over architectures; tau among the standalone top half; whether the one-shot winner is in the
