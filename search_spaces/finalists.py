@@ -12,13 +12,19 @@ from typing import Any, Literal, Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
-from search_spaces.keys import ANCHOR_PREFIX, CONFIG_ATTR, FINALISTS_ATTR, LATENCY_CI_ATTR, RETRAIN_OF_ATTR
+from search_spaces.keys import (
+    ANCHOR_PREFIX,
+    CONFIG_ATTR,
+    FINALISTS_ATTR,
+    LATENCY_CI_ATTR,
+    RETRAIN_OF_ATTR,
+    SEEDS_ATTR,
+)
 from search_spaces.study import mnas_score, pareto_front, select_best, study_config
 
 ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
 MAX_FINALISTS = 16  # re-measured together at most (the Pareto front first)
 NOTE_MARK = "<!-- spsa-nas:finalists -->"  # first line of the study note this module writes
-SEEDS_ATTR = "spsa_nas:seeds"  # study attr: the top-k re-trained with more seeds (seed_record)
 
 
 class StudyLike(Protocol):

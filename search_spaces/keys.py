@@ -12,6 +12,8 @@ ANCHOR_PREFIX = "spsa_nas:latency_anchor:"  # + a hash of the conditions: the re
 # first measurement of the study under them; latency_ms = ratio to the reference x this (docs/latency.md)
 FINALISTS_ATTR = "spsa_nas:finalists"  # the last re-measurement of the finalists together: when,
 # which trials, where, the reference's figure, or the error that stopped it (docs/latency.md)
+SEEDS_ATTR = "spsa_nas:seeds"  # the top-k re-trained with more seeds (spsa-nas reseed): accuracy by seed,
+# mean and std per trial (search_spaces.finalists.seed_record)
 RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: True asks the tasks of that run to stop; written
 # only by the run's coordinator, read by its tasks' heartbeats (cluster workers see only the database)
 

@@ -347,6 +347,10 @@ class TiedCandidate(BaseModel):
                                                  "the first pass (latency_source)")
     latency_ci_ms: list[float] | None = Field(None, description="its confidence interval; None: not recorded")
     latency_source: Literal["remeasured", "first_pass"] | None = None
+    val_acc_mean: float | None = Field(None, description="re-trained with more seeds (spsa-nas reseed): "
+                                                         "the mean validation accuracy over them")
+    val_acc_std: float | None = Field(None, description="and its standard deviation")
+    seeds: int | None = Field(None, description="how many seeds; None: one (not re-trained)")
 
 
 class TiePublic(BaseModel):
