@@ -35,6 +35,11 @@ def test_detection_quick_search_best_and_export_through_the_cli(tmp_path: Path) 
     done = _cli(*search, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "1/1 finished (1 complete" in done.stderr
+    assert "trial 0: val AP " in done.stdout + done.stderr  # a detector's accuracy is its box AP
+
+    table = _cli("best", "--storage", storage, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert "val box AP" in table.stdout and "test box AP" in table.stdout and "val acc" not in table.stdout
 
     best = _cli("best", "--storage", storage, "--json", cwd=tmp_path)
     assert best.returncode == 0, best.stderr

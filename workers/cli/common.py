@@ -78,10 +78,30 @@ def trial_row(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
 
 
+def is_detection(attrs: dict[str, Any]) -> bool:
+    """Whether a trial (its user attrs) is a detector's: its `val_acc` is then the box AP."""
+    return (attrs.get("spec") or {}).get("task") == "detection"
+
+
+def accuracy_labels(trials: list[optuna.trial.FrozenTrial]) -> tuple[str, str]:
+    """The names of a trial's validation and test accuracy in tables: a classifier's accuracy and
+    top-1, or a detector's COCO box AP (`val_acc` holds the validation AP, `detection` the test's)."""
+    if any(is_detection(t.user_attrs) for t in trials):
+        return "val box AP", "test box AP"
+    return "val acc", "test top1"
+
+
+def accuracy_on_test(attrs: dict[str, Any]) -> Any:
+    """A trial's test figure: top-1 of a classifier, the test split's box AP of a detector."""
+    if is_detection(attrs):
+        return (attrs.get("detection") or {}).get("ap")
+    return attrs.get("top1")
+
+
 def front_table(title: str, trials: list[optuna.trial.FrozenTrial], chosen: int | None = None) -> Table:
     """A table of trials (the Pareto front): accuracies, latency, size, architecture; * = chosen."""
     table = Table(title=title)
-    for column in ("trial", "val acc", "test top1", "latency ms", "params", "architecture"):
+    for column in ("trial", *accuracy_labels(trials), "latency ms", "params", "architecture"):
         table.add_column(column, justify="left" if column == "architecture" else "right")
     for t in trials:
         a = t.user_attrs
@@ -89,7 +109,7 @@ def front_table(title: str, trials: list[optuna.trial.FrozenTrial], chosen: int 
         table.add_row(
             f"{t.number}{mark}",
             fmt(a.get("val_acc")),
-            fmt(a.get("top1")),
+            fmt(accuracy_on_test(a)),
             fmt(a.get("latency_ms"), ".3f"),
             fmt(a.get("params"), ","),
             describe_spec(a.get("spec") or {}),

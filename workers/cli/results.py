@@ -24,6 +24,8 @@ from search_spaces.study import describe_spec, estimated_metrics, pareto_front, 
 from workers.cli import UsageError
 from workers.cli.common import (
     DEFAULT_ARTIFACTS,
+    accuracy_labels,
+    accuracy_on_test,
     fmt,
     open_storage_arg,
     positive_float,
@@ -76,8 +78,8 @@ def _latency_table(title: str, trials: list[optuna.trial.FrozenTrial], record: d
                    chosen: int | None = None) -> Table:
     """Trials with both latency figures: first pass and re-measured together (with intervals)."""
     table = Table(title=title)
-    for column in ("trial", "val acc", "first pass ms [interval]", "re-measured ms [interval]",
-                   "ratio to reference", "architecture"):
+    for column in ("trial", accuracy_labels(trials)[0], "first pass ms [interval]",
+                   "re-measured ms [interval]", "ratio to reference", "architecture"):
         table.add_column(column, justify="left" if column == "architecture" else "right")
     for t in trials:
         row = _latency_row(t, record)
@@ -155,9 +157,10 @@ def run_best(args: argparse.Namespace) -> int:
     out = Console()
     out.print(_latency_table(f"Pareto front of {study.study_name}", front, record, trial.number))
     a = trial.user_attrs
+    val_label, test_label = accuracy_labels([trial])
     out.print(
-        f"best: trial {trial.number}: val acc {fmt(a.get('val_acc'))}, test top1 "
-        f"{fmt(a.get('top1'))}, {fmt(a.get('latency_ms'), '.3f')} ms, "
+        f"best: trial {trial.number}: {val_label} {fmt(a.get('val_acc'))}, {test_label} "
+        f"{fmt(accuracy_on_test(a))}, {fmt(a.get('latency_ms'), '.3f')} ms, "
         f"{fmt(a.get('params'), ',')} params",
         markup=False,
         highlight=False,

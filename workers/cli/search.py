@@ -26,7 +26,15 @@ from search_spaces.study import (
 )
 from search_spaces.suggest import resolve_io
 from workers.cli import UsageError
-from workers.cli.common import DEFAULT_ARTIFACTS, DEFAULT_STORAGE, fmt, front_table, open_storage_arg
+from workers.cli.common import (
+    DEFAULT_ARTIFACTS,
+    DEFAULT_STORAGE,
+    accuracy_on_test,
+    fmt,
+    front_table,
+    is_detection,
+    open_storage_arg,
+)
 from workers.cli.config_flags import add_config_flags, build_config, config_values
 
 EXIT_FAILING = 1  # the exit status when the run ended because trials kept failing
@@ -128,8 +136,10 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
         a = trial.user_attrs
         if trial.state == optuna.trial.TrialState.COMPLETE:
             line = (
-                f"trial {trial.number}: val {fmt(a.get('val_acc'))} top1 {fmt(a.get('top1'))} "
-                f"{fmt(a.get('latency_ms'), '.3f')} ms  {describe_spec(a.get('spec') or {})}"
+                (f"trial {trial.number}: val AP {fmt(a.get('val_acc'))} test AP {fmt(accuracy_on_test(a))} "
+                 if is_detection(a) else
+                 f"trial {trial.number}: val {fmt(a.get('val_acc'))} top1 {fmt(a.get('top1'))} ")
+                + f"{fmt(a.get('latency_ms'), '.3f')} ms  {describe_spec(a.get('spec') or {})}"
                 + (" (one-shot estimate)" if a.get("oneshot_estimate") else "")
                 + (f" (retrained trial {a['retrain_of']})" if "retrain_of" in a else "")
             )
@@ -140,7 +150,8 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
         try:
             best = select_best(study)  # within the search's own latency budget
             best_text = (
-                f"best: #{best.number} val {best.user_attrs['val_acc']:.4f} @ "
+                f"best: #{best.number} {'val AP' if is_detection(best.user_attrs) else 'val'} "
+                f"{best.user_attrs['val_acc']:.4f} @ "
                 f"{best.user_attrs['latency_ms']:.3f} ms"
             )
         except LookupError:
