@@ -160,7 +160,9 @@ def test_a_user_never_reaches_the_other_users_searches(
     assert not failures, "\n".join(failures[:10])
 
     with_id = sorted({name for name, mode in statuses if mode == "own"})
-    assert len(with_id) == 8, with_id  # every search_id operation had its targeted runs
+    expected = sorted({f"{op.method.upper()} {op.path}" for op in operations
+                       if "{search_id}" in op.path} - HEAVY)
+    assert len(expected) >= 10 and with_id == expected  # every search_id operation had its targeted runs
     for name in ADMIN_ONLY:  # a user is refused alike on their own searches and on others'
         assert set(statuses[(name, "own")] + statuses[(name, "foreign")]) <= {403, 422}, name
         assert 403 in statuses[(name, "foreign")], name
@@ -170,8 +172,9 @@ def test_a_user_never_reaches_the_other_users_searches(
         assert foreign.count(404) >= EXAMPLES // 3, f"{name}: {foreign}"
     for name in sorted(set(with_id) - ADMIN_ONLY):
         own, foreign = statuses[(name, "own")], statuses[(name, "foreign")]
-        # the caller's own searches are reachable, so the 404s below mean something
-        assert 200 in own, f"{caller} never got a 200 from {name} on their own searches: {own}"
+        # the caller's own searches are reachable (200, or 202 where a request is queued), so the
+        # 404s below mean something
+        assert {200, 202} & set(own), f"{caller} never got a 200/202 from {name} on their own searches: {own}"
         # the other user's searches: not found (422 only when a query parameter is itself invalid)
         assert set(foreign) <= {404, 422}, f"{caller} on {other}'s searches, {name}: {sorted(set(foreign))}"
         assert foreign.count(404) >= EXAMPLES // 3, f"{name}: {foreign}"

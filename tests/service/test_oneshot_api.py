@@ -22,7 +22,8 @@ def test_oneshot_fields_are_accepted_and_echoed(service: Service) -> None:
                             oneshot={"epochs": 2, "bn_batches": 4})
     config = service.client.get(search["links"]["self"], headers=alice).json()["config"]
     assert config["strategy"] == "oneshot" and config["retrain_top_k"] == 2
-    assert config["oneshot"] == {"epochs": 2, "bn_batches": 4, "workers": 1, "sampling": "uniform"}
+    assert config["oneshot"] == {"epochs": 2, "bn_batches": 4, "workers": 1, "sampling": "uniform",
+                                 "sandwich_paths": 2}
     standalone = service.submit(alice)
     assert service.client.get(standalone["links"]["self"], headers=alice).json()["config"]["strategy"] == \
         "standalone"
