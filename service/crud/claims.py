@@ -18,6 +18,7 @@ and its holder ends it `cancelled`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import DateTime, and_, case, func, literal, or_, select, true, update
@@ -127,19 +128,24 @@ def claim_next_search(
     """
     capped = _under_running_cap(max_running_per_user)
     next_ids = select(Search.id).where(_claimable(), capped).order_by(*_fair_order()).limit(8)
-    candidates = session.scalars(next_ids).all()
+    return claim_first(session, session.scalars(next_ids).all(), [_claimable(), capped], {
+        "lease_owner": owner,
+        "lease_expires_at": db_now(lease_s),
+        "lease_token": Search.lease_token + 1,
+        "attempts": Search.attempts + 1,
+        "status": case((Search.status == QUEUED, RUNNING), else_=Search.status),
+        "started_at": case((Search.status == QUEUED, db_now()), else_=Search.started_at),
+    })
+
+
+def claim_first(session: Session, candidates: Sequence[str], where: list[ColumnElement[bool]],
+                values: dict[str, Any]) -> Search | None:
+    """Take the first of `candidates` (search ids) that still matches `where`, by one conditional
+    UPDATE setting `values` per candidate: a row another process took meanwhile is skipped. Commits;
+    the taken row, refreshed, or None when none could be taken."""
     for search_id in candidates:
         result = session.execute(
-            update(Search)
-            .where(Search.id == search_id, _claimable(), capped)
-            .values(
-                lease_owner=owner,
-                lease_expires_at=db_now(lease_s),
-                lease_token=Search.lease_token + 1,
-                attempts=Search.attempts + 1,
-                status=case((Search.status == QUEUED, RUNNING), else_=Search.status),
-                started_at=case((Search.status == QUEUED, db_now()), else_=Search.started_at),
-            )
+            update(Search).where(Search.id == search_id, *where).values(**values)
             .execution_options(synchronize_session=False)
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]

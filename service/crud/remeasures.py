@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.core.models import FINAL_STATES, Search
-from service.crud.claims import db_now
+from service.crud.claims import claim_first, db_now
 
 RemeasureState = Literal["none", "pending", "running", "done", "failed"]
 
@@ -59,22 +59,9 @@ def claim_remeasure(session: Session, *, owner: str, lease_s: float) -> Search |
     candidates = session.scalars(
         select(Search.id).where(_claimable()).order_by(Search.remeasure_requested_at).limit(8)
     ).all()
-    for search_id in candidates:
-        result = session.execute(
-            update(Search)
-            .where(Search.id == search_id, _claimable())
-            .values(
-                remeasure_owner=owner, remeasure_expires_at=db_now(lease_s), remeasure_started_at=db_now()
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            session.commit()
-            search = session.get(Search, search_id, populate_existing=True)
-            if search is not None:
-                return search
-    session.commit()
-    return None
+    return claim_first(session, candidates, [_claimable()], {
+        "remeasure_owner": owner, "remeasure_expires_at": db_now(lease_s), "remeasure_started_at": db_now(),
+    })
 
 
 def _held(search_id: str, owner: str) -> list[ColumnElement[bool]]:
