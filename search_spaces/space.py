@@ -98,6 +98,14 @@ def _unique(values: list[Any], path: str) -> list[Any]:
     return values
 
 
+def _known(values: list[str], valid: tuple[str, ...], what: str, path: str) -> list[str]:
+    """`values` when each is one of `valid` and none repeats; else a SpaceProblem at the bad one."""
+    for i, name in enumerate(values):
+        if name not in valid:
+            raise SpaceProblem((i,), f"unknown {what} {name!r}; valid: {', '.join(valid)}")
+    return _unique(values, path)
+
+
 def _spsa_states(spatial: list[str]) -> list[bool]:
     """The SPSA states (off / on) a `spatial` choice can take, in its order."""
     states = [name == "spsa" for name in spatial]
@@ -130,13 +138,7 @@ class StageChoices(_Model):
     @field_validator("spatial")
     @classmethod
     def _spatial(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        for i, name in enumerate(value):
-            if name not in SPATIAL_CHOICES:
-                raise SpaceProblem((i,), f"unknown spatial attention {name!r}; valid: "
-                                          f"{', '.join(SPATIAL_CHOICES)}")
-        return _unique(value, "spatial")
+        return None if value is None else _known(value, SPATIAL_CHOICES, "spatial attention", "spatial")
 
     @field_validator("spsa_reverse")
     @classmethod
@@ -146,11 +148,7 @@ class StageChoices(_Model):
     @field_validator("spsa_similarity")
     @classmethod
     def _similarity(cls, value: list[str]) -> list[str]:
-        for i, name in enumerate(value):
-            if name not in SIMILARITIES:
-                raise SpaceProblem((i,), f"unknown spsa_similarity {name!r}; valid: "
-                                          f"{', '.join(SIMILARITIES)}")
-        return _unique(value, "spsa_similarity")
+        return _known(value, SIMILARITIES, "spsa_similarity", "spsa_similarity")
 
     @model_validator(mode="after")
     def _spsa_or_spatial(self) -> StageChoices:
@@ -195,19 +193,12 @@ class StageChoices(_Model):
     @field_validator("channel_attn")
     @classmethod
     def _attn(cls, value: list[str]) -> list[str]:
-        for i, name in enumerate(value):
-            if name not in CHANNEL_ATTENTIONS:
-                raise SpaceProblem((i,), f"unknown channel attention {name!r}; valid: "
-                                          f"{', '.join(CHANNEL_ATTENTIONS)}")
-        return _unique(value, "channel_attn")
+        return _known(value, CHANNEL_ATTENTIONS, "channel attention", "channel_attn")
 
     @field_validator("attn_order")
     @classmethod
     def _order(cls, value: list[str]) -> list[str]:
-        for i, name in enumerate(value):
-            if name not in ATTN_ORDERS:
-                raise SpaceProblem((i,), f"unknown attn_order {name!r}; valid: {', '.join(ATTN_ORDERS)}")
-        return _unique(value, "attn_order")
+        return _known(value, ATTN_ORDERS, "attn_order", "attn_order")
 
     def alpha_values(self) -> list[float] | None:
         """The discrete alpha values, or None for a continuous range."""
