@@ -79,6 +79,22 @@ class OneshotConfig(_Config):
         return self.epochs if self.epochs is not None else 2 * train.epochs
 
 
+class ReseedConfig(_Config):
+    """Accuracy noise: when a search's run ends (done or timeout), its top `top_k` complete trials by
+    validation accuracy are trained again with `seeds` - 1 more training seeds (train.seed + 1, ...),
+    so that `best` ties on their accuracy over seeds (mean ± std) instead of the one-seed tolerance.
+    Both runners; within what is left of the run's `timeout_s`, stopped by a cancel (docs/latency.md)."""
+
+    top_k: int = Field(0, ge=0, le=100, description="trials re-trained with more seeds when the search "
+                                                     "ends; 0: off (one seed per trial)")
+    seeds: int = Field(2, ge=2, le=100, description="training seeds in all per re-trained trial, its "
+                                                     "own run included")
+
+    def trainings(self) -> int:
+        """The extra trainings it asks for (each of train.epochs epochs): top_k x (seeds - 1)."""
+        return self.top_k * (self.seeds - 1)
+
+
 Strategy = Literal["standalone", "oneshot"]
 STRATEGIES: tuple[str, ...] = ("standalone", "oneshot")
 
@@ -107,6 +123,14 @@ class SearchConfig(_Config):
     retrain_top_k: int = Field(3, ge=0, le=100, description="oneshot: Pareto candidates retrained "
                                                             "standalone at the end")
     oneshot: OneshotConfig = OneshotConfig()
+    reseed: ReseedConfig = ReseedConfig()  # the top-k re-trained with more seeds at the end (0: off)
+
+    @model_validator(mode="after")
+    def _reseed_trains(self) -> SearchConfig:
+        if self.reseed.top_k and self.dataset.name in DETECTION_DATASETS:
+            raise ValueError(f"reseed.top_k: a detection search's trials are not re-trained with more "
+                             f"seeds (dataset {self.dataset.name!r} is detection data); set 0")
+        return self
 
     @model_validator(mode="after")
     def _pruner_needs_score(self) -> SearchConfig:

@@ -184,6 +184,18 @@ def seeds_entry(seed_accs: dict[int, float]) -> dict[str, Any]:
             "val_acc_std": std, "seeds": len(values)}
 
 
+def seeds_record(by_trial: dict[int, dict[int, float]], *, seeds: int, top_k: int, planned: list[int],
+                 stopped: str | None = None, error: str | None = None) -> dict[str, Any]:
+    """The study attr SEEDS_ATTR of one re-training of the top-k: when, how many seeds and trials were
+    asked (`planned`: the trials chosen, best first), per trial re-trained with 2+ seeds so far its
+    seeds_entry (`by_trial`: trial number -> {training seed: validation accuracy}, its own run
+    included), and `stopped` ("cancelled", "timeout") or `error` when it did not finish."""
+    trials = {str(n): seeds_entry(accs) for n, accs in by_trial.items() if len(accs) >= 2}
+    return {"at": datetime.now(UTC).isoformat(timespec="seconds"), "seeds": seeds, "top_k": top_k,
+            "planned": list(planned), "trials": trials, "stopped": stopped,
+            "error": error[:2000] if error else None}
+
+
 def accuracy_interval(trial: FrozenTrial, record: dict[str, Any] | None) -> tuple[float, float] | None:
     """(mean - std, mean + std) of the trial's validation accuracy over seeds, when it was re-trained
     with 2+ seeds (`record`: seed_record); None otherwise (one seed: the tolerance stands in)."""
@@ -225,10 +237,12 @@ class BestDecision:
                 "latency_noise": self.latency_noise}
 
 
-def _score_bounds(acc: float, figure: LatencyFigure, tolerance: float, objective: Any) -> tuple[float, float]:
+def _score_bounds(accuracy: tuple[float, float], figure: LatencyFigure, objective: Any
+                  ) -> tuple[float, float]:
+    """The score's range over an accuracy range (low, high) and the latency's interval."""
     low_ms, high_ms = figure.bounds()
-    worst = mnas_score(max(0.0, acc - tolerance), high_ms, objective)
-    best = mnas_score(min(1.0, acc + tolerance), low_ms, objective)
+    worst = mnas_score(max(0.0, accuracy[0]), high_ms, objective)
+    best = mnas_score(min(1.0, accuracy[1]), low_ms, objective)
     return (min(worst, best), max(worst, best))
 
 
@@ -241,8 +255,11 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
     Pareto studies: a candidate is tied with the pick when their validation accuracies differ by
     at most `accuracy_tolerance` and the candidate is not clearly slower (its interval does not
     lie wholly above the pick's): the pick's lead is then within the noise of accuracy and of
-    latency. Score studies: when their scores' ranges overlap, each range spanning accuracy
-    ± tolerance and the latency interval. A figure without an interval (first protocol) is a point.
+    latency. Score studies: when their scores' ranges overlap, each range spanning its accuracy
+    range and its latency interval. Accuracy noise, both kinds: when the candidate and the pick
+    were both re-trained with 2+ seeds (SEEDS_ATTR), each one's accuracy range is its mean ± std
+    over seeds (pareto: tied when the two overlap); otherwise the tolerance stands in (the
+    accuracy ± `accuracy_tolerance`). A figure without an interval (first protocol) is a point.
     """
     if not math.isfinite(accuracy_tolerance) or not 0 <= accuracy_tolerance < 1:
         raise ValueError(f"accuracy_tolerance must be in [0, 1), got {accuracy_tolerance}")
@@ -263,22 +280,27 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
     seeds = seed_record(study)
     intervals = {t.number: accuracy_interval(t, seeds) for t in candidates}
 
-    def accuracy_tied(t: FrozenTrial, acc: float) -> bool:
+    def accuracy_ranges(t: FrozenTrial, acc: float) -> tuple[tuple[float, float], tuple[float, float]] | None:
+        """The candidate's and the pick's accuracy ranges when both were re-trained with 2+ seeds
+        (mean ± std each), else None (the tolerance stands in)."""
         a, b = intervals[t.number], intervals[chosen.number]
-        if a is not None and b is not None:  # both re-trained with 2+ seeds: their intervals overlap
-            return a[0] <= b[1] and b[0] <= a[1]
-        return abs(acc - pick_acc) <= accuracy_tolerance
+        return (a, b) if a is not None and b is not None else None
 
     def tied(t: FrozenTrial) -> bool:
         figure, acc = figures[t.number], float(t.user_attrs["val_acc"])
         if figure is None or pick is None:
             return False
+        seeded_ranges = accuracy_ranges(t, acc)
         if kind == "score":
-            a, b = _score_bounds(acc, figure, accuracy_tolerance, objective), \
-                _score_bounds(pick_acc, pick, accuracy_tolerance, objective)
+            mine, theirs = seeded_ranges or ((acc - accuracy_tolerance, acc + accuracy_tolerance),
+                                             (pick_acc - accuracy_tolerance, pick_acc + accuracy_tolerance))
+            a, b = _score_bounds(mine, figure, objective), _score_bounds(theirs, pick, objective)
             return a[0] <= b[1] and b[0] <= a[1]
         clearly_slower = figure.bounds()[0] > pick.bounds()[1]
-        return accuracy_tied(t, acc) and not clearly_slower
+        if seeded_ranges is not None:  # both re-trained with 2+ seeds: their intervals overlap
+            (a_low, a_high), (b_low, b_high) = seeded_ranges
+            return a_low <= b_high and b_low <= a_high and not clearly_slower
+        return abs(acc - pick_acc) <= accuracy_tolerance and not clearly_slower
 
     def order(t: FrozenTrial) -> tuple[float, float, int]:
         primary = t.values[0] if kind == "score" and t.values else t.user_attrs["val_acc"]
@@ -290,19 +312,21 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
     rule = (f"trial {trial_number} as asked" if trial_number is not None else
             f"{first}, then the lower first-pass latency, then the lower trial number (select_best)")
     if kind == "score":
-        tie_rule = (f"score ranges overlap (accuracy ± {accuracy_tolerance:g}, latency over its "
-                    "confidence interval)")
+        tie_rule = (f"score ranges overlap (accuracy ± {accuracy_tolerance:g}, or its mean ± std over "
+                    "seeds where both were re-trained; latency over its confidence interval)")
     else:
         tie_rule = (f"validation accuracy within ± {accuracy_tolerance:g} of the pick and latency not "
                     "clearly slower (confidence intervals overlap, or faster)")
     accuracy_noise = (f"one training seed per candidate: accuracy noise is not measured here; differences "
                       f"within ± {accuracy_tolerance:g} are taken as noise (accuracy_tolerance)")
     seeded = {n: (seeds or {})["trials"][str(n)] for n, i in intervals.items() if i is not None}
-    if seeded and kind != "score":
+    if seeded:
         numbers = ", ".join(str(n) for n in sorted(seeded))
         accuracy_noise = (f"trials {numbers} re-trained with {min(e['seeds'] for e in seeded.values())}+ "
-                          f"training seeds (at {(seeds or {}).get('at')}): between two of them, validation "
-                          "accuracy is tied when their mean ± std intervals overlap; otherwise one seed, "
+                          f"training seeds (at {(seeds or {}).get('at')}): between two of them, "
+                          + ("the score ranges span their accuracy's mean ± std" if kind == "score" else
+                             "validation accuracy is tied when their mean ± std intervals overlap")
+                          + "; otherwise one seed, "
                           f"differences within ± {accuracy_tolerance:g} taken as noise (accuracy_tolerance)")
     if record is not None and record.get("trials"):
         latency_noise = (f"{record.get('ci_level') or 0.95:g} confidence intervals; finalists re-measured "
@@ -377,4 +401,5 @@ __all__ = [
     "remeasurement_record",
     "seed_record",
     "seeds_entry",
+    "seeds_record",
 ]

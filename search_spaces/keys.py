@@ -5,15 +5,16 @@ from __future__ import annotations
 # Study user attrs.
 CONFIG_ATTR = "spsa_nas:config"  # the SearchConfig JSON: the one stored copy of a search's config
 SPACE_ATTR = "spsa_nas:space"  # the resolved search space (workers need no file)
-PHASE_ATTR = "spsa_nas:phase"  # oneshot: supernet, candidates, retrain or done (the search's phase)
+PHASE_ATTR = "spsa_nas:phase"  # oneshot: supernet, candidates, retrain or done (the search's phase);
+# any search: reseed while its top-k are re-trained with more seeds at the end, then what it was
 SUPERNET_ATTR = "spsa_nas:supernet"  # oneshot: {key: {epoch, curve, checkpoint, done}} per supernet
 RETRAIN_ATTR = "spsa_nas:retrain"  # oneshot: the candidate trial numbers enqueued for retraining
 ANCHOR_PREFIX = "spsa_nas:latency_anchor:"  # + a hash of the conditions: the reference's time in the
 # first measurement of the study under them; latency_ms = ratio to the reference x this (docs/latency.md)
 FINALISTS_ATTR = "spsa_nas:finalists"  # the last re-measurement of the finalists together: when,
 # which trials, where, the reference's figure, or the error that stopped it (docs/latency.md)
-SEEDS_ATTR = "spsa_nas:seeds"  # the top-k re-trained with more seeds (spsa-nas reseed): accuracy by seed,
-# mean and std per trial (search_spaces.finalists.seed_record)
+SEEDS_ATTR = "spsa_nas:seeds"  # the top-k re-trained with more seeds (config `reseed`, spsa-nas reseed):
+# accuracy by seed, mean and std per trial, stopped/error (search_spaces.finalists.seeds_record)
 RUN_CANCEL_PREFIX = "spsa_nas:cancel:"  # + run id: True asks the tasks of that run to stop; written
 # only by the run's coordinator, read by its tasks' heartbeats (cluster workers see only the database)
 

@@ -23,9 +23,10 @@ METRIC_NAMES = {"pareto": ["validation accuracy", "latency (ms)"], "score": ["sc
 #: A detection space's pareto metrics: its accuracy is the validation box AP (docs/detection.md).
 DETECTION_METRIC_NAMES = ["validation box AP", "latency (ms)"]
 
-# Fields of SearchConfig that a resumed run may change: budgets and where the process runs.
+# Fields of SearchConfig that a resumed run may change: budgets, where the process runs, and the
+# re-training of the top-k with more seeds at the end (reseed: it changes no trial).
 # Everything else (space, data, training, objective, sampler, seed, device) defines the study.
-_RUN_FIELDS = ("trials", "timeout_s", "parallelism", "resources", "max_retries", "space")
+_RUN_FIELDS = ("trials", "timeout_s", "parallelism", "resources", "max_retries", "space", "reseed")
 _RUN_DATA_FIELDS = ("data_root", "download")
 
 
@@ -99,8 +100,8 @@ def create_study(cfg: SearchConfig, storage: str | BaseStorage, *, space: Search
     the one stored copy of a search's config) and `spsa_nas:space` (the resolved space); the
     study's metric names (METRIC_NAMES) label optuna-dashboard's plots. A study created with
     another configuration (space, data, training, objective, sampler, seed, device) is refused,
-    never mixed; the budgets (trials, timeout, parallelism, resources, retries) may change
-    between runs.
+    never mixed; the budgets (trials, timeout, parallelism, resources, retries) and `reseed` may
+    change between runs.
     """
     storage = as_storage(storage)
     space = space or load_space(cfg.space)

@@ -1,16 +1,17 @@
-"""Re-measure a search's finalists together: their latencies side by side, interleaved with the space's
-reference, in one process (at the end of a run, and `spsa-nas remeasure`)."""
+"""A search's finalists at its end: their latencies re-measured together, interleaved with the space's
+reference (`spsa-nas remeasure`), and the top-k re-trained with more seeds (`spsa-nas reseed`)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from search_spaces.finalists import (
     ACCURACY_TOLERANCE,
@@ -22,10 +23,14 @@ from search_spaces.finalists import (
     finalists_note,
     normalized,
     remeasurement_record,
-    seeds_entry,
+    seeds_record,
 )
-from search_spaces.keys import ESTIMATE_ATTR, FINALISTS_ATTR, LATENCY_KEY_ATTR
+from search_spaces.keys import ESTIMATE_ATTR, FINALISTS_ATTR, LATENCY_KEY_ATTR, PHASE_ATTR
 from search_spaces.study import study_config
+
+if TYPE_CHECKING:
+    from search_spaces.config import SearchConfig
+    from spsa_nas.evaluate import EvalHooks
 
 logger = logging.getLogger(__name__)
 
@@ -107,71 +112,134 @@ def remeasure_finalists(
     return record
 
 
-class _StoredLatency:
-    """A read-only latency cache over the study's trials (their `latency` attrs by `latency_key`): the
-    re-training with other seeds reuses the trial's measurement instead of measuring again."""
+class TrialLatency:
+    """A read-only latency cache holding one trial's measurement (its `latency` attr under its
+    `latency_key`): a re-training with another seed reuses it instead of measuring again. It
+    pickles (plain dicts), so a Ray task can take it."""
 
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
+    def __init__(self, key: str | None, latency: dict[str, Any] | None) -> None:
+        self._key, self._latency = key, dict(latency) if isinstance(latency, dict) else None
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialLatency:
+        return cls(trial.user_attrs.get(LATENCY_KEY_ATTR), trial.user_attrs.get("latency"))
 
     def get(self, key: str) -> dict[str, Any] | None:
-        for trial in self._study.get_trials(deepcopy=False):
-            attrs = trial.user_attrs
-            if attrs.get(LATENCY_KEY_ATTR) == key and isinstance(attrs.get("latency"), dict):
-                return dict(attrs["latency"])
-        return None
+        return dict(self._latency) if self._latency is not None and key == self._key else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         """Nothing is stored: the study's trials hold the measurements."""
 
 
-def reseed_top_k(study: optuna.Study, *, top_k: int = 3, seeds: int = 2, device: str | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any] | None:
-    """Re-train the `top_k` complete trials by validation accuracy with more training seeds, so that
-    `best` can tell their accuracy noise (search_spaces.finalists.accuracy_interval).
-
-    Each trial's architecture is trained again through the trial's evaluation
-    (spsa_nas.evaluate.evaluate_spec, the search's data, training and latency settings) with
-    `train.seed` = the search's seed + 1 ... + `seeds` - 1 (the trial's own run is the first seed);
-    the latency is the trial's stored measurement. The result is the study attr SEEDS_ATTR: per
-    trial its validation accuracy by seed, mean and std; the trials themselves are left as they are.
-    Returns the record, or None when no complete trial has a spec. ValueError for top_k < 1 or
-    seeds < 2; oneshot estimates and detectors are left out (their accuracy is not a trained one).
-    """
-    from spsa_nas.evaluate import EvalHooks, evaluate_spec
-    from spsa_nas.spec import ArchSpec
-
+def check_reseed(top_k: int, seeds: int) -> None:
+    """ValueError unless top_k >= 1 and seeds >= 2."""
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if seeds < 2:
         raise ValueError(f"seeds must be at least 2 (the trial's own run is one), got {seeds}")
-    cfg = study_config(study)
+
+
+def reseed_candidates(study: optuna.Study, top_k: int) -> list[FrozenTrial]:
+    """The `top_k` complete trials to re-train with more seeds, in select_best's order (the highest
+    validation accuracy, then the lower first-pass latency, then the number); only trials with a
+    spec, neither oneshot estimates nor detectors (their accuracy is not a trained one)."""
     candidates = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                   if isinstance(t.user_attrs.get("spec"), dict) and t.user_attrs.get("val_acc") is not None
                   and not t.user_attrs.get(ESTIMATE_ATTR)
                   and t.user_attrs["spec"].get("task", "classification") != "detection"]
-    if not candidates:
+    return sorted(candidates, key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs.get("latency_ms") or 0.0,
+                                             t.number))[:top_k]
+
+
+def retrain_seed(cfg: SearchConfig, spec: dict[str, Any], seed: int, *, device: str,
+                 hooks: EvalHooks) -> float:
+    """One re-training of a trial's architecture `spec` with training seed `seed` through the trial's
+    evaluation (spsa_nas.evaluate.evaluate_spec: the search's data, training and latency settings;
+    `hooks.latency_cache` gives the trial's measurement); its validation accuracy. Cancelled when
+    `hooks.should_stop()` says so."""
+    from spsa_nas.evaluate import evaluate_spec
+    from spsa_nas.spec import ArchSpec
+
+    result = evaluate_spec(ArchSpec.model_validate(spec), data=cfg.dataset,
+                           train=cfg.train.model_copy(update={"seed": seed}), latency=cfg.latency,
+                           device=device, hooks=hooks)
+    return float(result.metrics()["val_acc"])
+
+
+@contextlib.contextmanager
+def reseed_phase(study: optuna.Study) -> Iterator[None]:
+    """The study's phase (PHASE_ATTR, the API's progress.phase) reads "reseed" while the top-k are
+    re-trained, then what it was before (None for a standalone search, "done" for a oneshot one)."""
+    before = study.user_attrs.get(PHASE_ATTR)
+    study.set_user_attr(PHASE_ATTR, "reseed")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # e.g. the storage went away: the run's outcome stands
+            study.set_user_attr(PHASE_ATTR, before)
+
+
+def reseed_top_k(study: optuna.Study, *, top_k: int = 3, seeds: int = 2, device: str | None = None,
+                 should_stop: Callable[[], bool] | None = None, deadline: float | None = None,
+                 latency_lock: Callable[[], AbstractContextManager[None]] | None = None,
+                 ) -> dict[str, Any] | None:
+    """Re-train the `top_k` complete trials by validation accuracy (reseed_candidates) with more
+    training seeds, here, so that `best` can tell their accuracy noise
+    (search_spaces.finalists.accuracy_interval).
+
+    Each trial's architecture is trained again (retrain_seed) with `train.seed` = the search's
+    seed + 1 ... + `seeds` - 1 (the trial's own run is the first seed); the latency is the trial's
+    stored measurement. The result is the study attr SEEDS_ATTR (search_spaces.finalists.seeds_record),
+    written after each trial and at the end: per trial re-trained its validation accuracy by seed,
+    mean and std; the trials themselves are left as they are. `should_stop()` (polled each training
+    step) stops it with `stopped: "cancelled"`, `deadline` (unix time) with `stopped: "timeout"`;
+    what was re-trained before is kept. An error is recorded (`error`) and raised. Returns the
+    record, or None when no trial qualifies. ValueError for top_k < 1 or seeds < 2.
+    """
+    from spsa_nas.evaluate import Cancelled, EvalHooks
+
+    check_reseed(top_k, seeds)
+    cfg = study_config(study)
+    top = reseed_candidates(study, top_k)
+    if not top:
         return None
-    # select_best's order: the highest accuracy, then the lower first-pass latency, then the number
-    top = sorted(candidates, key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs.get("latency_ms") or 0.0,
-                                            t.number))[:top_k]
-    hooks = EvalHooks(latency_cache=_StoredLatency(study), should_stop=should_stop)
-    trials: dict[str, Any] = {}
-    for trial in top:
-        spec = ArchSpec.model_validate(trial.user_attrs["spec"])
-        accs = {cfg.train.seed: float(trial.user_attrs["val_acc"])}
-        for extra in range(1, seeds):
-            seed = cfg.train.seed + extra
-            result = evaluate_spec(spec, data=cfg.dataset, train=cfg.train.model_copy(update={"seed": seed}),
-                                   latency=cfg.latency, device=device or cfg.device, hooks=hooks)
-            accs[seed] = float(result.metrics()["val_acc"])
-        trials[str(trial.number)] = seeds_entry(accs)
-        logger.info("search %s: trial %s re-trained with %d seeds: %s", study.study_name, trial.number,
-                    seeds, trials[str(trial.number)])
-    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "seeds": seeds, "top_k": top_k,
-              "trials": trials}
-    study.set_user_attr(SEEDS_ATTR, record)
-    return record
+    base = cfg.train.seed
+    by_trial = {t.number: {base: float(t.user_attrs["val_acc"])} for t in top}
+    planned = [t.number for t in top]
+
+    def over_time() -> bool:
+        return deadline is not None and time.time() >= deadline
+
+    def stop() -> bool:
+        return over_time() or (should_stop is not None and should_stop())
+
+    def record(stopped: str | None = None, error: str | None = None) -> dict[str, Any]:
+        out = seeds_record(by_trial, seeds=seeds, top_k=top_k, planned=planned, stopped=stopped, error=error)
+        study.set_user_attr(SEEDS_ATTR, out)
+        return out
+
+    stopped = None
+    try:
+        for trial in top:
+            hooks = EvalHooks(latency_cache=TrialLatency.of(trial), should_stop=stop,
+                              latency_lock=latency_lock)
+            for extra in range(1, seeds):
+                if stop():
+                    raise Cancelled("stopped before training")
+                by_trial[trial.number][base + extra] = retrain_seed(
+                    cfg, trial.user_attrs["spec"], base + extra, device=device or cfg.device, hooks=hooks)
+            logger.info("search %s: trial %s re-trained with %d seeds: %s", study.study_name, trial.number,
+                        seeds, by_trial[trial.number])
+            record()  # progress: what is re-trained so far shows (best, the API) before the end
+    except Cancelled:
+        stopped = "timeout" if over_time() else "cancelled"
+        logger.warning("search %s: re-training the top %d with %d seeds stopped (%s)", study.study_name,
+                       top_k, seeds, stopped)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            record(error=f"{type(exc).__name__}: {exc}")
+        raise
+    return record(stopped=stopped)
 
 
 def record_failure(study: optuna.Study, device: str, error: str) -> None:
@@ -253,4 +321,15 @@ def remeasure_on_ray(
     return ray.get(ref)  # type: ignore[no-any-return]
 
 
-__all__ = ["record_failure", "remeasure_finalists", "remeasure_on_ray", "remeasure_task", "reseed_top_k"]
+__all__ = [
+    "TrialLatency",
+    "check_reseed",
+    "record_failure",
+    "remeasure_finalists",
+    "remeasure_on_ray",
+    "remeasure_task",
+    "reseed_candidates",
+    "reseed_phase",
+    "reseed_top_k",
+    "retrain_seed",
+]

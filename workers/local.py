@@ -13,11 +13,14 @@ from typing import Protocol
 import optuna
 from optuna.artifacts import FileSystemArtifactStore
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
 
+from search_spaces.config import ReseedConfig
 from search_spaces.keys import ERROR_ATTR, RUNNER_ATTR
 from search_spaces.run import Outcome, RunReport
 from search_spaces.storage import open_storage
 from search_spaces.study import finished, load_study, study_config, study_space, trial_counts
+from spsa_nas.errors import format_validation_error
 from spsa_nas.evaluate import Cancelled, EvalHooks
 from workers.oneshot import OneshotPhases, run_oneshot_trial
 from workers.trial import run_trial
@@ -67,7 +70,7 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
               stop_event: StopEvent | None = None,
               progress: Callable[[optuna.Study, FrozenTrial], None] | None = None,
               device: str | None = None, remeasure_finalists: bool = True,
-              reseed_top_k: int = 0, reseed_seeds: int = 2) -> RunReport:
+              reseed_top_k: int | None = None, reseed_seeds: int | None = None) -> RunReport:
     """Run the search of the study `study_name` in this process until its config's `trials` trials
     are finished (complete or pruned).
 
@@ -83,15 +86,16 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
     together in this process (workers.finalists.remeasure_finalists, as the Ray runner's task does;
     the study attr FINALISTS_ATTR), unless `remeasure_finalists` is False. The local loop takes no
     latency gate for its trials and none for this either. A failure is logged and recorded in the
-    study (the attr's `error`); it never fails the search. `reseed_top_k` > 0: then the top
-    `reseed_top_k` trials by validation accuracy are re-trained with `reseed_seeds` seeds in all
-    (workers.finalists.reseed_top_k: accuracy noise for `best`); a failure there is logged too.
+    study (the attr's `error`); it never fails the search. Then, when the config's `reseed.top_k`
+    > 0 (`reseed_top_k` / `reseed_seeds` override the config's `reseed`), the top k trials by
+    validation accuracy are re-trained with `reseed.seeds` seeds in all (workers.finalists.reseed_top_k:
+    accuracy noise for `best`, the study attr SEEDS_ATTR), within what is left of `timeout_s` and
+    stopped by `stop_event`; a failure there is logged and recorded too. ValueError (naming the
+    field) for overrides out of ReseedConfig's bounds.
     """
-    if reseed_top_k < 0 or (reseed_top_k and reseed_seeds < 2):
-        raise ValueError(f"reseed_top_k must be >= 0 and reseed_seeds >= 2, got {reseed_top_k} and "
-                         f"{reseed_seeds}")
     study = load_study(study_name, open_storage(storage_url))
     cfg, space = study_config(study), study_space(study)
+    reseed = _reseed_config(cfg.reseed, reseed_top_k, reseed_seeds)
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)
     store = FileSystemArtifactStore(str(artifact_dir))
     recovered = fail_stale_local_trials(study)
@@ -142,8 +146,9 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
             failures_in_row = 0
     if outcome in ("done", "timeout") and remeasure_finalists:
         _remeasure(study, device or cfg.device)
-    if outcome in ("done", "timeout") and reseed_top_k:
-        _reseed(study, reseed_top_k, reseed_seeds, device or cfg.device, extra.should_stop)
+    if outcome in ("done", "timeout") and reseed.top_k:
+        deadline = None if cfg.timeout_s is None else time.time() + (start + cfg.timeout_s - time.monotonic())
+        _reseed(study, reseed, device or cfg.device, extra.should_stop, deadline)
     counts = trial_counts(study)
     return RunReport(
         outcome=outcome,
@@ -176,13 +181,25 @@ def _remeasure(study: optuna.Study, device: str) -> None:
             logger.warning("search %s: recording that failure failed too: %s", study.study_name, again)
 
 
-def _reseed(study: optuna.Study, top_k: int, seeds: int, device: str,
-            should_stop: Callable[[], bool] | None) -> None:
-    """After the last trial: the top-k re-trained with more seeds; a failure is logged, never raised."""
-    from workers.finalists import reseed_top_k
+def _reseed_config(configured: ReseedConfig, top_k: int | None, seeds: int | None) -> ReseedConfig:
+    """The config's `reseed` with the caller's overrides; ValueError naming the field when out of bounds."""
+    given = {name: value for name, value in (("top_k", top_k), ("seeds", seeds)) if value is not None}
+    try:
+        return ReseedConfig.model_validate({**configured.model_dump(), **given})
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, prefix=("reseed",))) from None
+
+
+def _reseed(study: optuna.Study, reseed: ReseedConfig, device: str, should_stop: Callable[[], bool] | None,
+            deadline: float | None) -> None:
+    """After the last trial: the top-k re-trained with more seeds, the study's phase "reseed" meanwhile;
+    a failure is logged (and recorded in the study by reseed_top_k), never raised."""
+    from workers.finalists import reseed_phase, reseed_top_k
 
     try:
-        reseed_top_k(study, top_k=top_k, seeds=seeds, device=device, should_stop=should_stop)
+        with reseed_phase(study):
+            reseed_top_k(study, top_k=reseed.top_k, seeds=reseed.seeds, device=device,
+                         should_stop=should_stop, deadline=deadline)
     except Exception as exc:  # the search's trials are done: its outcome stands
         logger.warning("search %s: re-training the top %d with %d seeds failed: %s", study.study_name,
-                       top_k, seeds, exc)
+                       reseed.top_k, reseed.seeds, exc)

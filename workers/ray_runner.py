@@ -456,6 +456,9 @@ def run_search(
     caller is used as is. should_cancel(): polled every `options.poll_s`; True stops this run
     (the coordinator then tells its tasks through the study attr run_cancel_attr(run id)).
     trial_fn(study, trial, ctx): runs one ask'd trial and tells it; default: workers.trial.run_trial.
+    A run that ends done or timeout then re-measures its finalists (options.remeasure_finalists)
+    and re-trains its top-k with more seeds (the config's `reseed`, _reseed): Ray tasks whose
+    failures are recorded in the study, never the search's outcome.
     KeyError when the study does not exist.
     """
     import ray
@@ -561,6 +564,9 @@ def run_search(
                     run.fail_cancelled(trial)
         if outcome in ("done", "timeout") and options.remeasure_finalists:
             _remeasure_finalists(run, ray, spec, should_cancel)
+        if outcome in ("done", "timeout") and cfg.reseed.top_k:
+            deadline = None if cfg.timeout_s is None else start + cfg.timeout_s
+            _reseed(run, ray, spec, should_cancel, deadline)
         return _report(run, outcome, time.monotonic() - start, ray_mode)
     except KeyboardInterrupt:  # Ctrl-C of the CLI: stop the tasks, record their trials, re-raise
         for ref in run.in_flight:
@@ -613,6 +619,123 @@ def _remeasure_finalists(run: _Run, ray: Any, spec: Any, should_cancel: Callable
     except Exception as error:
         logger.warning("search %s: the finalists' re-measurement failed: %s", run.study.study_name,
                        str(error)[-600:])
+
+
+def _reseed_task(spec: _TaskSpec, arch: dict[str, Any], seed: int, latency: Any) -> float:
+    """A Ray task: one re-training of a trial's architecture `arch` with training seed `seed`
+    (workers.finalists.retrain_seed; `latency`: the trial's measurement, a TrialLatency), on this
+    worker, pausing while the host measures a latency (its latency gate), within the trial's memory
+    limit. Returns the validation accuracy; it writes nothing (the coordinator records it), so a
+    cancel may kill it at any point."""
+    import ray
+
+    from spsa_nas.evaluate import EvalHooks
+    from workers.finalists import retrain_seed
+
+    options, cfg = spec.options, spec.cfg
+    if options.nice is not None:
+        _lower_priority(options.nice)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    gate = NodeGate(options.lock_dir, pause_training=options.pause_training_during_latency)
+    limit = options.memory_limit(cfg.resources)
+    guard = None
+    if limit is not None:
+        def exceeded(rss: int) -> None:
+            logger.error("re-training seed %d: RSS %d bytes passed its limit %d; killing its worker",
+                         seed, rss, limit)
+
+        guard = MemoryGuard(limit, options.memory_check_s, exceeded).start()
+
+    def should_stop() -> bool:
+        gate.checkpoint()  # another process of the host measures a latency: wait
+        return False
+
+    try:
+        hooks = EvalHooks(latency_cache=latency, latency_lock=gate.latency_lock, should_stop=should_stop)
+        return retrain_seed(cfg, arch, seed, device=device, hooks=hooks)
+    finally:
+        if guard is not None:
+            guard.close()
+        gate.close()
+
+
+def _reseed(run: _Run, ray: Any, spec: Any, should_cancel: Callable[[], bool] | None,
+            deadline: float | None) -> dict[str, Any] | None:
+    """After the last trial (and the finalists' re-measurement): the config's `reseed.top_k` trials
+    re-trained with more seeds (workers.finalists.reseed_candidates), each extra seed one Ray task
+    with a trial's resources, `parallelism` at once. The coordinator records the study attr
+    SEEDS_ATTR (search_spaces.finalists.seeds_record) after each result and at the end, as the local
+    runner does; the study's phase reads "reseed" meanwhile. A cancel (`should_cancel`) or the run's
+    `deadline` (monotonic: start + timeout_s) stops the tasks in flight (`stopped` says which); a
+    failed task is recorded (`error`) and the others go on; nothing here fails the search."""
+    from search_spaces.finalists import seeds_record
+    from search_spaces.keys import SEEDS_ATTR
+    from workers.finalists import TrialLatency, reseed_candidates, reseed_phase
+
+    cfg, study = run.cfg, run.study
+    reseed, name = cfg.reseed, study.study_name
+    try:
+        top = reseed_candidates(study, reseed.top_k)
+    except Exception as error:  # the storage: logged, the search's outcome stands
+        logger.warning("search %s: could not choose the trials to re-train: %s", name, error)
+        return None
+    if not top:
+        return None
+    base = cfg.train.seed
+    by_trial = {t.number: {base: float(t.user_attrs["val_acc"])} for t in top}
+    jobs = [(t, base + extra) for t in top for extra in range(1, reseed.seeds)]
+    resources = cfg.resources
+    task = ray.remote(_reseed_task).options(
+        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+        memory=run.options.memory_limit(resources), resources=dict(run.options.resources) or None,
+        max_retries=0, retry_exceptions=False, name=f"spsa-nas-reseed:{name}",
+    )
+    in_flight: dict[Any, tuple[FrozenTrial, int]] = {}
+    errors: list[str] = []
+    stopped: str | None = None
+
+    def record() -> dict[str, Any]:
+        out = seeds_record(by_trial, seeds=reseed.seeds, top_k=reseed.top_k, planned=[t.number for t in top],
+                           stopped=stopped, error="; ".join(errors) or None)
+        try:
+            study.set_user_attr(SEEDS_ATTR, out)
+        except Exception as error:  # the storage: logged, the search's outcome stands
+            logger.warning("search %s: could not record the re-training: %s", name, error)
+        return out
+
+    logger.info("search %s: re-training the top %d with %d seeds (%d tasks)", name, len(top), reseed.seeds,
+                len(jobs))
+    with reseed_phase(study):
+        while jobs or in_flight:
+            if should_cancel is not None and should_cancel():
+                stopped = "cancelled"
+            elif deadline is not None and time.monotonic() >= deadline:
+                stopped = "timeout"
+            if stopped is not None:
+                for ref in in_flight:
+                    ray.cancel(ref, force=True)
+                logger.warning("search %s: re-training with more seeds stopped (%s)", name, stopped)
+                break
+            while jobs and len(in_flight) < cfg.parallelism:
+                trial, seed = jobs.pop(0)
+                ref = task.remote(spec, trial.user_attrs["spec"], seed, TrialLatency.of(trial))
+                in_flight[ref] = (trial, seed)
+            ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=run.options.poll_s)
+            for ref in ready:
+                trial, seed = in_flight.pop(ref)
+                try:
+                    by_trial[trial.number][seed] = float(ray.get(ref))
+                except Exception as error:  # the task failed or its worker died: recorded, others go on
+                    cause = getattr(error, "cause", None) or error  # a RayTaskError's: the task's own
+                    errors.append(f"trial {trial.number} seed {seed}: {type(cause).__name__}: "
+                                  f"{str(cause)[:400]}")
+                    logger.warning("search %s: %s", name, errors[-1])
+                    continue
+                if len(by_trial[trial.number]) == reseed.seeds:
+                    record()  # progress: a trial's seeds are all in
+        return record()
 
 
 def _fits_some_node(ray: Any, resources: Resources, memory: int | None) -> bool:

@@ -19,7 +19,7 @@ from pydantic.fields import FieldInfo
 from pydantic.json_schema import JsonSchemaValue, SkipJsonSchema
 from pydantic_core import core_schema
 
-from search_spaces.config import ObjectiveConfig, OneshotConfig, Resources, SearchConfig
+from search_spaces.config import ObjectiveConfig, OneshotConfig, ReseedConfig, Resources, SearchConfig
 from search_spaces.loading import builtin_spaces
 from search_spaces.run import RunReport
 from search_spaces.space import SearchSpace
@@ -108,6 +108,7 @@ _REST_TYPES: dict[str, Any] = {
     "latency": _strict(LatencyConfig),
     "resources": _strict(Resources),
     "oneshot": _strict(OneshotConfig),
+    "reseed": _strict(ReseedConfig),
 }
 _REST_FIELDS: dict[str, FieldInfo] = {
     "space": Field(description="a built-in space name (GET /api/v1/spaces) or an inline space"),
@@ -197,6 +198,8 @@ PUBLISHED_QUOTAS: tuple[tuple[str, str, str], ...] = (
     ("DatasetCreate", "synthetic_size", "max_image_size"),
     ("DatasetCreate", "shapes_images", "max_synthetic_samples"),
     ("DatasetCreate", "shapes_size", "max_image_size"),
+    ("ReseedConfig", "top_k", "max_reseed_top_k"),
+    ("ReseedConfig", "seeds", "max_reseed_seeds"),
 )
 
 
@@ -241,8 +244,10 @@ class BestSoFar(BaseModel):
 
 
 class Progress(BaseModel):
-    phase: Literal["supernet", "candidates", "retrain", "done"] | None = Field(
-        None, description="oneshot searches: supernet training, candidate evaluation, retraining, done")
+    phase: Literal["supernet", "candidates", "retrain", "reseed", "done"] | None = Field(
+        None, description="oneshot searches: supernet training, candidate evaluation, retraining, done; "
+                          "any search: reseed while its top-k are re-trained with more seeds at the end "
+                          "(config `reseed`), then what it was")
     supernet: dict[str, Any] | None = Field(
         None, description="oneshot: per supernet (backbone@width) its epoch, epochs and training curve")
     trials_requested: int

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     max_latency_time_s: float = Field(60.0, gt=0)
     max_latency_warmup_s: float = Field(10.0, ge=0)
     max_loader_workers: int = Field(8, ge=0)  # train.num_workers at most
+    # reseed.top_k and .seeds at most: the trials re-trained with more seeds when a search ends, and
+    # the seeds of each (top_k x (seeds - 1) extra trainings of train.epochs epochs each).
+    max_reseed_top_k: int = Field(5, ge=0)
+    max_reseed_seeds: int = Field(5, ge=2)
     # Per user: searches queued + running + cancelling (429 beyond it); queued alone (429 beyond
     # it); running at once (applied when a dispatcher claims a search: the rest wait).
     max_active_searches_per_user: int = Field(8, ge=1)

@@ -103,6 +103,8 @@ PER_SEARCH_QUOTAS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "max_image_size",
         "shapes_size {v} exceeds this server's quota of {q} pixels",
     ),
+    (("reseed", "top_k"), "max_reseed_top_k", "top_k {v} exceeds this server's quota of {q} trials"),
+    (("reseed", "seeds"), "max_reseed_seeds", "seeds {v} exceed this server's quota of {q} per trial"),
 )
 
 

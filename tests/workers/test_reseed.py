@@ -10,10 +10,10 @@ from typing import Any
 import optuna
 import pytest
 
-from search_spaces.config import SearchConfig
+from search_spaces.config import ReseedConfig, SearchConfig
 from search_spaces.finalists import SEEDS_ATTR, decide_best, seeds_entry
-from search_spaces.keys import LATENCY_CI_ATTR
-from search_spaces.study import create_study
+from search_spaces.keys import LATENCY_CI_ATTR, PHASE_ATTR
+from search_spaces.study import create_study, study_config
 from service.cli import main
 from tests.workers.test_local_finalists import FLAGS, TINY_YAML
 
@@ -92,10 +92,12 @@ def test_a_local_search_can_end_by_reseeding_its_top_k(tmp_path: Path,
     space.write_text(TINY_YAML)
     url = f"sqlite:///{tmp_path}/study.db"
     common = ["search", "--space", str(space), *FLAGS, "--storage", url, "--artifacts", str(tmp_path / "a")]
-    assert main([*common, "--reseed-seeds", "1"]) == 2
-    assert "--reseed-seeds >= 2" in capsys.readouterr().err
-    assert main([*common, "--parallelism", "2", "--reseed-top-k", "1"]) == 2
-    assert "local runner only" in capsys.readouterr().err
     assert main([*common, "--trials", "2", "--no-remeasure", "--reseed-top-k", "1"]) == 0
-    record = optuna.load_study(study_name="local-fin-digits", storage=url).user_attrs[SEEDS_ATTR]
+    assert "re-trained with 2 seeds: trials " in capsys.readouterr().err
+    study = optuna.load_study(study_name="local-fin-digits", storage=url)
+    record = study.user_attrs[SEEDS_ATTR]
     assert record["top_k"] == 1 and record["seeds"] == 2 and len(record["trials"]) == 1
+    assert record["stopped"] is None and record["error"] is None
+    assert record["planned"] == [int(*record["trials"])]
+    assert study_config(study).reseed == ReseedConfig(top_k=1, seeds=2)  # the flag set the config
+    assert study.user_attrs.get(PHASE_ATTR) is None  # "reseed" while it ran, then as it was

@@ -38,6 +38,8 @@ SHORT = {
     "objective.weight": "--score-weight",
     "objective.hard": "--hard",
     "objective.latency_budget_ms": "--latency-budget",
+    "reseed.top_k": "--reseed-top-k",
+    "reseed.seeds": "--reseed-seeds",
 }
 # Help of the fields that carry no description in the model.
 HELP = {

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from search_spaces.config import SearchConfig
-from search_spaces.finalists import remeasurement
+from search_spaces.finalists import remeasurement, seed_record
 from search_spaces.loading import builtin_spaces, load_space
 from search_spaces.run import RunReport
 from search_spaces.space import SearchSpace, SpaceError
@@ -22,6 +22,7 @@ from search_spaces.study import (
     finished,
     pareto_front,
     select_best,
+    study_config,
     trial_counts,
 )
 from search_spaces.suggest import resolve_io
@@ -68,17 +69,11 @@ def _check_data(cfg: SearchConfig, space: SearchSpace) -> None:
 def run_search_command(args: argparse.Namespace) -> int:
     """Create (or resume) the study, run it locally or on Ray, print the front and the outcome."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it all
-    if args.reseed_top_k < 0 or args.reseed_seeds < 2:
-        raise UsageError(f"--reseed-top-k must be >= 0 and --reseed-seeds >= 2, got {args.reseed_top_k} "
-                         f"and {args.reseed_seeds}")
     try:
         space = load_space(args.space)
     except SpaceError as exc:
         raise UsageError(str(exc)) from None
     cfg = _config(args, space)
-    if args.reseed_top_k and (cfg.parallelism > 1 or args.ray_address):
-        raise UsageError("--reseed-top-k runs with the local runner only; after a Ray search run "
-                         "`spsa-nas reseed --storage URL --study NAME`")
     _check_data(cfg, space)
     storage = open_storage_arg(args.storage, must_exist=False)
     try:
@@ -161,8 +156,7 @@ def _search_local(cfg: SearchConfig, args: argparse.Namespace, console: Console,
     with progress:
         task = progress.add_task(best_text, total=cfg.trials, completed=min(before, cfg.trials))
         return run_local(cfg.study_name, args.storage, artifact_dir=args.artifacts, progress=on_trial,
-                         remeasure_finalists=args.remeasure, reseed_top_k=args.reseed_top_k,
-                         reseed_seeds=args.reseed_seeds)
+                         remeasure_finalists=args.remeasure)
 
 
 def _report(study: optuna.Study, report: RunReport, console: Console, args: argparse.Namespace) -> int:
@@ -177,6 +171,8 @@ def _report(study: optuna.Study, report: RunReport, console: Console, args: argp
     console.print(report.line(), markup=False, highlight=False)
     if args.remeasure and report.outcome in ("done", "timeout"):
         _print_remeasured(study, console)
+    if report.outcome in ("done", "timeout"):
+        _print_reseeded(study, console)
     console.print(f"watch it: optuna-dashboard {args.storage}")
     if report.failing:
         console.print(f"[red]trials keep failing:[/] {escape(str(report.last_error))}")
@@ -198,6 +194,22 @@ def _print_remeasured(study: optuna.Study, console: Console) -> None:
                   "(spsa-nas best shows both figures)", markup=False, highlight=False)
 
 
+def _print_reseeded(study: optuna.Study, console: Console) -> None:
+    """One line on the end-of-run re-training of the top-k with more seeds (when this run did one)."""
+    if not study_config(study).reseed.top_k:
+        return
+    record = seed_record(study)
+    if record is None:
+        return
+    numbers = ", ".join(record["trials"]) or "none"
+    line = f"re-trained with {record.get('seeds')} seeds: trials {numbers}"
+    if record.get("stopped"):
+        line += f" (stopped: {record['stopped']})"
+    console.print(line + " (spsa-nas best ties on their mean ± std)", markup=False, highlight=False)
+    if record.get("error"):
+        console.print(f"[yellow]re-training with more seeds failed:[/] {escape(str(record['error'])[-300:])}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `search` to the `spsa-nas` command: its settings flags come from SearchConfig."""
     p = subparsers.add_parser("search", help="run (or resume) a search on this machine",
@@ -214,11 +226,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-remeasure", dest="remeasure", action="store_false",
                    help="do not re-measure the finalists' latencies together when the run ends "
                         "(done or timeout); `spsa-nas remeasure` does it later")
-    p.add_argument("--reseed-top-k", type=int, default=0,
-                   help="when the run ends, re-train the top K by validation accuracy with more seeds "
-                        "(accuracy noise for `best`; local runner; default 0: off, one seed)")
-    p.add_argument("--reseed-seeds", type=int, default=2,
-                   help="seeds in all per re-trained trial (default 2)")
     add_config_flags(p)
     p.set_defaults(run=run_search_command)
 
