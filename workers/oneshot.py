@@ -4,9 +4,11 @@ candidate evaluation on the supernet's weights, and the standalone retraining of
 Phases, recorded in the study's user attr `spsa_nas:phase` (the API's progress shows it):
   supernet   - one supernet per (backbone, width) of the space trains (oneshot.sampling: uniform
                single-path, fair or sandwich); each epoch's checkpoint is a study artifact
-               (`spsa_nas:supernet` holds its id, the epoch and the training curve), so a killed run
-               resumes from the last one; past the search's timeout_s training stops after the epoch
-               in progress and the run ends "timeout" in this phase (no candidate on a partial supernet);
+               (`spsa_nas:supernet` holds its id, the epoch, the training curve, the epochs each
+               restart resumed after and the pid of the worker that stored it), so a killed run
+               resumes from the last one (on Ray, Ray Train restarts a killed worker, which does);
+               past the search's timeout_s training stops after the epoch in progress and the run
+               ends "timeout" in this phase (no candidate on a partial supernet);
   candidates - the study's trials: each asks an architecture as a standalone trial does, is built
                standalone (latency measured exactly as a standalone trial's), takes its path's
                supernet weights, recalibrates BatchNorm, and is validated and tested (user attr
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import tempfile
 import threading
@@ -64,6 +67,7 @@ from workers.trial import run_trial
 
 PHASES = ("supernet", "candidates", "retrain", "done")
 CANCEL_CHECK_S = 2.0  # how often a supernet worker reads the study for a cancel
+MAX_FAILURES = 3  # Ray Train restarts of a supernet's workers (each resumes from the last checkpoint)
 
 
 def supernet_key(backbone: str, width: float) -> str:
@@ -226,8 +230,10 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
             return [SupernetEpoch(**r) for r in record.get("curve", [])]
         supernet = supernet or job.build()
         resume = None
+        resumed_from = list(record.get("resumed_from") or [])
         if record.get("checkpoint"):
             resume = load_checkpoint(job.artifact_dir, record["checkpoint"])
+            resumed_from.append(int(resume["epoch"]))  # the epoch this (re)start continues after
         splits = job.splits()
         sampling = job.cfg.oneshot.sampling
         run = SupernetRun(train=job.cfg.train, epochs=epochs, bn_batches=job.cfg.oneshot.bn_batches,
@@ -250,7 +256,8 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
                                            mimetype="application/octet-stream")
             _set_record(study, job.key, {"epoch": epoch.epoch, "epochs": epochs, "checkpoint": artifact,
                                          "curve": state["curve"], "done": epoch.epoch >= epochs,
-                                         "workers": shards if wrapped is not None else 1})
+                                         "workers": shards if wrapped is not None else 1,
+                                         "resumed_from": resumed_from, "pid": os.getpid()})
 
         deadline = job.deadline
         past_deadline = None if deadline is None else (lambda: time.time() >= deadline)
@@ -305,10 +312,13 @@ def _ddp_worker(config: dict[str, Any]) -> None:
 
 
 def train_supernet_ray(job: SupernetJob, *, workers: int, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                       storage_path: str | None = None) -> None:
+                       storage_path: str | None = None, max_failures: int = MAX_FAILURES) -> None:
     """Train the supernet of `job` with Ray Train's TorchTrainer: `workers` DDP workers (gloo on
-    CPU, NCCL when each has a GPU). Ray must be initialised. Raises what the training raised."""
-    from ray.train import RunConfig, ScalingConfig
+    CPU, NCCL when each has a GPU). Ray must be initialised. A worker that dies (killed, its node
+    lost) makes Ray Train restart the worker group, up to `max_failures` times; the restarted
+    workers resume from the last epoch's checkpoint artifact (the study's record, not a Ray Train
+    checkpoint). Raises what the training raised past that."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = num_gpus > 0
@@ -319,7 +329,8 @@ def train_supernet_ray(job: SupernetJob, *, workers: int, num_cpus: float = 1.0,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name=f"supernet-{job.study_name}-{job.key}".replace("@", "-"),
-                             storage_path=storage_path or str(Path(job.artifact_dir).resolve() / "ray")),
+                             storage_path=storage_path or str(Path(job.artifact_dir).resolve() / "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
 
