@@ -138,7 +138,8 @@ CHECKED_BEYOND_THE_SCHEMA = (
     "known backbones, stems and attentions, ...); `train.warmup_epochs` must be smaller than "
     "`train.epochs`; `dataset.path` must lie under the server's data root (for imagefolder, an "
     "existing directory); `dataset.name` must be detection data (coco, shapes) for a detection "
-    "space and classification data otherwise; the per-search quotas of the server are the maxima "
+    "space and classification data otherwise, and `reseed.top_k` must be 0 with detection data "
+    "(detectors are not re-trained with more seeds); the per-search quotas of the server are the maxima "
     "below, and the pixels of a batch (image side² × `train.batch_size` or `latency.batch_size`, "
     "the side being `train.image_size` or the space's `input_size`) are capped too."
 )

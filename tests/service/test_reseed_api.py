@@ -41,6 +41,13 @@ def test_a_bad_reseed_is_a_422_naming_the_field(service: Service, reseed: dict[s
     assert loc in problems and words in problems[loc], problems
 
 
+def test_reseed_of_a_detection_search_is_a_422_saying_why(service: Service) -> None:
+    body = {**QUICK, "space": "detection_quick", "dataset": {"name": "shapes"}, "reseed": {"top_k": 1}}
+    problems = _problems(service.client.post("/api/v1/searches", headers=service.user(), json=body))
+    assert any(msg.startswith("reseed.top_k: a detection search's trials are not re-trained")
+               for msg in problems.values()), problems
+
+
 @pytest.mark.parametrize(("reseed", "field", "variable"), [
     ({"top_k": 6}, "top_k", "SPSA_NAS_MAX_RESEED_TOP_K"),
     ({"top_k": 1, "seeds": 6}, "seeds", "SPSA_NAS_MAX_RESEED_SEEDS"),
