@@ -3,10 +3,11 @@
 Both follow the numerical decisions of `spsa_nas.attention.spsa` (shift by the key's mean s, scale
 by 1/m, relative eps, r = 0 where the denominator is degenerate). The functions are TorchScript-
 compatible (typed, no dicts), so that `torch.jit.script` can compile them, and written as few,
-fusable operators: per group, one mean for the key, then over the shifted and scaled x̃ one sum
-(Σx̃), one contraction with the centred key (Σx̃·ũ, an einsum, not a block-diagonal matmul) and one
-L2 norm (‖x̃‖), and the final scaling of x by the gate. An ONNX graph of `spsa_decomposed` is
-therefore a handful of reductions that an inference runtime runs in one pass each.
+fusable operators: per group, one mean for the key, then over the shifted and scaled x̃ the
+channel sums Σx̃, Σx̃·w (the centred key) and Σx̃², each a one-row matmul (no block-diagonal
+matmul, no reduction over a middle axis), and the final scaling of x by the gate. An ONNX graph
+of `spsa_decomposed` is therefore a handful of full-tensor nodes that an inference runtime runs in
+one pass each (tests/spsa_nas/test_export.py counts them).
 """
 
 from __future__ import annotations
@@ -101,66 +102,73 @@ def spsa_stats(x: Tensor, heads: int, eps: float, cosine: bool = False) -> tuple
     return s, inv, uc, b, above_k, sum_y / cg, r, a, ok, above_x
 
 
+def _channel_sum(weights: Tensor, y: Tensor, fusable: bool) -> Tensor:
+    """Σ_c weights_c · y_c per pixel: (N, G, 1, P) from weights (N, G, 1, Cg), or (1, 1, 1, Cg),
+    and y (N, G, Cg, P).
+
+    Not fusable: a matmul with one row, which onnxruntime runs as a matrix-vector product in one
+    pass over y (its reductions over the channel axis of a (1, 1, Cg, P) tensor take a slow
+    generic path, ~15x a pass); fusable: a product and a sum, which inductor fuses with the
+    producer of y."""
+    if fusable:
+        return (y * weights.transpose(2, 3)).sum(2, keepdim=True)
+    return torch.matmul(weights, y)
+
+
 def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bool = True,
                     similarity: str = "correlation", fusable: bool = False) -> Tensor:
     """SPSA as plain torch operators (the op's decomposition); equal to `spsa_reference`.
 
-    Written for inference graphs (its gradient is `spsa_backward`, not autograd through it): on
-    x as (N, G, Cg, H·W), one mean for the key, x̃ = (x - s)/m, one batched matmul of x̃ with
-    [1; ũ] per (n, g) for Σx̃ and Σx̃·ũ, one L2 norm for ‖x̃‖, and x times the gate; the rest
-    works on (N, G, Cg) or (N, G, 1, H·W) tensors. The floors are maxima of squares
-    (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of `pixel_correlation`. The cosine
-    (`similarity="cosine"`): x̃ = x/m, one batched matmul of x̃ with k̃ for Σx̃·k̃,
-    a² = max(‖x̃‖², eps²·b²). `reverse=False`: the gate is sigmoid(r)^alpha.
+    Written for inference graphs (its gradient is `spsa_backward`, not autograd through it), on x
+    as (N, G, Cg, P) with P = H·W (a view, channels_last included). Over the full tensor: one
+    mean for the key; x̃ = (x - s)/m; three channel sums Σx̃, Σx̃·w and Σx̃² (w = ũ re-centred over
+    the channels, so that Σx̃·w = Σ(x̃ - mean x̃)·ũ), each a one-row matmul (one read of x̃;
+    `_channel_sum`) apart from the square x̃·x̃; and x times the gate. The rest works on
+    (N, G, 1, Cg) or (N, G, 1, P) tensors.
+    The floors are maxima of squares (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of
+    `pixel_correlation`; 1 - sigmoid(r) is sigmoid(-r), the sign folded into w. The cosine
+    (`similarity="cosine"`): x̃ = x/m, Σx̃·k̃ and Σx̃², a² = max(Σx̃², eps²·b²).
+    `reverse=False`: the gate is sigmoid(r)^alpha.
 
-    `fusable=True` (what torch.compile gets): the channel sums as plain elementwise products and
-    sums instead of the batched matmul and the L2 norm, so that inductor computes them in one
-    reduction kernel fused with x̃ (and with the producer of x); a matmul is an external kernel
-    that needs x̃ written out first. Same values up to rounding.
+    `fusable=True` (what torch.compile gets): the channel sums as products and sums instead of
+    matmuls, so that inductor computes them in one reduction kernel fused with x̃ (and with the
+    producer of x); a matmul is an external kernel that needs x̃ written out first. Same values
+    up to rounding.
     """
     sd = stat_dtype(x.dtype)
-    x4 = x.flatten(2).unflatten(1, [heads, x.shape[1] // heads])  # (N, G, Cg, P)
+    cg = x.shape[1] // heads
+    x4 = x.flatten(2).unflatten(1, [heads, cg])  # (N, G, Cg, P)
     xs = x4.to(sd)
-    k = xs.mean(3, keepdim=True)  # (N, G, Cg, 1)
+    k = xs.mean(3, keepdim=True).transpose(2, 3)  # (N, G, 1, Cg): the key, a row
+    ones = torch.ones((1, 1, 1, cg), dtype=sd, device=x.device)
     if similarity == "cosine":
-        m = k.abs().amax(2, keepdim=True)
+        m = k.abs().amax(3, keepdim=True)
         inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
         u = k * inv
-        b2 = u.square().sum(2, keepdim=True)
+        b2 = u.square().sum(3, keepdim=True)
         y = xs * inv
-        if fusable:
-            s_xk = (y * u).sum(2, keepdim=True)
-            syy = (y * y).sum(2, keepdim=True)
-        else:
-            s_xk = torch.matmul(u.transpose(2, 3), y)  # (N, G, 1, P): Σx̃·k̃
-            syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
+        s_xk = _channel_sum(-u if reverse else u, y, fusable)  # ±Σx̃·k̃ (1 - sigmoid(r) == sigmoid(-r))
+        syy = _channel_sum(ones, y * y, fusable)
         a2 = torch.maximum(syy, (eps * eps) * b2)
     else:
-        s = k.mean(2, keepdim=True)
+        s = k.mean(3, keepdim=True)
         kc = k - s
-        m = kc.abs().amax(2, keepdim=True)
+        m = kc.abs().amax(3, keepdim=True)
         inv = torch.reciprocal(torch.where(m > 0, m, torch.ones_like(m)))
         u = kc * inv
-        uc = u - u.mean(2, keepdim=True)
-        b2 = torch.maximum(uc.square().sum(2, keepdim=True),
-                           (eps * eps) * (k * inv).square().sum(2, keepdim=True))
+        uc = u - u.mean(3, keepdim=True)
+        b2 = torch.maximum(uc.square().sum(3, keepdim=True),
+                           (eps * eps) * (k * inv).square().sum(3, keepdim=True))
         y = (xs - s) * inv
-        if fusable:
-            sum_y = y.sum(2, keepdim=True)
-            sum_yu = (y * uc).sum(2, keepdim=True)
-            syy = (y * y).sum(2, keepdim=True)
-        else:
-            weights = torch.cat([torch.ones_like(uc), uc], dim=3).transpose(2, 3)  # (N, G, 2, Cg)
-            sums = torch.matmul(weights, y)  # (N, G, 2, P): Σx̃ and Σx̃·ũ
-            sum_y, sum_yu = sums[:, :, :1], sums[:, :, 1:]
-            syy = torch.linalg.vector_norm(y, dim=2, keepdim=True).square()
-        cg = float(x4.shape[2])
-        s_xk = sum_yu - sum_y * (uc.sum(2, keepdim=True) / cg)
-        a2 = torch.maximum(syy - sum_y.square() / cg, (eps * eps) * syy)
-    d = a2.sqrt() * b2.sqrt()
+        sum_y = _channel_sum(ones, y, fusable)
+        centre = uc.mean(3, keepdim=True)
+        w = centre - uc if reverse else uc - centre
+        s_xk = _channel_sum(w, y, fusable)  # ±Σ(x̃ - mean x̃)·ũ
+        syy = _channel_sum(ones, y * y, fusable)
+        a2 = torch.maximum(syy - sum_y * sum_y * (1.0 / cg), (eps * eps) * syy)
+    d = (a2 * b2).sqrt()
     ok = (d > _tiny(d.dtype)) & (d < float("inf"))
-    r = torch.where(ok, s_xk / d, torch.zeros_like(d))
-    gate = torch.sigmoid(-r) if reverse else torch.sigmoid(r)  # 1 - sigmoid(r) == sigmoid(-r)
+    gate = torch.sigmoid(torch.where(ok, s_xk / d, torch.zeros_like(d)))
     if alpha != 1.0:
         gate = gate.pow(alpha)
     return (x4 * gate.to(x.dtype)).reshape(x.shape)
