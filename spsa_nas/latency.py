@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -427,6 +428,79 @@ class _Prepared:
     graph_sha256: str | None = None
 
 
+@dataclass
+class _PreparedReference:
+    """A reference model prepared once in this process: the compiled module (compiled) or the
+    InferenceSession (onnxruntime), what preparing it took, and the graph's hash (onnxruntime)."""
+
+    runnable: Any
+    prepare_s: float
+    graph_sha256: str | None = None
+
+
+class ReferenceCache:
+    """The reference models this process has prepared in the compiled or onnxruntime runtime, so
+    that a process measuring many candidates compiles or exports each reference once.
+
+    Keyed by `reference_cache_key` (the reference's spec, runtime and version, device, threads,
+    timed input shape, channels_last); at most `size` entries, the least recently used dropped.
+    A hit reuses the first reference model prepared under that key: only its architecture matters
+    for latency. `preparations` counts the references prepared (misses), for tests and logs.
+    Compiled entries live in dynamo's caches, which every candidate's compilation grows:
+    `compiles_per_reset` compilations after the last reset, dynamo is reset and the compiled
+    entries dropped (prepared again on next use), which bounds those caches."""
+
+    def __init__(self, size: int = 4, compiles_per_reset: int = 16) -> None:
+        self.size = size
+        self.compiles_per_reset = compiles_per_reset
+        self.preparations = 0
+        self.compiles_since_reset = 0
+        self._entries: dict[tuple[Any, ...], _PreparedReference] = {}
+
+    def get(self, key: tuple[Any, ...]) -> _PreparedReference | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._entries[key] = entry  # most recently used last
+        return entry
+
+    def put(self, key: tuple[Any, ...], entry: _PreparedReference) -> None:
+        self.preparations += 1
+        self._entries.pop(key, None)
+        self._entries[key] = entry
+        while len(self._entries) > self.size:
+            self._entries.pop(next(iter(self._entries)))
+
+    def reset_dynamo(self) -> None:
+        """torch._dynamo.reset(), dropping the compiled references it invalidates."""
+        torch._dynamo.reset()
+        self.compiles_since_reset = 0
+        for key in [k for k in self._entries if k[1] == "compiled"]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        """Drop every prepared reference (and reset dynamo if a compiled one was held)."""
+        if any(k[1] == "compiled" for k in self._entries):
+            self.reset_dynamo()
+        self._entries.clear()
+
+
+#: This process's prepared references (ReferenceCache).
+REFERENCES = ReferenceCache()
+
+
+def reference_cache_key(reference: nn.Module, cfg: LatencyConfig, device: torch.device,
+                        shape: Sequence[int]) -> tuple[Any, ...] | None:
+    """The ReferenceCache key of `reference` measured under `cfg` on `device` for inputs of
+    `shape`: (spec JSON, runtime, runtime version, device, threads, shape, channels_last); None
+    (not cached) in eager, which prepares nothing, or for a model without an ArchSpec."""
+    spec = getattr(reference, "spec", None)
+    if cfg.runtime == "eager" or not isinstance(spec, ArchSpec):
+        return None
+    threads = cfg.threads if cfg.threads is not None else torch.get_num_threads()
+    return (spec.model_dump_json(), cfg.runtime, runtime_version(cfg.runtime), str(device), threads,
+            tuple(int(s) for s in shape), cfg.channels_last)
+
+
 class _OrtForward:
     """An onnxruntime session bound once to the measurement's input (its memory, no copy per call)
     and to outputs that onnxruntime allocates on the device and that are never copied back."""
@@ -495,8 +569,6 @@ def trained_like(model: nn.Module) -> nn.Module:
     training), so a fresh model's ONNX graph is not the graph of the trained model a user
     downloads. Exported for the onnxruntime latency, the copy's graph is the trained one's
     (spsa_nas.export.onnx_graph_sha256 agrees). Other weights are kept: they are random already."""
-    import copy
-
     clone = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(0)
 
@@ -518,44 +590,67 @@ def trained_like(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, device: torch.device,
-                x: torch.Tensor) -> Iterator[list[_Prepared]]:
+                x: torch.Tensor, reference_key: tuple[Any, ...] | None = None) -> Iterator[list[_Prepared]]:
     """Each model (in eval mode on `device`) ready to be timed in `cfg.runtime`, each run once
     untimed: eager as it is; compiled by `torch.compile` (default mode, fullgraph: a model dynamo
     cannot capture whole is an error, not a figure of a partly eager model; the first call
-    compiles, under inference mode like the timed calls; dynamo's caches reset before and after);
-    onnxruntime: a trained_like copy exported by spsa_nas.export.export_model_onnx (the exporter
-    of the trial's download) for the timed input's shape, the graph hashed, and run by an
-    InferenceSession bound to the input (_OrtForward). A failure names the runtime and the model."""
+    compiles, under inference mode like the timed calls); onnxruntime: a trained_like copy
+    exported by spsa_nas.export.export_model_onnx (the exporter of the trial's download) for the
+    timed input's shape, the graph hashed, and run by an InferenceSession bound to the input
+    (_OrtForward). With `reference_key` (reference_cache_key), the first model is a reference
+    taken from, or prepared once into, REFERENCES. A failure names the runtime and the model."""
     runtime = cfg.runtime
     if runtime == "eager":
         yield [_Prepared(model) for _, model in named]
         return
     check_runtime(cfg, device)
-    prepared: list[_Prepared] = []
+    cache = REFERENCES
     if runtime == "compiled":
-        torch._dynamo.reset()
-        try:
-            with _dynamo_limits(len(named)):
-                for name, model in named:
+        cached = cache.get(reference_key) if reference_key is not None else None
+        if cached is None or cache.compiles_since_reset >= cache.compiles_per_reset:
+            cache.reset_dynamo()  # a clean start; a cached reference survives between measurements
+            cached = None
+        prepared = []
+        with _dynamo_limits(cache.compiles_since_reset + len(named) + 1):
+            for index, (name, model) in enumerate(named):
+                keyed = reference_key if index == 0 else None
+                if keyed is not None and cached is not None:
                     begin = time.perf_counter()
-                    try:
-                        compiled = torch.compile(model, fullgraph=True)
-                        with torch.inference_mode():
-                            compiled(x)
-                    except Exception as exc:
-                        raise RuntimeError(f"latency.runtime 'compiled': torch.compile of {name} failed: "
-                                           f"{type(exc).__name__}: {exc}"[:4000]) from exc
-                    prepared.append(_Prepared(compiled, time.perf_counter() - begin))
-                yield prepared
-        finally:
-            torch._dynamo.reset()
+                    with torch.inference_mode():
+                        cached.runnable(x)
+                    prepared.append(_Prepared(cached.runnable, time.perf_counter() - begin))
+                    continue
+                begin = time.perf_counter()
+                try:
+                    # a cached reference is a private copy: the caller's model is restored afterwards
+                    target = copy.deepcopy(model) if keyed is not None else model
+                    compiled = torch.compile(target, fullgraph=True)
+                    with torch.inference_mode():
+                        compiled(x)
+                except Exception as exc:
+                    raise RuntimeError(f"latency.runtime 'compiled': torch.compile of {name} failed: "
+                                       f"{type(exc).__name__}: {exc}"[:4000]) from exc
+                cache.compiles_since_reset += 1
+                spent = time.perf_counter() - begin
+                if keyed is not None:
+                    cache.put(keyed, _PreparedReference(compiled, spent))
+                prepared.append(_Prepared(compiled, spent))
+            yield prepared
         return
     from spsa_nas.export import export_model_onnx, onnx_graph_sha256  # onnx, onnxscript: only here
 
+    prepared = []
     with tempfile.TemporaryDirectory(prefix="spsa-nas-latency-") as tmp:
         for index, (name, model) in enumerate(named):
+            keyed = reference_key if index == 0 else None
+            cached = cache.get(keyed) if keyed is not None else None
             begin = time.perf_counter()
             try:
+                if cached is not None:
+                    forward = _OrtForward(cached.runnable, x, device)
+                    forward(x)
+                    prepared.append(_Prepared(forward, time.perf_counter() - begin, cached.graph_sha256))
+                    continue
                 path = export_model_onnx(trained_like(model), Path(tmp) / f"model-{index}.onnx",
                                          tuple(x.shape))
                 session = _ort_session(path, cfg, device)
@@ -564,7 +659,10 @@ def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, devi
             except Exception as exc:
                 raise RuntimeError(f"latency.runtime 'onnxruntime': exporting or running {name} failed: "
                                    f"{type(exc).__name__}: {exc}"[:4000]) from exc
-            prepared.append(_Prepared(forward, time.perf_counter() - begin, onnx_graph_sha256(path)))
+            spent, graph = time.perf_counter() - begin, onnx_graph_sha256(path)
+            if keyed is not None:
+                cache.put(keyed, _PreparedReference(session, spent, graph))
+            prepared.append(_Prepared(forward, spent, graph))
             path.unlink()  # the session holds the graph
     yield prepared
 
@@ -595,9 +693,10 @@ def measure_group(models: Mapping[str, nn.Module], input_shape: Sequence[int], c
     named = [*([(REFERENCE, reference)] if reference is not None else []), *models.items()]
     tracks = [_Track(name, model, events=cfg.runtime != "onnxruntime") for name, model in named]
     version = runtime_version(cfg.runtime)
+    ref_key = reference_cache_key(reference, cfg, dev, shape) if reference is not None else None
     with (_prepared_models([model for _, model in named], cfg, dev), _threads(cfg.threads) as threads,
-          _pinned(threads, cfg.pin_cpus) as affinity, _in_runtime(named, cfg, dev, x) as prepared,
-          torch.inference_mode()):
+          _pinned(threads, cfg.pin_cpus) as affinity,
+          _in_runtime(named, cfg, dev, x, ref_key) as prepared, torch.inference_mode()):
         for track, ready in zip(tracks, prepared, strict=True):
             track.model = ready.forward
             track.warmup += 1 if cfg.runtime != "eager" else 0  # the call that compiled / bound it

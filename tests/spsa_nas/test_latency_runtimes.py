@@ -16,7 +16,7 @@ from torch import nn
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.evaluate import EvalHooks, cached_latency, check_runtime_for, evaluate_spec
 from spsa_nas.export import export_model_onnx, export_onnx, onnx_graph_sha256
-from spsa_nas.latency import LatencyResult, latency_key, measure_latency, reference_model
+from spsa_nas.latency import REFERENCES, LatencyResult, latency_key, measure_latency, reference_model
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec, StageSpec
 
@@ -83,6 +83,33 @@ def test_onnxruntime_measures_the_download_exporters_graph(tmp_path: Path) -> No
     assert model.training
 
 
+def test_a_process_exports_each_reference_once() -> None:
+    """Candidates measured one after another against the same reference (spec, runtime, threads,
+    input shape): the reference is exported and its session built once, counted by
+    latency.REFERENCES (not timed); another thread count or input shape is another reference."""
+    REFERENCES.clear()
+    prepared = REFERENCES.preparations
+    cfg = LatencyConfig(runtime="onnxruntime", threads=1, **QUICK)
+    graphs = set()
+    for stage in (1, 2, 1):
+        spec = _spec(spsa_stage=stage)
+        ref = reference_model(spec, cfg)  # a fresh module each time, as each trial builds it
+        assert ref is not None
+        result = measure_latency(build_model(spec), SHAPE, cfg, "cpu", reference=ref[0],
+                                 reference_name=ref[1])
+        assert result.ratio is not None and result.reference.startswith(ref[1])  # type: ignore[union-attr]
+        graphs.add(result.onnx_graph_sha256)
+    assert REFERENCES.preparations == prepared + 1
+    assert len(graphs) == 2  # the candidates' own graphs, each exported
+    spec = _spec()
+    for changed, shape in ((cfg.model_copy(update={"threads": 2}), SHAPE), (cfg, (3, 8, 8))):
+        ref = reference_model(spec, changed)
+        assert ref is not None
+        measure_latency(build_model(spec), shape, changed, "cpu", reference=ref[0], reference_name=ref[1])
+    assert REFERENCES.preparations == prepared + 3
+    REFERENCES.clear()
+
+
 def test_onnxruntime_respects_threads_and_is_left_restored() -> None:
     before = torch.get_num_threads()
     cfg = LatencyConfig(runtime="onnxruntime", threads=2, protocol="simple", repeats=3, warmup=1)
@@ -97,11 +124,22 @@ def test_compiled_measures_with_the_reference_compiled_too() -> None:
     cfg = LatencyConfig(runtime="compiled", **QUICK)
     ref = reference_model(spec, cfg)
     assert ref is not None
+    REFERENCES.clear()
+    prepared = REFERENCES.preparations
     result = measure_latency(build_model(spec), SHAPE, cfg, "cpu", reference=ref[0], reference_name=ref[1])
     assert result.runtime == "compiled" and result.runtime_version == torch.__version__
     assert result.prepare_s is not None and result.prepare_s > 0  # compiling, untimed
     assert result.reference == f"{ref[1]} [compiled {torch.__version__}]" and result.ratio is not None
     assert not isinstance(ref[0], torch._dynamo.eval_frame.OptimizedModule)  # the caller's model untouched
+    assert ref[0].training  # and restored
+    # another candidate, its reference built afresh as a trial does: compiled once in this process
+    other = _spec(spsa_stage=2)
+    again = reference_model(other, cfg)
+    assert again is not None
+    second = measure_latency(build_model(other), SHAPE, cfg, "cpu", reference=again[0],
+                             reference_name=again[1])
+    assert second.ratio is not None and REFERENCES.preparations == prepared + 1
+    REFERENCES.clear()
 
 
 class RefusesToCompile(nn.Module):
