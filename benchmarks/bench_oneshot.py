@@ -77,6 +77,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="supernet SGD steps (default 280: twice the standalone's, as oneshot.epochs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--supernet-lr", type=float, default=None, help="the supernet's peak LR (default --lr)")
     p.add_argument("--bn-batches", type=int, default=8, help="BN recalibration batches (default 8)")
     p.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
                    help="supernet paths per step: uniform (one, SPOS), fair (FairNAS: every branch once) "
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"standalone {i + 1}/{len(archs)}: {[round(a, 4) for a in accs]}", file=sys.stderr)
 
     s_train = TrainConfig(epochs=s_epochs, max_steps_per_epoch=s_per_epoch, batch_size=args.batch_size,
-                          lr=args.lr, seed=args.seed)
+                          lr=args.supernet_lr or args.lr, seed=args.seed)
     torch.manual_seed(args.seed)
     supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
     start = time.perf_counter()
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "budget": {"supernet_steps": s_epochs * s_per_epoch, "paths_per_step": passes,
                    "supernet_epochs": s_epochs * s_per_epoch / loader_steps,
                    "bn_batches": args.bn_batches, "sampling": args.sampling,
+                   "lr": args.supernet_lr or args.lr,
                    "sandwich_paths": args.sandwich_paths if args.sampling == "sandwich" else None},
         "standalone_reused_from": str(args.reuse) if args.reuse else None,
         "archs": len(archs),
