@@ -14,7 +14,11 @@ decides (see docs/detection.md):
 - Anchors scale with the input: sizes input_size/16 · 2^level (8-128 px at 128 px; torchvision's
   32-512 are for 800 px images), aspect ratios 0.5/1/2; RetinaNet adds 3 octave scales per level.
 - Proposals (two-stage detectors) scale with the image area: 1000 per image at 800x800 (torchvision's
-  test default), at least 100.
+  test default), at least 100. The RoIs sampled per image for the box head's loss scale the same
+  way: half the proposals, 64-512 (torchvision's 512 at 800 px). With torchvision's 512 on a small
+  input nearly every sampled RoI is background (a shapes image has 1-3 objects among 100-200
+  proposals): the classifier learns "background" and little else, and RoIAlign's backward over
+  4096 RoIs a batch of 8 was 12% of a training step on the CPU.
 - Heads scale with the FPN: the box head's two FC layers have 4 · fpn_channels units and the mask
   head's four convolutions fpn_channels channels (torchvision's 1024 and 256 at its 256-channel
   FPN), so a narrow detector is narrow throughout.
@@ -39,7 +43,8 @@ from spsa_nas.models.resnet import ResNet
 from spsa_nas.models.weights import LoadReport, Weights, load_state_dict_file, load_weights
 from spsa_nas.spec import ArchSpec
 
-__all__ = ["anchor_sizes", "backbone_spec", "build_detector", "proposal_count", "transfer_backbone"]
+__all__ = ["anchor_sizes", "backbone_spec", "build_detector", "proposal_count", "roi_samples",
+           "transfer_backbone"]
 
 _ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
@@ -59,6 +64,11 @@ def anchor_sizes(input_size: int) -> tuple[int, ...]:
 def proposal_count(input_size: int) -> int:
     """Region proposals kept per image (after NMS) for an input of `input_size`² pixels."""
     return max(100, min(1000, round(1000 * input_size**2 / 800**2)))
+
+
+def roi_samples(input_size: int) -> int:
+    """RoIs sampled per image for the box head's loss: half the proposals, 64-512."""
+    return max(64, min(512, proposal_count(input_size) // 2))
 
 
 def _backbone(spec: ArchSpec) -> BackboneWithFPN:
@@ -122,7 +132,8 @@ def build_detector(spec: ArchSpec, weights: Weights | None = None, *,
             heads["mask_predictor"] = MaskRCNNPredictor(channels, channels, spec.num_classes)
         model = kind(backbone, None, rpn_anchor_generator=anchors,
                      rpn_pre_nms_top_n_train=2 * proposals, rpn_post_nms_top_n_train=2 * proposals,
-                     rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals, **heads, **common)
+                     rpn_pre_nms_top_n_test=proposals, rpn_post_nms_top_n_test=proposals,
+                     box_batch_size_per_image=roi_samples(size), **heads, **common)
     set_memory_efficient(model, memory_efficient)
     model.spec = spec
     model.load_report = None
