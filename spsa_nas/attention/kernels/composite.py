@@ -121,12 +121,12 @@ def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bo
 
     Written for inference graphs (its gradient is `spsa_backward`, not autograd through it), on x
     as (N, G, Cg, P) with P = H·W (a view, channels_last included). Over the full tensor: one
-    mean for the key; x̃ = (x - s)/m; three channel sums Σx̃, Σx̃·w and Σx̃² (w = ũ re-centred over
-    the channels, so that Σx̃·w = Σ(x̃ - mean x̃)·ũ), each a one-row matmul (one read of x̃;
-    `_channel_sum`) apart from the square x̃·x̃; and x times the gate. The rest works on
+    mean for the key; x̃ = (x - s)/m; three channel sums Σx̃, Σx̃·ũ and Σx̃² (ũ is centred, so
+    Σx̃·ũ = Σ(x̃ - mean x̃)·ũ), each a one-row matmul (one read of x̃; `_channel_sum`) apart from
+    the square x̃·x̃; and x times the gate. The rest works on
     (N, G, 1, Cg) or (N, G, 1, P) tensors.
     The floors are maxima of squares (a² = max(var, (eps·‖x̃‖)²)), which equals the where-form of
-    `pixel_correlation`; 1 - sigmoid(r) is sigmoid(-r), the sign folded into w. The cosine
+    `pixel_correlation`; 1 - sigmoid(r) is sigmoid(-r), the sign folded into ũ. The cosine
     (`similarity="cosine"`): x̃ = x/m, Σx̃·k̃ and Σx̃², a² = max(Σx̃², eps²·b²).
     `reverse=False`: the gate is sigmoid(r)^alpha.
 
@@ -161,9 +161,9 @@ def spsa_decomposed(x: Tensor, alpha: float, heads: int, eps: float, reverse: bo
                            (eps * eps) * (k * inv).square().sum(3, keepdim=True))
         y = (xs - s) * inv
         sum_y = _channel_sum(ones, y, fusable)
-        centre = uc.mean(3, keepdim=True)
-        w = centre - uc if reverse else uc - centre
-        s_xk = _channel_sum(w, y, fusable)  # ±Σ(x̃ - mean x̃)·ũ
+        # ±Σx̃·ũ = ±Σ(x̃ - mean x̃)·ũ: ũ is centred (twice: k - s, then u - mean u), so the term
+        # mean x̃ · Σũ is rounding (~Cg·2^-24 of ‖ũ‖), not worth two more nodes
+        s_xk = _channel_sum(-uc if reverse else uc, y, fusable)
         syy = _channel_sum(ones, y * y, fusable)
         a2 = torch.maximum(syy - sum_y * sum_y * (1.0 / cg), (eps * eps) * syy)
     d = (a2 * b2).sqrt()
