@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from spsa_nas.config import DataConfig, TrainConfig
 from spsa_nas.detection import build_detector, load_detection_data, train_detector
 from spsa_nas.detection.train import evaluate_detector
 from spsa_nas.spec import ArchSpec
+
+pytestmark = pytest.mark.slow
 
 SIZE = 48
 

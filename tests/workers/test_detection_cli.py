@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def test_detection_quick_search_best_and_export_through_the_cli(tmp_path: Path) 
     done = _cli(*search, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "1/1 finished (1 complete" in done.stderr
-    assert "trial 0: val AP " in done.stdout + done.stderr  # a detector's accuracy is its box AP
+    # a detector's accuracy is its box AP; its test AP is the test part's (a figure, not "-")
+    assert re.search(r"trial 0: val AP \d\.\d+ test AP \d\.\d+", done.stdout + done.stderr), done.stderr
 
     table = _cli("best", "--storage", storage, cwd=tmp_path)
     assert table.returncode == 0, table.stderr

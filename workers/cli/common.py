@@ -94,7 +94,7 @@ def accuracy_labels(trials: list[optuna.trial.FrozenTrial]) -> tuple[str, str]:
 def accuracy_on_test(attrs: dict[str, Any]) -> Any:
     """A trial's test figure: top-1 of a classifier, the test split's box AP of a detector."""
     if is_detection(attrs):
-        return (attrs.get("detection") or {}).get("ap")
+        return attrs.get("ap")  # DetectionResult.metrics: the test part's COCO metrics, flat
     return attrs.get("top1")
 
 
