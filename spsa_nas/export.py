@@ -86,9 +86,9 @@ def export_onnx(model: nn.Module, path: str | Path, input_shape: Sequence[int] |
     (default: one image of the size its ArchSpec is for, when built by build_model).
 
     Uses torch's dynamo-based exporter (`torch.onnx.export(..., dynamo=True)`). SPSA exports as
-    its decomposition (`spsa_nas.attention.kernels.composite.spsa_decomposed`: a mean, one batched
-    matmul, one L2 norm and small per-pixel ops; no custom op in the file), so any ONNX runtime
-    runs it; the TorchScript exporter (`dynamo=False`) gives the same operators and works too
+    its decomposition (`spsa_nas.attention.kernels.composite.spsa_decomposed`: a mean, three
+    one-row matmuls for the channel sums and small per-pixel ops; no custom op in the file), so
+    any ONNX runtime runs it; the TorchScript exporter (`dynamo=False`) gives the same operators and works too
     (tests/spsa_nas/test_tracing.py). The graph has static shapes (`input_shape`),
     one input `input` and one output `logits`, all weights embedded, and the model's ArchSpec
     JSON (if any) in its metadata under `SPEC_METADATA_KEY`. `optimize` runs onnxscript's graph
