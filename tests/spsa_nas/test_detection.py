@@ -4,6 +4,7 @@ with SPSA in some stages (forward and one training step), classifier weights int
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,23 @@ def test_a_saved_detector_rebuilds_and_predicts_the_same(tmp_path: object) -> No
 def test_build_detector_refuses_a_classifier_spec() -> None:
     with pytest.raises(ValueError, match="not a detection spec"):
         build_detector(ArchSpec.plain("resnet18"))
+
+
+def test_a_classification_searchs_weights_file_transfers_by_path(tmp_path: Path) -> None:
+    # a classification search's `best/weights` download is a safetensors file of a classifier; a
+    # plain one (no attention) transfers into an SPSA detector: the attention keeps its init
+    from safetensors.torch import save_file
+
+    spec = _spec("fasterrcnn")
+    plain = build_model(ArchSpec.plain("resnet18", width=0.25, num_classes=10, input_size=SIZE))
+    path = tmp_path / "best.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
+    model = build_detector(spec, backbone_weights=path)
+    report = model.load_report
+    assert report is not None and report.mismatched == [] and report.loaded and report.initialised
+    assert sorted(report.unexpected) == ["fc.bias", "fc.weight"]
+    body = model.backbone.body.state_dict()
+    assert sorted(report.loaded + report.initialised) == sorted(body)
+    assert all(k in plain.state_dict() for k in report.loaded)
+    assert all(k not in plain.state_dict() for k in report.initialised)
+    assert all(torch.equal(body[k], plain.state_dict()[k]) for k in report.loaded)
