@@ -635,7 +635,11 @@ def _in_runtime(named: Sequence[tuple[str, nn.Module]], cfg: LatencyConfig, devi
                 if keyed is not None:
                     cache.put(keyed, _PreparedReference(compiled, spent))
                 prepared.append(_Prepared(compiled, spent))
-            yield prepared
+            try:
+                yield prepared
+            finally:
+                if reference_key is None:  # nothing worth keeping: leave dynamo as it was found
+                    cache.reset_dynamo()
         return
     from spsa_nas.export import export_model_onnx, onnx_graph_sha256  # onnx, onnxscript: only here
 
