@@ -141,7 +141,10 @@ CHECKED_BEYOND_THE_SCHEMA = (
     "space and classification data otherwise, and `reseed.top_k` must be 0 with detection data "
     "(detectors are not re-trained with more seeds); the per-search quotas of the server are the maxima "
     "below, and the pixels of a batch (image side² × `train.batch_size` or `latency.batch_size`, "
-    "the side being `train.image_size` or the space's `input_size`) are capped too."
+    "the side being `train.image_size` or the space's `input_size`) are capped too. With detection "
+    "data the `train` fields left out take the detection recipe, not the defaults shown (epochs 25, "
+    "held to the epoch quota; batch_size 8; lr 0.02; warmup_epochs 1 unless epochs is given; "
+    "weight_decay 1e-4)."
 )
 
 

@@ -10,7 +10,7 @@ from optuna.storages import BaseStorage
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from search_spaces.config import STUDY_NAME_RE, SearchConfig
+from search_spaces.config import STUDY_NAME_RE, SearchConfig, detection_train_defaults
 from search_spaces.loading import builtin_spaces, load_space
 from search_spaces.space import SearchSpace, SpaceError
 from service.api.schemas import SearchCreate
@@ -228,6 +228,19 @@ def check_space(body: SearchCreate) -> None:
         raise SubmitError([FieldProblem(("dataset", "name"), message)])
 
 
+def _with_detection_recipe(body: SearchCreate, settings: Settings) -> SearchCreate:
+    """`body` with the detection training recipe (search_spaces.config.DETECTION_TRAIN_DEFAULTS) in
+    the `train` fields it leaves open, so that the quotas check what will run; a default epoch count
+    is held to `max_epochs` (a default is never what a quota refuses; no warm-up if 1 epoch is left)."""
+    given = body.train.model_dump(exclude_unset=True)
+    recipe = {k: v for k, v in detection_train_defaults(given).items() if k not in given}
+    if recipe.get("epochs", 0) > settings.max_epochs:
+        recipe["epochs"] = settings.max_epochs
+        if recipe.get("warmup_epochs", 0) >= recipe["epochs"]:
+            recipe.pop("warmup_epochs")
+    return body.model_copy(update={"train": body.train.model_copy(update=recipe)})
+
+
 def build_config(
     body: SearchCreate,
     *,
@@ -237,6 +250,8 @@ def build_config(
 ) -> SearchConfig:
     """The SearchConfig of a new search, or SubmitError naming the fields that are wrong
     (`cluster`: the cluster's resource totals when known, see check_resources)."""
+    if body.dataset.name in DETECTION_DATASETS:
+        body = _with_detection_recipe(body, settings)
     check_quotas(body, settings)
     check_resources(body, cluster)
     check_space(body)
