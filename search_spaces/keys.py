@@ -45,6 +45,7 @@ LATENCY_RUNTIME_ATTR = "latency_runtime"  # "runtime version" of the latency fig
 ONNX_GRAPH_ATTR = "onnx_graph_sha256"  # the downloadable ONNX file's graph hash (spsa_nas.export.
 # onnx_graph_sha256); with latency.runtime onnxruntime it equals the measured one in `latency`
 ONNX_ERROR_ATTR = "onnx_error"  # why that export failed (the trial stays COMPLETE), one line
+ONNX_SKIPPED_ATTR = "onnx_skipped"  # why no export was made (a one-shot candidate: when it is retrained)
 ESTIMATE_ATTR = "oneshot_estimate"  # True: val_acc/top1/top5 come from the supernet's weights
 RETRAIN_OF_ATTR = "retrain_of"  # number of the one-shot candidate this trial retrained from scratch
 
@@ -74,6 +75,7 @@ __all__ = [
     "LATENCY_TIME_ATTR",
     "ONNX_ARTIFACT_ATTR",
     "ONNX_ERROR_ATTR",
+    "ONNX_SKIPPED_ATTR",
     "PHASE_ATTR",
     "REASON_ATTR",
     "REMEASURED_ATTR",

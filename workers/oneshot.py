@@ -370,6 +370,13 @@ def supernet_fit(study: optuna.Study, cfg: SearchConfig, artifact_dir: str) -> C
     return fit
 
 
+#: Why a candidate has no ONNX file (trial attr `onnx_skipped`): exporting took ~70 % of a
+#: candidate's evaluation on a CPU (profile: 6.7 s of 9.6 s a candidate on the quick space).
+CANDIDATE_NO_ONNX = ("a one-shot candidate (evaluated on the supernet's weights) is exported to ONNX "
+                     "when it is retrained (retrain_top_k); download its weights or run `spsa-nas "
+                     "export` on them")
+
+
 def run_oneshot_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
                       artifact_dir: str, device: str | None = None,
                       extra_hooks: EvalHooks | None = None) -> FrozenTrial:
@@ -382,7 +389,7 @@ def run_oneshot_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfi
                          extra_hooks=extra_hooks)
     trial.set_user_attr(ESTIMATE_ATTR, True)
     return run_trial(study, trial, cfg, space, artifact_store=store, device=device, extra_hooks=extra_hooks,
-                     fit=supernet_fit(study, cfg, artifact_dir))
+                     fit=supernet_fit(study, cfg, artifact_dir), skip_onnx=CANDIDATE_NO_ONNX)
 
 
 def oneshot_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: Any) -> None:

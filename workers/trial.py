@@ -27,6 +27,7 @@ from search_spaces.keys import (
     ONNX_ARTIFACT_ATTR,
     ONNX_ERROR_ATTR,
     ONNX_GRAPH_ATTR,
+    ONNX_SKIPPED_ATTR,
     REASON_ATTR,
     TRACEBACK_ATTR,
     WEIGHTS_ARTIFACT_ATTR,
@@ -135,7 +136,8 @@ def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any, latency: 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
               artifact_store: Any, device: str | None = None,
-              extra_hooks: EvalHooks | None = None, fit: Fit | None = None) -> FrozenTrial:
+              extra_hooks: EvalHooks | None = None, fit: Fit | None = None,
+              skip_onnx: str | None = None) -> FrozenTrial:
     """Suggest, evaluate and tell one trial; never raises for a failed trial (it is told FAIL).
 
     `artifact_store`: an Optuna artifact store (e.g. FileSystemArtifactStore) for the weights.
@@ -148,7 +150,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
     `extra_hooks.should_stop` stopped it. KeyboardInterrupt tells FAIL ("interrupted") and is
     re-raised. `extra_hooks`: its latency_lock/should_stop/latency_cache are used, its
     on_measured/on_epoch are called after this runner's own. `fit`: evaluate_spec's (how the
-    model gets its weights; default: trained from scratch).
+    model gets its weights; default: trained from scratch). `skip_onnx`: no ONNX export, this reason
+    recorded as `onnx_skipped` instead (a one-shot candidate: exporting cost ~70 % of its evaluation;
+    it is exported when it is retrained).
     """
     extra = extra_hooks or EvalHooks()
     state: dict[str, float] = {}
@@ -216,7 +220,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         for key, value in metrics.items():
             trial.set_user_attr(key, value)
         trial.set_user_attr(WEIGHTS_ARTIFACT_ATTR, artifact_id)
-        _export_onnx(trial, result.model, artifact_store, cfg.latency)
+        if skip_onnx is None:
+            _export_onnx(trial, result.model, artifact_store, cfg.latency)
+        else:
+            trial.set_user_attr(ONNX_SKIPPED_ATTR, skip_onnx)
         return study.tell(trial, values)
     except optuna.TrialPruned as exc:
         trial.set_user_attr(REASON_ATTR, str(exc) or "pruned")

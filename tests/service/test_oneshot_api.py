@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, RETRAIN_OF_ATTR, SUPERNET_ATTR
+from search_spaces.keys import ESTIMATE_ATTR, ONNX_SKIPPED_ATTR, PHASE_ATTR, RETRAIN_OF_ATTR, SUPERNET_ATTR
 from spsa_nas import ArchSpec, build_model
-from tests.service.conftest import Service
+from tests.service.conftest import Service, tiny_spec
 from tests.service.helpers import Server, add_user, wait_for
+from workers.oneshot import CANDIDATE_NO_ONNX
 
 
 def test_oneshot_fields_are_accepted_and_echoed(service: Service) -> None:
@@ -129,6 +130,7 @@ def test_oneshot_search_end_to_end_over_http(tmp_path: Path) -> None:
             t["number"] for t in estimates}
         weights = client.get(f"{url}/best/weights")
         assert weights.status_code == 200
+        assert client.get(f"{url}/best/onnx").status_code == 200  # the retrained best was exported
         spec = ArchSpec.model_validate(best["spec"])
         model = build_model(spec, weights=load(weights.content)).eval()
         assert not model.load_report.initialised and not model.load_report.mismatched
@@ -137,3 +139,18 @@ def test_oneshot_search_end_to_end_over_http(tmp_path: Path) -> None:
         assert out.shape == (2, spec.num_classes) and torch.isfinite(out).all()
     finally:
         server.stop()
+
+
+def test_a_candidate_best_without_onnx_says_why(service: Service) -> None:
+    alice = service.user()
+    search = service.submit(alice, strategy="oneshot", retrain_top_k=0)
+    study = service.study(search)
+    trial = study.ask()
+    trial.suggest_categorical("width", [0.25, 0.5])
+    for key, value in {"spec": tiny_spec(), "val_acc": 0.9, "latency_ms": 2.0, "feasible": True,
+                       ESTIMATE_ATTR: True, ONNX_SKIPPED_ATTR: CANDIDATE_NO_ONNX}.items():
+        trial.set_user_attr(key, value)
+    study.tell(trial, [0.9, 2.0])
+    response = service.client.get(f"{search['links']['self']}/best/onnx", headers=alice)
+    assert response.status_code == 404, response.text
+    assert "retrained (retrain_top_k)" in response.text and "spsa-nas export" in response.text

@@ -135,6 +135,10 @@ def _check_oneshot_study(study: optuna.Study, artifacts: Path, cfg: SearchConfig
     assert retrain.params == source.params and retrain.user_attrs["spec"] == source.user_attrs["spec"]
     assert retrain.user_attrs["oneshot_val_acc"] == source.user_attrs["val_acc"]
     assert retrain.user_attrs[ESTIMATE_ATTR] is False and retrain.user_attrs["epochs"] == cfg.train.epochs
+    # candidates are not exported to ONNX (most of their evaluation's cost); the retrained one is
+    assert all("onnx_artifact" not in t.user_attrs and "retrained" in t.user_attrs["onnx_skipped"]
+               for t in candidates)
+    assert "onnx_artifact" in retrain.user_attrs and "onnx_skipped" not in retrain.user_attrs
     # the best is the retrained one, even when an estimate is higher
     assert select_best(study).number == retrain.number
     # weight sharing through the engine: a candidate's stored convolutions are the supernet's

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 from optuna.trial import FrozenTrial
 
-from search_spaces.keys import ONNX_ARTIFACT_ATTR, ONNX_ERROR_ATTR, WEIGHTS_ARTIFACT_ATTR
+from search_spaces.keys import ONNX_ARTIFACT_ATTR, ONNX_ERROR_ATTR, ONNX_SKIPPED_ATTR, WEIGHTS_ARTIFACT_ATTR
 from service.api.deps import RuntimeDep
 from service.api.routes.searches import NOT_FOUND_RESPONSE, BestChoice, Choice
 from service.core.paths import artifact_file
@@ -48,7 +48,9 @@ def download_weights(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
 @router.get("/{search_id}/best/onnx", responses=_file_responses("ONNX file"), response_class=FileResponse)
 def download_onnx(choice: BestChoice, runtime: RuntimeDep) -> FileResponse:
     """The best trial's model in ONNX, exported by the worker when the trial completed."""
-    if ONNX_ERROR_ATTR in choice.trial.user_attrs:
+    if ONNX_SKIPPED_ATTR in choice.trial.user_attrs:
+        missing = f"has no ONNX export: {choice.trial.user_attrs[ONNX_SKIPPED_ATTR]}"
+    elif ONNX_ERROR_ATTR in choice.trial.user_attrs:
         missing = "has no ONNX export: exporting it failed when the trial completed (download its weights)"
     else:
         missing = "has no ONNX export (trials that completed before exports were stored have none)"
