@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,20 +25,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TINY = {"name": "tiny", "backbone": "resnet18", "stem": "cifar", "input_size": 8, "width": 0.125,
         "all_stages": {"spsa": [False, True], "heads": [1, 2], "channel_attn": ["none", "se", "eca"]}}
 EPOCHS = 4
-
-
-@pytest.fixture(scope="module")
-def ray_cpus() -> Iterator[None]:
-    """A local Ray for this module (a Ray another fixture of the session started is used as is)."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def _record(url: str, name: str) -> dict[str, Any]:
@@ -63,7 +49,7 @@ def _wait_record(url: str, name: str, predicate: Callable[[dict[str, Any]], bool
     raise AssertionError(f"timed out; supernet record {_record(url, name)}")
 
 
-def test_supernet_on_ray_train_resumes_after_its_worker_was_killed(tmp_path: Path, ray_cpus: None) -> None:
+def test_supernet_on_ray_train_resumes_after_its_worker_was_killed(tmp_path: Path, ray_local: None) -> None:
     from workers.ray_runner import RunnerOptions, run_search
 
     url, artifacts = f"sqlite:///{tmp_path / 's.db'}", tmp_path / "artifacts"
