@@ -14,12 +14,26 @@ cannot dominate it), divided by the reference latency (1.0 = accuracy 1 at 0 ms)
 
     .venv/bin/python benchmarks/bench_search_quality.py --trials 20 --seeds 3 --epochs 1 \\
         --train-subset 1 --eval-cache runs/bench_evals.json
+
+`--oracle oneshot` replaces the standalone training by the `oneshot` strategy's candidate
+evaluation (a cheap oracle, so that many seeds fit): one supernet per (backbone, width) of the
+space is trained once per run (`--supernet-epochs`, uniform single-path unless `--sampling`;
+`--supernet-cache FILE` keeps the trained weights), and an architecture's accuracy is its
+one-shot estimate - its path's weights, BN recalibrated on `--bn-batches` training batches,
+validation accuracy - through evaluate_spec with workers.oneshot.path_fit, the candidates' own
+code path. Latency is measured for real once per distinct architecture (as a candidate's is) and
+kept in the eval cache. The JSON then also gives bootstrap 95 % intervals over seeds of each
+sampler's mean final hypervolume and of its ratio to the baseline, and the spread of the
+oracle's accuracies across the distinct architectures.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import random
 import statistics
 import sys
 import time
@@ -29,13 +43,16 @@ from typing import Any
 import optuna
 import torch
 
-from search_spaces.config import SearchConfig
+from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
 from search_spaces.study import create_study
 from search_spaces.suggest import suggest_arch
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
-from spsa_nas.data import dataset_in_channels, dataset_num_classes
-from spsa_nas.evaluate import EvalHooks, evaluate_spec
+from spsa_nas.data import dataset_in_channels, dataset_num_classes, load_data
+from spsa_nas.evaluate import EvalHooks, Fit, evaluate_spec
+from spsa_nas.spec import ArchSpec
+from spsa_nas.supernet import Supernet, SupernetRun, train_supernet
+from workers.oneshot import path_fit, sandwich_extremes, supernet_bases, supernet_key, uniform_sampler
 
 
 def hypervolume_2d(points: list[tuple[float, float]], ref_latency_ms: float) -> float:
@@ -48,6 +65,29 @@ def hypervolume_2d(points: list[tuple[float, float]], ref_latency_ms: float) -> 
         area += (acc - best) * (ref_latency_ms - lat)
         best = acc
     return area
+
+
+def trials_to_reach(curve: list[float], target: float) -> int | None:
+    """The number of trials after which a hypervolume curve first reaches `target` (None: never)."""
+    return next((n + 1 for n, hv in enumerate(curve) if hv >= target - 1e-12), None)
+
+
+def bootstrap_ci(samples: list[list[float]], statistic: Any, reps: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic(*columns)` over paired rows: each resample draws
+    len(rows) indices with replacement and applies them to every column of `samples` alike (so a
+    ratio of two samplers' means keeps each seed's pair together)."""
+    n = len(samples[0])
+    if n == 0 or any(len(col) != n for col in samples):
+        raise ValueError("bootstrap_ci needs non-empty columns of equal length")
+    rng = random.Random(seed)
+    values = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        values.append(statistic(*[[col[i] for i in idx] for col in samples]))
+    values.sort()
+    tail = (1 - level) / 2
+    return values[int(tail * reps)], values[min(reps - 1, int((1 - tail) * reps))]
 
 
 class MemoryLatencyCache:
@@ -67,12 +107,16 @@ class Evaluator:
     """Evaluates each distinct spec once; counts real evaluations and their time."""
 
     def __init__(self, data: DataConfig, train: TrainConfig, latency: LatencyConfig,
-                 cache_file: Path | None) -> None:
+                 cache_file: Path | None, fit: Fit | None = None, oracle: dict[str, Any] | None = None
+                 ) -> None:
         self.data, self.train, self.latency = data, train, latency
-        self.cache_file = cache_file
+        self.cache_file, self.fit = cache_file, fit
         self.results: dict[str, dict[str, float]] = {}
-        self.context = json.dumps([data.model_dump(mode="json"), train.model_dump(mode="json"),
-                                   latency.model_dump(mode="json"), torch.__version__], sort_keys=True)
+        context: list[Any] = [data.model_dump(mode="json"), train.model_dump(mode="json"),
+                              latency.model_dump(mode="json"), torch.__version__]
+        if oracle is not None:  # the standalone context stays as it was (its caches stay valid)
+            context.append(oracle)
+        self.context = json.dumps(context, sort_keys=True)
         if cache_file is not None and cache_file.exists():
             stored = json.loads(cache_file.read_text())
             if stored.get("context") == self.context:
@@ -86,7 +130,8 @@ class Evaluator:
         if spec_json not in self.results:
             start = time.perf_counter()
             result = evaluate_spec(spec, data=self.data, train=self.train, latency=self.latency,
-                                   device="cpu", hooks=EvalHooks(latency_cache=self.latency_cache))
+                                   device="cpu", hooks=EvalHooks(latency_cache=self.latency_cache),
+                                   fit=self.fit)
             self.evaluations += 1
             self.results[spec_json] = {"val_acc": float(result.val_acc or 0.0),
                                        "latency_ms": result.latency.median_ms,
@@ -96,6 +141,85 @@ class Evaluator:
                 self.cache_file.parent.mkdir(parents=True, exist_ok=True)
                 self.cache_file.write_text(json.dumps({"context": self.context, "results": self.results}))
         return self.results[spec_json]
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short fingerprint of a state dict's tensors (the eval cache's context for one-shot runs)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def oneshot_oracle(args: argparse.Namespace, data: DataConfig, train: TrainConfig
+                   ) -> tuple[Fit, dict[str, Any]]:
+    """The one-shot oracle: one trained supernet per (backbone, width) of the space (from
+    `--supernet-cache` when it holds this run's supernets, else trained and stored there) and
+    evaluate_spec's `fit` on them (workers.oneshot.path_fit: path weights, BN recalibration,
+    validation accuracy). Returns the fit and the oracle's description (its context and curves)."""
+    space = load_space(args.space)
+    cfg = SearchConfig(space=args.space, dataset=data, train=train, strategy="oneshot", device="cpu",
+                       oneshot=OneshotConfig(epochs=args.supernet_epochs, bn_batches=args.bn_batches,
+                                             sampling=args.sampling))
+    epochs = cfg.oneshot.supernet_epochs(train)
+    context = {"oracle": "oneshot", "space": space.model_dump(mode="json"), "epochs": epochs,
+               "bn_batches": cfg.oneshot.bn_batches, "sampling": cfg.oneshot.sampling,
+               "sandwich_paths": cfg.oneshot.sandwich_paths, "data": data.model_dump(mode="json"),
+               "train": train.model_dump(mode="json"), "torch": torch.__version__}
+    stored: dict[str, Any] = {}
+    cache = args.supernet_cache
+    if cache is not None and cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if saved.get("context") == json.dumps(context, sort_keys=True):
+            stored = saved["supernets"]
+        else:
+            print(f"--supernet-cache {cache}: trained for another setting; training again",
+                  file=sys.stderr, flush=True)
+    supernets: dict[str, Supernet] = {}
+    described: dict[str, Any] = {}
+    for base in supernet_bases(cfg, space):
+        key = supernet_key(base.backbone, base.width)
+        torch.manual_seed(train.seed)
+        supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
+        if key in stored:
+            supernet.load_state_dict(stored[key]["model"])
+            curve, seconds = stored[key]["curve"], stored[key]["seconds"]
+        else:
+            splits = load_data(data, train.image_size or base.input_size, base.in_channels)
+            run = SupernetRun(train=train, epochs=epochs, bn_batches=cfg.oneshot.bn_batches,
+                              sampling=cfg.oneshot.sampling, sandwich_paths=cfg.oneshot.sandwich_paths,
+                              extremes=sandwich_extremes(space, base, supernet)
+                              if cfg.oneshot.sampling == "sandwich" else None)
+            start = time.perf_counter()
+            epochs_run = train_supernet(supernet, uniform_sampler(space, base), splits.train, splits.val,
+                                        run, "cpu")
+            seconds = time.perf_counter() - start
+            curve = [e.to_dict() for e in epochs_run]
+            stored[key] = {"model": supernet.state_dict(), "curve": curve, "seconds": seconds}
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"context": json.dumps(context, sort_keys=True), "supernets": stored}, cache)
+            print(f"supernet {key}: {seconds:.1f} s, curve "
+                  f"{[round(e['val_acc'], 3) for e in curve]}", file=sys.stderr, flush=True)
+        supernets[key] = supernet.eval()
+        described[key] = {"curve": curve, "train_s": round(seconds, 1),
+                          "digest": state_digest(supernet.state_dict())}
+
+    def supernet_for(spec: ArchSpec) -> Supernet:
+        return supernets[supernet_key(spec.backbone, spec.width)]
+
+    oracle = {"oracle": "oneshot", "supernet_epochs": epochs, "bn_batches": cfg.oneshot.bn_batches,
+              "sampling": cfg.oneshot.sampling, "supernets": described}
+    return path_fit(supernet_for, cfg), oracle
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Range, SD and quartiles of the oracle's accuracies across distinct architectures."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"n": len(values), "min": round(min(values), 4), "q1": round(q[0], 4),
+            "median": round(q[1], 4), "q3": round(q[2], 4), "max": round(max(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
 
 def trials_per_minute(evaluate: Evaluator) -> float | None:
@@ -141,14 +265,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="reference latency of the hypervolume (default: median of the run)")
     parser.add_argument("--eval-cache", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (latency and training)")
+    parser.add_argument("--oracle", choices=["standalone", "oneshot"], default="standalone",
+                        help="an architecture's accuracy: trained standalone (default) or its one-shot "
+                             "estimate on supernets trained once per run")
+    parser.add_argument("--supernet-epochs", type=int, default=None,
+                        help="oneshot: supernet epochs (default 2 x --epochs, as the strategy's)")
+    parser.add_argument("--bn-batches", type=int, default=8, help="oneshot: BN recalibration batches")
+    parser.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
+                        help="oneshot: supernet paths per step (default uniform, the strategy's)")
+    parser.add_argument("--supernet-cache", type=Path, default=None,
+                        help="oneshot: keep the trained supernets' weights in this file")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (over seeds)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    load_before = os.getloadavg()
 
     data = DataConfig(name=args.dataset, train_subset=args.train_subset)
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size)
     latency = LatencyConfig(repeats=args.latency_repeats, warmup=3, threads=args.threads)
-    evaluate = Evaluator(data, train, latency, args.eval_cache)
+    oracle: dict[str, Any] | None = None
+    fit = None
+    if args.oracle == "oneshot":
+        fit, oracle = oneshot_oracle(args, data, train)
+    evaluate = Evaluator(data, train, latency, args.eval_cache, fit=fit,
+                         oracle=None if oracle is None else
+                         {k: v["digest"] for k, v in oracle["supernets"].items()} | {"bn": args.bn_batches})
     samplers = args.samplers.split(",")
     baseline = samplers[-1]
     start = time.perf_counter()
@@ -168,26 +310,36 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {}
     for sampler in samplers:
         finals = [c[-1] for c in curves[sampler].values()]
+        low, high = bootstrap_ci([finals], statistics.fmean, args.bootstrap)
         summary[sampler] = {"final_hv": [round(v, 4) for v in finals],
-                            "mean_final_hv": round(statistics.mean(finals), 4)}
+                            "mean_final_hv": round(statistics.mean(finals), 4),
+                            "mean_final_hv_ci95": [round(low, 4), round(high, 4)]}
+    base_finals = [curves[baseline][seed][-1] for seed in range(args.seeds)]
     for sampler in samplers[:-1]:
-        needed = []
-        for seed in range(args.seeds):
-            target = curves[baseline][seed][-1]
-            reach = next((n + 1 for n, hv in enumerate(curves[sampler][seed]) if hv >= target - 1e-12),
-                         None)
-            needed.append(reach)
+        needed = [trials_to_reach(curves[sampler][seed], curves[baseline][seed][-1])
+                  for seed in range(args.seeds)]
+        finals = [curves[sampler][seed][-1] for seed in range(args.seeds)]
+        low, high = bootstrap_ci([finals, base_finals],
+                                 lambda a, b: statistics.fmean(a) / statistics.fmean(b), args.bootstrap)
         summary[sampler]["ratio_to_" + baseline] = round(
-            summary[sampler]["mean_final_hv"] / summary[baseline]["mean_final_hv"], 4)
+            statistics.fmean(finals) / statistics.fmean(base_finals), 4)
+        summary[sampler]["ratio_to_" + baseline + "_ci95"] = [round(low, 4), round(high, 4)]
+        summary[sampler]["seeds_at_or_above_" + baseline] = sum(
+            1 for a, b in zip(finals, base_finals, strict=True) if a >= b - 1e-12)
         summary[sampler]["trials_to_reach_" + baseline + "_final_hv"] = needed
         reached = [n for n in needed if n is not None]
         summary[sampler]["median_trials_to_reach"] = (statistics.median(reached)
                                                       if len(reached) == len(needed) else None)
-        summary[sampler]["seeds_within_half_the_trials"] = sum(
-            1 for n in needed if n is not None and n <= args.trials / 2)
+        within = sum(1 for n in needed if n is not None and n <= args.trials / 2)
+        summary[sampler]["seeds_within_half_the_trials"] = within
+        summary[sampler]["share_within_half_the_trials"] = round(within / args.seeds, 4)
+        summary[sampler]["seeds_never_reaching"] = len(needed) - len(reached)
     report = {
         "benchmark": "search_quality",
-        "mode": "real trials (each distinct architecture trained and measured once per run)",
+        "mode": ("real trials (each distinct architecture trained and measured once per run)"
+                 if oracle is None else "one-shot oracle (each distinct architecture's accuracy its "
+                 "one-shot estimate; latency measured once per run)"),
+        "oracle": oracle,
         "space": args.space, "dataset": args.dataset, "trials": args.trials, "seeds": args.seeds,
         "epochs": args.epochs, "train_subset": args.train_subset,
         "reference_point": {"val_acc": 0.0, "latency_ms": round(ref, 4)},
@@ -197,10 +349,15 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_architectures_evaluated": evaluate.evaluations,
         "trials_total": args.trials * args.seeds * len(samplers),
         "distinct_architectures_used": len(evaluate.used),
+        "val_acc_spread": spread([evaluate.results[k]["val_acc"] for k in evaluate.used]),
+        "latency_ms_spread": spread([evaluate.results[k]["latency_ms"] for k in evaluate.used]),
+        "latency": {"repeats": args.latency_repeats, "warmup": 3},
         # one real trial = build, measure latency, train, validate, test (cached ones: as measured)
         "real_trials_per_minute": trials_per_minute(evaluate),
         "wall_s": round(wall, 1),
         "threads": args.threads,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "torch": torch.__version__,
     }
     print(json.dumps(report, indent=2))

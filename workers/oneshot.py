@@ -348,16 +348,27 @@ def supernet_fit(study: optuna.Study, cfg: SearchConfig, artifact_dir: str) -> C
     """evaluate_spec's `fit` for a candidate: its path's weights from the trained supernet of its
     backbone and width, BN recalibrated on `oneshot.bn_batches` training batches, then validated."""
 
-    def fit(model: torch.nn.Module, splits: Splits, device: torch.device, hooks: EvalHooks) -> TrainReport:
-        start = time.perf_counter()
-        spec: ArchSpec = model.spec  # type: ignore[assignment]
+    def supernet_for(spec: ArchSpec) -> Supernet:
         key = supernet_key(spec.backbone, spec.width)
         record = _record(study, key)
         if not record.get("done") or not record.get("checkpoint"):
             phase = study.user_attrs.get(PHASE_ATTR)
             raise RuntimeError(f"the supernet {key} is not trained (phase {phase!r}); candidates are "
                                "evaluated after the supernet phase")
-        supernet = _supernet_from(artifact_dir, record["checkpoint"])
+        return _supernet_from(artifact_dir, record["checkpoint"])
+
+    return path_fit(supernet_for, cfg)
+
+
+def path_fit(supernet_for: Callable[[ArchSpec], Supernet], cfg: SearchConfig) -> Callable[..., TrainReport]:
+    """evaluate_spec's `fit` on trained supernets: the candidate takes its path's weights from
+    `supernet_for(spec)`, recalibrates BN on `oneshot.bn_batches` training batches, is validated
+    (supernet_fit's body; the search-quality benchmark's one-shot oracle uses it directly)."""
+
+    def fit(model: torch.nn.Module, splits: Splits, device: torch.device, hooks: EvalHooks) -> TrainReport:
+        start = time.perf_counter()
+        spec: ArchSpec = model.spec  # type: ignore[assignment]
+        supernet = supernet_for(spec)
         weights = {k: v.detach() for k, v in supernet.path_state_dict(spec).items()}
         model.load_state_dict(weights, strict=True)
         recalibrate_bn(model, splits.train, device, batches=cfg.oneshot.bn_batches,
@@ -555,6 +566,7 @@ __all__ = [
     "SupernetJob",
     "load_checkpoint",
     "oneshot_trial_fn",
+    "path_fit",
     "retrain_choice",
     "run_oneshot_trial",
     "sandwich_extremes",
