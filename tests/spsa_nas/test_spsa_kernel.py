@@ -51,6 +51,26 @@ def test_kernel_equals_reference(shape: tuple[int, ...], heads: int, channels_la
     assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+
+@pytest.mark.parametrize(("shape", "heads"), [((1, 7, 50, 45), 1), ((2, 14, 47, 47), 2), ((3, 9, 3, 5), 3)])
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nchw_chunks_and_job_layouts_equal_reference(shape: tuple[int, ...], heads: int, threads: int,
+                                                     dtype: torch.dtype) -> None:
+    """The NCHW path's work split: pixels in several chunks (over 2048 pixels), chunks split
+    further when there are fewer groups than threads, the key taken inside the job when there are
+    at least as many groups as threads; channel counts that leave a remainder after the rows are
+    taken four at a time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _rand(shape, dtype, False, seed=sum(shape) + threads)
+        got = _kernel(x, 1.0, heads)
+    finally:
+        torch.set_num_threads(before)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got, spsa_reference(x, 1.0, heads), atol=tol, rtol=tol)
+
 #: (reverse, similarity) of the three non-default variants (the ablation switches of issue 13)
 SWITCHES = [(False, "correlation"), (True, "cosine"), (False, "cosine")]
 SWITCH_IDS = ["norev-correlation", "rev-cosine", "norev-cosine"]

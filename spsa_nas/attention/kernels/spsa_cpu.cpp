@@ -13,10 +13,11 @@
 // correlation's code is unchanged) takes s = 0, m = max|k|, uc = k/m not centred, b = ‖uc‖,
 // r = Σy·uc / (a·b) with a = max(‖y‖, eps·b).
 //
-// Memory traffic: one read of x for the key, one read of x and one write of out for the rest
-// (a block of pixels is read once from memory and once more from the cache). NCHW works on blocks
-// of 4 SIMD vectors of pixels x the group's channels, the sums in registers; channels_last on one
-// pixel's channel vector at a time (in L1). out may be x itself (in place).
+// Memory traffic: one read of x for the key, one read of x and one write of out for the rest.
+// NCHW streams each (n, g)'s channel rows in order (long sequential runs: the prefetcher follows
+// them) into per-pixel sums held in L1, for chunks of up to 2048 pixels, with the key taken in the
+// same job when there is a group per thread (its rows then come back from L1/L2, not L3);
+// channels_last works on one pixel's channel vector at a time (in L1). out may be x itself.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -29,16 +30,35 @@
 
 namespace {
 
-// SIMD vectors through GCC/Clang vector extensions: 64 bytes (AVX-512, or two AVX2 / four SSE
-// registers where the CPU has less); unaligned loads and stores through memcpy.
+// SIMD vectors through GCC/Clang vector extensions, as wide as the CPU's registers: 64 bytes with
+// AVX-512, 32 with AVX/AVX2, else 16 (a vector wider than the registers is split and spilled to the
+// stack by GCC: measured 6x slower on an AVX2 CPU); unaligned loads and stores through memcpy.
+#if defined(__AVX512F__)
+constexpr int64_t kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int64_t kVecBytes = 32;
+#else
+constexpr int64_t kVecBytes = 16;
+#endif
+
 template <typename T>
 struct Vec {
-  static constexpr int64_t lanes = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = kVecBytes / sizeof(T);
+  typedef T type __attribute__((vector_size(kVecBytes)));
   static type splat(T v) { return type{} + v; }
   static type load(const T* p) { type v; __builtin_memcpy(&v, p, sizeof(type)); return v; }
   static void store(T* p, type v) { __builtin_memcpy(p, &v, sizeof(type)); }
 };
+
+// The sum of a vector's lanes in double, pairwise (a short dependency chain).
+template <typename T>
+inline double lane_sum(const typename Vec<T>::type& v) {
+  double parts[Vec<T>::lanes];
+  for (int64_t l = 0; l < Vec<T>::lanes; ++l) parts[l] = static_cast<double>(v[l]);
+  for (int64_t width = Vec<T>::lanes / 2; width >= 1; width /= 2)
+    for (int64_t l = 0; l < width; ++l) parts[l] += parts[l + width];
+  return parts[0];
+}
 
 template <typename acc_t>
 struct GroupKey {
@@ -126,28 +146,28 @@ inline acc_t pixel_gate(acc_t sy, acc_t syu, acc_t syy, const GroupKey<acc_t>& k
   return static_cast<acc_t>(std::pow(static_cast<double>(g), alpha));
 }
 
+// The mean of one contiguous row of p values, in double: four independent vector accumulators (each
+// lane sums <= p / (4 lanes) values), then their lanes in double.
+template <typename scalar_t>
+inline double row_mean(const scalar_t* src, int64_t p) {
+  using V = typename Vec<scalar_t>::type;
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
+  V acc[4] = {Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0)};
+  int64_t i = 0;
+  for (; i + 4 * lanes <= p; i += 4 * lanes)
+    for (int a = 0; a < 4; ++a) acc[a] += Vec<scalar_t>::load(src + i + a * lanes);
+  double total = lane_sum<scalar_t>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (; i < p; ++i) total += static_cast<double>(src[i]);
+  return total / static_cast<double>(p);
+}
+
 // The key k (N, C) in double: mean over the pixels of each channel.
 template <typename scalar_t>
 std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64_t p, bool channels_last) {
   std::vector<double> k(n * c, 0.0);
   if (!channels_last) {
     at::parallel_for(0, n * c, 16, [&](int64_t begin, int64_t end) {
-      using V = typename Vec<scalar_t>::type;
-      constexpr int64_t lanes = Vec<scalar_t>::lanes;
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* src = x + row * p;
-        // four independent vector accumulators (each lane sums <= p / 64 values), then their lanes in double
-        V acc[4] = {Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0),
-                    Vec<scalar_t>::splat(0)};
-        int64_t i = 0;
-        for (; i + 4 * lanes <= p; i += 4 * lanes)
-          for (int a = 0; a < 4; ++a) acc[a] += Vec<scalar_t>::load(src + i + a * lanes);
-        const V lane_sums = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        double total = 0.0;
-        for (int64_t l = 0; l < lanes; ++l) total += static_cast<double>(lane_sums[l]);
-        for (; i < p; ++i) total += static_cast<double>(src[i]);
-        k[row] = total / static_cast<double>(p);
-      }
+      for (int64_t row = begin; row < end; ++row) k[row] = row_mean(x + row * p, p);
     });
     return k;
   }
@@ -180,14 +200,22 @@ template <bool Cos, typename scalar_t, typename acc_t>
 void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t p, int64_t heads,
                  double alpha, double eps, bool channels_last, bool reverse) {
   const int64_t cg = c / heads;
-  std::vector<double> k = channel_means(x, n, c, p, channels_last);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // NCHW with at least one (n, g) per thread: each job takes its group's key itself, right before
+  // the statistics, so that the group's rows are still in L1/L2 for them (one trip less to L3)
+  const bool key_in_job = !channels_last && n * heads >= threads;
   std::vector<GroupKey<acc_t>> keys(n * heads);
   std::vector<acc_t> uc(n * c);
-  at::parallel_for(0, n * heads, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng)
-      keys[ng] = Cos ? key_stats_cosine<acc_t>(k.data() + ng * cg, cg, uc.data() + ng * cg)
-                     : key_stats<acc_t>(k.data() + ng * cg, cg, eps, uc.data() + ng * cg);
-  });
+  auto group_key = [&](int64_t ng, const double* k) {
+    keys[ng] = Cos ? key_stats_cosine<acc_t>(k, cg, uc.data() + ng * cg)
+                   : key_stats<acc_t>(k, cg, eps, uc.data() + ng * cg);
+  };
+  if (!key_in_job) {
+    std::vector<double> k = channel_means(x, n, c, p, channels_last);
+    at::parallel_for(0, n * heads, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) group_key(ng, k.data() + ng * cg);
+    });
+  }
   const acc_t cg_a = static_cast<acc_t>(cg), eps_a = static_cast<acc_t>(eps);
   const acc_t sign = reverse ? static_cast<acc_t>(1) : static_cast<acc_t>(-1);
 
@@ -224,66 +252,96 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
     return;
   }
 
-  // NCHW: blocks of BLOCK pixels (a few SIMD vectors) x the group's channels; the three sums of a
-  // block stay in registers while the loop runs down the channels, then the block is scaled from
-  // the cache (Cg x BLOCK values: 64 KiB at Cg = 256). Pixels past the last full block: scalar.
-  constexpr int64_t lanes = Vec<scalar_t>::lanes, width = 4, block = lanes * width;
-  const int64_t blocks = (p + block - 1) / block;
-  at::parallel_for(0, n * heads * blocks, 1, [&](int64_t begin, int64_t end) {
+  // NCHW: per (n, g) and chunk of pixels, the group's channel rows are streamed in order, each a
+  // contiguous run of the chunk's pixels (sequential reads the hardware prefetcher follows; short
+  // strided runs defeat it), four rows at a time into the three per-pixel sums, which stay in L1
+  // (3 x chunk values); then the chunk's gates; then a second sweep down the rows writes x · gate
+  // (the chunk's rows come back from L2/L3). Chunks: up to 2048 pixels, more of them where there
+  // are fewer (n, g) than threads.
+  using V = typename Vec<scalar_t>::type;
+  constexpr int64_t lanes = Vec<scalar_t>::lanes;
+  static_assert(std::is_same<scalar_t, acc_t>::value, "the NCHW path accumulates in the input's dtype");
+  int64_t chunks = (p + 2047) / 2048;
+  while (!key_in_job && n * heads * chunks < threads && (p + chunks) / (chunks + 1) >= 4 * lanes) ++chunks;
+  const int64_t chunk = std::min<int64_t>(p, ((p + chunks - 1) / chunks + lanes - 1) / lanes * lanes);
+  chunks = (p + chunk - 1) / chunk;
+  // jobs: one per (n, g) (its key, then its chunks) or one per (n, g, chunk)
+  at::parallel_for(0, key_in_job ? n * heads : n * heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buffer(4 * chunk + lanes);
+    std::vector<double> k(key_in_job ? cg : 0);
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t ng = job / blocks, p0 = (job % blocks) * block, len = std::min(block, p - p0);
-      const GroupKey<acc_t>& key = keys[ng];
-      const acc_t* u = uc.data() + ng * cg;
-      const scalar_t* base = x + ng * cg * p + p0;
-      scalar_t* obase = out + ng * cg * p + p0;
-      alignas(64) scalar_t gates[block];
-      if (len == block) {
-        using V = typename Vec<scalar_t>::type;
-        const V inv = Vec<scalar_t>::splat(static_cast<scalar_t>(key.inv));
-        const V s_inv = Vec<scalar_t>::splat(static_cast<scalar_t>(key.s_inv));
-        V sy[width], syu[width], syy[width];
-        for (int w = 0; w < width; ++w) sy[w] = syu[w] = syy[w] = Vec<scalar_t>::splat(0);
-        for (int64_t ch = 0; ch < cg; ++ch) {
+      int64_t first = job, last = job + 1;
+      if (key_in_job) {
+        const scalar_t* group = x + job * cg * p;
+        for (int64_t ch = 0; ch < cg; ++ch) k[ch] = row_mean(group + ch * p, p);
+        group_key(job, k.data());
+        first = job * chunks;
+        last = first + chunks;
+      }
+      for (int64_t part = first; part < last; ++part) {
+        const int64_t ng = part / chunks, p0 = (part % chunks) * chunk, len = std::min(chunk, p - p0);
+        const GroupKey<acc_t>& key = keys[ng];
+        const acc_t* u = uc.data() + ng * cg;
+        const scalar_t* base = x + ng * cg * p + p0;
+        scalar_t* obase = out + ng * cg * p + p0;
+        acc_t* sy = buffer.data();
+        acc_t* syu = sy + chunk;
+        acc_t* syy = syu + chunk;
+        acc_t* gates = syy + chunk;
+        std::fill(sy, sy + 3 * chunk, static_cast<acc_t>(0));
+        const acc_t inv = key.inv, s_inv = key.s_inv;
+        const V vinv = Vec<scalar_t>::splat(inv), vs_inv = Vec<scalar_t>::splat(s_inv);
+        const int64_t vec_end = len / lanes * lanes;
+        int64_t ch = 0;
+        for (; ch + 4 <= cg; ch += 4) {
+          const scalar_t* r0 = base + ch * p;
+          const scalar_t* r1 = r0 + p;
+          const scalar_t* r2 = r1 + p;
+          const scalar_t* r3 = r2 + p;
+          const V u0 = Vec<scalar_t>::splat(u[ch]), u1 = Vec<scalar_t>::splat(u[ch + 1]);
+          const V u2 = Vec<scalar_t>::splat(u[ch + 2]), u3 = Vec<scalar_t>::splat(u[ch + 3]);
+          for (int64_t q = 0; q < vec_end; q += lanes) {
+            V a = Vec<scalar_t>::load(sy + q), b = Vec<scalar_t>::load(syu + q), c2 = Vec<scalar_t>::load(syy + q);
+            V y = Vec<scalar_t>::load(r0 + q) * vinv - vs_inv;
+            a += y; b += y * u0; c2 += y * y;
+            y = Vec<scalar_t>::load(r1 + q) * vinv - vs_inv;
+            a += y; b += y * u1; c2 += y * y;
+            y = Vec<scalar_t>::load(r2 + q) * vinv - vs_inv;
+            a += y; b += y * u2; c2 += y * y;
+            y = Vec<scalar_t>::load(r3 + q) * vinv - vs_inv;
+            a += y; b += y * u3; c2 += y * y;
+            Vec<scalar_t>::store(sy + q, a);
+            Vec<scalar_t>::store(syu + q, b);
+            Vec<scalar_t>::store(syy + q, c2);
+          }
+          for (int64_t q = vec_end; q < len; ++q)
+            for (int64_t j = 0; j < 4; ++j) {
+              acc_t y = static_cast<acc_t>(base[(ch + j) * p + q]) * inv - s_inv;
+              sy[q] += y;
+              syu[q] += y * u[ch + j];
+              syy[q] += y * y;
+            }
+        }
+        for (; ch < cg; ++ch) {
           const scalar_t* row = base + ch * p;
-          const V uch = Vec<scalar_t>::splat(static_cast<scalar_t>(u[ch]));
-          for (int w = 0; w < width; ++w) {
-            V y = Vec<scalar_t>::load(row + w * lanes) * inv - s_inv;
-            sy[w] += y;
-            syu[w] += y * uch;
-            syy[w] += y * y;
+          const acc_t uch = u[ch];
+          for (int64_t q = 0; q < len; ++q) {
+            acc_t y = static_cast<acc_t>(row[q]) * inv - s_inv;
+            sy[q] += y;
+            syu[q] += y * uch;
+            syy[q] += y * y;
           }
         }
-        for (int w = 0; w < width; ++w)
-          for (int64_t l = 0; l < lanes; ++l)
-            gates[w * lanes + l] = static_cast<scalar_t>(
-                pixel_gate<Cos, acc_t>(sy[w][l], syu[w][l], syy[w][l], key, cg_a, eps_a, alpha, sign));
-        V g[width];
-        for (int w = 0; w < width; ++w) g[w] = Vec<scalar_t>::load(gates + w * lanes);
-        for (int64_t ch = 0; ch < cg; ++ch) {
+        for (int64_t q = 0; q < len; ++q)
+          gates[q] = pixel_gate<Cos, acc_t>(sy[q], syu[q], syy[q], key, cg_a, eps_a, alpha, sign);
+        for (ch = 0; ch < cg; ++ch) {
           const scalar_t* row = base + ch * p;
           scalar_t* orow = obase + ch * p;
-          for (int w = 0; w < width; ++w) Vec<scalar_t>::store(orow + w * lanes, Vec<scalar_t>::load(row + w * lanes) * g[w]);
+          int64_t q = 0;
+          for (; q < vec_end; q += lanes)
+            Vec<scalar_t>::store(orow + q, Vec<scalar_t>::load(row + q) * Vec<scalar_t>::load(gates + q));
+          for (; q < len; ++q) orow[q] = row[q] * gates[q];
         }
-        continue;
-      }
-      acc_t sy[block] = {}, syu[block] = {}, syy[block] = {};
-      const acc_t inv = key.inv, s_inv = key.s_inv;
-      for (int64_t ch = 0; ch < cg; ++ch) {
-        const scalar_t* row = base + ch * p;
-        const acc_t uch = u[ch];
-        for (int64_t q = 0; q < len; ++q) {
-          acc_t y = static_cast<acc_t>(row[q]) * inv - s_inv;
-          sy[q] += y;
-          syu[q] += y * uch;
-          syy[q] += y * y;
-        }
-      }
-      for (int64_t q = 0; q < len; ++q)
-        gates[q] = static_cast<scalar_t>(pixel_gate<Cos>(sy[q], syu[q], syy[q], key, cg_a, eps_a, alpha, sign));
-      for (int64_t ch = 0; ch < cg; ++ch) {
-        const scalar_t* row = base + ch * p;
-        scalar_t* orow = obase + ch * p;
-        for (int64_t q = 0; q < len; ++q) orow[q] = row[q] * gates[q];
       }
     }
   });
