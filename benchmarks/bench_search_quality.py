@@ -261,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-subset", type=float, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--latency-protocol", choices=["interleaved", "simple"], default="interleaved",
+                        help="LatencyConfig.protocol (default interleaved, a trial's; simple: "
+                             "--latency-repeats timed calls after 3 warm-up calls, much cheaper)")
     parser.add_argument("--ref-latency-ms", type=float, default=None,
                         help="reference latency of the hypervolume (default: median of the run)")
     parser.add_argument("--eval-cache", type=Path, default=None)
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = DataConfig(name=args.dataset, train_subset=args.train_subset)
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size)
-    latency = LatencyConfig(repeats=args.latency_repeats, warmup=3, threads=args.threads)
+    latency = LatencyConfig(repeats=args.latency_repeats, warmup=3, threads=args.threads,
+                            protocol=args.latency_protocol)
     oracle: dict[str, Any] | None = None
     fit = None
     if args.oracle == "oneshot":
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_architectures_used": len(evaluate.used),
         "val_acc_spread": spread([evaluate.results[k]["val_acc"] for k in evaluate.used]),
         "latency_ms_spread": spread([evaluate.results[k]["latency_ms"] for k in evaluate.used]),
-        "latency": {"repeats": args.latency_repeats, "warmup": 3},
+        "latency": {"protocol": args.latency_protocol, "repeats": args.latency_repeats, "warmup": 3},
         # one real trial = build, measure latency, train, validate, test (cached ones: as measured)
         "real_trials_per_minute": trials_per_minute(evaluate),
         "wall_s": round(wall, 1),
