@@ -1,0 +1,199 @@
+"""What SPSA costs against the least any spatial gate at its place costs, per runtime, as JSON.
+
+ResNet-50 (224², ImageNet stem), one thread, rounds interleaved, in each runtime of --runtimes:
+`onnxruntime` (the search's latency setting, batch 1: exported with `spsa_nas.export.export_onnx`,
+onnxruntime's CPU provider with all graph optimisations) and `compiled` (torch.compile, default
+mode, at --compiled-batch, default 8: issue 11's throughput setting). Three models: the plain
+backbone; SPSA in every block; and the same model with every SPSA replaced by a *minimal gate*,
+x · sigmoid(Σ_c x_c) — one channel sum (a one-row MatMul), a sigmoid and a multiply: the least a
+data-dependent spatial gate after the last BN of a block can be. The minimal gate's ratio to plain
+is the floor for SPSA in that runtime on this CPU. In onnxruntime any operator there stops the
+NCHWc layout optimiser from fusing the block's last Conv (+BN) with the residual Add and ReLU and
+puts a ReorderOutput/ReorderInput pair (NCHWc <-> NCHW) around it; under inductor it splits the
+block's epilogue fusion. With `--profile`, onnxruntime's profiler gives the time per operator
+type of one run of each model (where the SPSA model's extra time goes).
+
+    .venv/bin/python benchmarks/bench_gate_floor.py --rounds 40 --profile --out runs/gate_floor.json
+    .venv/bin/python benchmarks/bench_gate_floor.py --runtimes compiled --rounds 5 \\
+        --out runs/gate_floor_compiled.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from spsa_nas.attention.spsa import SPSA
+from spsa_nas.export import export_onnx
+from spsa_nas.models import build_model
+from spsa_nas.spec import ArchSpec, StageSpec
+
+
+class MinimalGate(nn.Module):
+    """x · sigmoid(Σ_c x_c): a spatial gate with one channel sum (a one-row MatMul in ONNX)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("ones", torch.ones(1, channels), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        sums = torch.matmul(self.ones, x.flatten(2))  # (N, 1, P)
+        return x * torch.sigmoid(sums).reshape(n, 1, h, w)
+
+
+def resnet50(spsa: bool) -> nn.Module:
+    torch.manual_seed(0)
+    spec = ArchSpec.uniform("resnet50", StageSpec(spsa=spsa), stem="imagenet", input_size=224,
+                            width=1.0, num_classes=1000)
+    return build_model(spec).eval()
+
+
+def models() -> dict[str, nn.Module]:
+    return {"plain": resnet50(False), "spsa": resnet50(True),
+            "minimal_gate": with_minimal_gates(resnet50(True))}
+
+
+def interleaved(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, Any]:
+    """Median ms per model over `rounds` rotated rounds; ratios to plain and per-round quartiles."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for name in order[r % len(order):] + order[:r % len(order)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    ratios = {name: [t / p for t, p in zip(times[name], times["plain"], strict=True)]
+              for name in ("spsa", "minimal_gate")}
+    return {
+        "median_ms": {k: round(v, 2) for k, v in median.items()},
+        "ratio_to_plain": {k: round(median[k] / median["plain"], 3) for k in ("spsa", "minimal_gate")},
+        "per_round_ratio_quartiles": {
+            k: [round(float(np.percentile(v, q)), 3) for q in (25, 50, 75)] for k, v in ratios.items()},
+        "spsa_above_floor": round((median["spsa"] - median["minimal_gate"]) / median["plain"], 3),
+        "rounds": rounds,
+    }
+
+
+def with_minimal_gates(model: nn.Module) -> nn.Module:
+    """`model` with each SPSA module replaced by a MinimalGate of its width; the count replaced."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SPSA):
+                setattr(parent, name, MinimalGate(child.channels))
+                replaced += 1
+    if replaced == 0:
+        raise RuntimeError("bench_onnx_floor: the SPSA model holds no SPSA module to replace")
+    return model
+
+
+def session(path: Path, profile_prefix: str | None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def profile(path: Path, x: np.ndarray, runs: int, tmp: Path) -> dict[str, Any]:
+    """Per operator type: ms per run and node count, from onnxruntime's profiler."""
+    sess = session(path, str(tmp / f"prof_{path.stem}"))
+    for _ in range(runs):
+        sess.run(None, {"input": x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    total: dict[str, float] = collections.defaultdict(float)
+    nodes: collections.Counter[str] = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            total[op] += event["dur"]
+            nodes[op] += 1
+    return {op: {"ms_per_run": round(total[op] / runs / 1e3, 3), "nodes": nodes[op] // runs}
+            for op in sorted(total, key=total.__getitem__, reverse=True)}
+
+
+def run_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        paths = {name: export_onnx(model, tmp / f"{name}.onnx", (1, 3, 224, 224))
+                 for name, model in models().items()}
+        x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        sessions = {name: session(path, None) for name, path in paths.items()}
+        result = {"batch": 1, "loadavg_before": list(os.getloadavg())}
+        result.update(interleaved({name: (lambda s=sess: s.run(None, {"input": x}))
+                                   for name, sess in sessions.items()}, args.rounds, args.warmup))
+        if args.profile:
+            result["profile"] = {name: profile(path, x, 20, tmp) for name, path in paths.items()}
+    result["loadavg_after"] = list(os.getloadavg())
+    return result
+
+
+def run_compiled(args: argparse.Namespace) -> dict[str, Any]:
+    x = torch.randn(args.compiled_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    compiled = {name: torch.compile(model) for name, model in models().items()}
+    result: dict[str, Any] = {"batch": args.compiled_batch, "loadavg_before": list(os.getloadavg())}
+    start = time.perf_counter()
+    with torch.no_grad():
+        for fn in compiled.values():
+            fn(x)  # compile
+        result["compile_s"] = round(time.perf_counter() - start, 1)
+        result.update(interleaved({name: (lambda f=fn: f(x)) for name, fn in compiled.items()},
+                                  args.rounds, args.warmup))
+    result["loadavg_after"] = list(os.getloadavg())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runtimes", default="onnxruntime",
+                        help="comma-separated: onnxruntime, compiled (default onnxruntime)")
+    parser.add_argument("--rounds", type=int, default=40, help="timed interleaved rounds (default 40)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compiled-batch", type=int, default=8)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile each onnxruntime model per operator type")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    unknown = sorted(set(runtimes) - {"onnxruntime", "compiled"})
+    if unknown or not runtimes:
+        parser.error(f"--runtimes: unknown {unknown or 'empty'}; choose from onnxruntime, compiled")
+    if args.rounds < 3 or args.warmup < 0 or args.compiled_batch < 1:
+        parser.error("--rounds must be >= 3, --warmup >= 0 and --compiled-batch >= 1")
+    torch.set_num_threads(1)
+    result: dict[str, Any] = {"benchmark": "gate_floor", "threads": 1, "torch": torch.__version__}
+    for runtime in runtimes:
+        result[runtime] = run_onnxruntime(args) if runtime == "onnxruntime" else run_compiled(args)
+    text = json.dumps(result, indent=1)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
