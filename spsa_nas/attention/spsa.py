@@ -177,12 +177,22 @@ def _compiling_not_exporting() -> bool:
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
+@torch.compiler.assume_constant_result
+def _cpu_kernel_available() -> bool:
+    """Whether the fused CPU kernel is loaded (building it on first use); dynamo runs this at trace
+    time and keeps the answer as a constant instead of tracing the loader's lock."""
+    return _op.cpu.load() is not None
+
+
 def _compile_takes_decomposition(x: torch.Tensor) -> bool:
     """Under torch.compile (not torch.export) SPSA takes its decomposition — plain reductions that
     inductor fuses with its neighbours — except where the fused CPU kernel runs x (a CPU fp32/fp64
     tensor): there the custom op stays one opaque node, which inductor runs faster than it runs
     the decomposition (docs/attention.md, "Tracing and export")."""
-    return _compiling_not_exporting() and not (x.device.type == "cpu" and _op.fused_available(x))
+    if not _compiling_not_exporting():
+        return False
+    fused_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    return not (fused_cpu and _cpu_kernel_available())
 
 
 def spsa_decomposed(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: float = DEFAULT_EPS,

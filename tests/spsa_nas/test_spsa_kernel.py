@@ -227,6 +227,29 @@ def test_compile_keeps_the_op_on_cpu_and_export_sees_one_op() -> None:
     torch.testing.assert_close(decomposed.module()(x), got, atol=2e-5, rtol=2e-5)
 
 
+
+def test_compile_before_any_eager_call_keeps_the_op() -> None:
+    """In a fresh process whose first SPSA call is compiled (the kernel not loaded yet), dynamo
+    does not trace the kernel's loader (its lock failed the compile: "Unsupported context
+    manager"); the graph holds the op."""
+    code = """
+import torch
+from spsa_nas.attention import SPSA, spsa_reference
+graphs = []
+def backend(gm, example):
+    graphs.append(str(gm.graph))
+    return gm.forward
+x = torch.randn(2, 8, 4, 5)
+with torch.no_grad():
+    out = torch.compile(SPSA(8, heads=2), backend=backend, fullgraph=True)(x)
+torch.testing.assert_close(out, spsa_reference(x, 1.0, 2), atol=2e-5, rtol=2e-5)
+assert "spsa_nas.spsa" in graphs[0], graphs[0]
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
 def test_inductor_compiles_around_the_op() -> None:
     """torch.compile's default backend compiles SPSA (the custom op here) with its neighbours; grads too."""
     torch._dynamo.reset()
