@@ -1,8 +1,7 @@
 """Compiled ResNet-50: plain vs SPSA as its decomposition vs SPSA as the opaque custom op (JSON).
 
-What the compiled SPSA model costs and whether the decomposition (what torch.compile gets on CUDA)
-or the custom op with the fused C++ kernel (what it gets on the CPU, docs/attention.md) is faster
-under inductor (each forced here, whatever the default): the three
+What the compiled SPSA model costs and whether the decomposition (what torch.compile gets, see
+docs/attention.md) or the custom op with the fused C++ kernel is faster under inductor: the three
 models compiled in one process, then `--rounds` interleaved forward passes at batch `--batch`,
 224x224, no grad; median ms (first round dropped) and each SPSA variant's throughput ratio to plain.
 
@@ -44,16 +43,15 @@ def main() -> int:
         torch.manual_seed(0)
         models["plain"] = torch.compile(_model(False))
         models["plain"](x)
-        original = spsa_module._compile_takes_decomposition
-        try:  # each variant compiled while its switch holds
-            spsa_module._compile_takes_decomposition = lambda x: spsa_module._compiling_not_exporting()
-            models["decomposition"] = torch.compile(_model(True))
-            models["decomposition"](x)
-            spsa_module._compile_takes_decomposition = lambda x: False  # compile keeps the custom op
+        models["decomposition"] = torch.compile(_model(True))  # what torch.compile gets
+        models["decomposition"](x)
+        original = spsa_module._compiling_not_exporting
+        spsa_module._compiling_not_exporting = lambda: False  # compile keeps the custom op
+        try:
             models["opaque_op"] = torch.compile(_model(True))
-            models["opaque_op"](x)
+            models["opaque_op"](x)  # compiled here, while the switch holds
         finally:
-            spsa_module._compile_takes_decomposition = original
+            spsa_module._compiling_not_exporting = original
         times: dict[str, list[float]] = {name: [] for name in models}
         for _ in range(args.rounds):
             for name, model in models.items():

@@ -51,10 +51,8 @@ Implementations (`SPSA(impl=...)`), every one honouring both switches:
 Tracing: `torch.jit.trace`, `torch.jit.script` and both ONNX exporters see the decomposition
 (plain operators, so the traced model needs no custom op to run); torch.fx sees `spsa(...)` as a
 leaf function; torch.export sees the custom op. torch.compile (when not exporting) sees the
-decomposition — plain reductions that inductor fuses with the neighbouring convolution epilogues,
-BN and activations — except for `impl="fused"` on a CPU tensor the fused C++ kernel runs: there it
-keeps the custom op, one opaque node that inductor runs faster than the decomposition
-(docs/attention.md).
+decomposition, whatever `impl`: plain reductions that inductor fuses with the neighbouring
+convolution epilogues, BN and activations (measured against the opaque op: docs/attention.md).
 Argument checks happen in `SPSA.__init__`; the input's checks run in eager mode and in FX
 graphs, never in a trace.
 """
@@ -67,7 +65,7 @@ import torch
 from torch import nn
 
 from spsa_nas.attention.kernels import composite
-from spsa_nas.attention.kernels import op as _op  # registers torch.ops.spsa_nas.*; fused_available
+from spsa_nas.attention.kernels import op as _op  # noqa: F401 (registers torch.ops.spsa_nas.*)
 
 DEFAULT_EPS = 1e-5
 
@@ -173,26 +171,11 @@ def spsa_reference(
 
 
 def _compiling_not_exporting() -> bool:
-    """Under torch.compile but not torch.export (torch.export always keeps the custom op)."""
+    """Under torch.compile but not torch.export: SPSA then takes its decomposition, which inductor
+    fuses with its neighbours; torch.export keeps the op. On the CPU the opaque op with the fused
+    kernel was measured faster under inductor at batch 8 but slower at batch 1, the batch the search
+    measures latency at (docs/attention.md, "Tracing and export")."""
     return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-
-
-@torch.compiler.assume_constant_result
-def _cpu_kernel_available() -> bool:
-    """Whether the fused CPU kernel is loaded (building it on first use); dynamo runs this at trace
-    time and keeps the answer as a constant instead of tracing the loader's lock."""
-    return _op.cpu.load() is not None
-
-
-def _compile_takes_decomposition(x: torch.Tensor) -> bool:
-    """Under torch.compile (not torch.export) SPSA takes its decomposition — plain reductions that
-    inductor fuses with its neighbours — except where the fused CPU kernel runs x (a CPU fp32/fp64
-    tensor): there the custom op stays one opaque node, which inductor runs faster than it runs
-    the decomposition (docs/attention.md, "Tracing and export")."""
-    if not _compiling_not_exporting():
-        return False
-    fused_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    return not (fused_cpu and _cpu_kernel_available())
 
 
 def spsa_decomposed(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: float = DEFAULT_EPS,
@@ -233,12 +216,12 @@ def spsa_fused(x: torch.Tensor, alpha: float = 1.0, heads: int = 1, eps: float =
     `inplace=True` writes the output into x (and returns it) when no gradient flows through x
     (otherwise it is ignored), in eager mode only: it saves allocating and writing a new
     full-size tensor. Under torch.compile (not torch.export) the decomposition runs instead of the
-    op, for inductor to fuse, except on a CPU tensor the fused kernel runs (module docstring).
+    op, for inductor to fuse (module docstring).
     """
     if not torch.compiler.is_compiling():
         _check_input(x, heads)
         _check_args(x.shape[1], alpha, heads, eps, reverse, similarity)
-    elif _compile_takes_decomposition(x):
+    elif _compiling_not_exporting():
         return spsa_decomposed(x, alpha, heads, eps, reverse, similarity)
     if (inplace and not (torch.is_grad_enabled() and x.requires_grad)
             and not torch.compiler.is_compiling()):
@@ -263,7 +246,7 @@ def spsa(x: torch.Tensor, alpha: float, heads: int, eps: float, impl: str, inpla
         _check_input(x, heads, channels)
     if impl == "reference":
         return spsa_reference(x, alpha, heads, eps, reverse, similarity)
-    if impl == "decomposed" or _compile_takes_decomposition(x):
+    if impl == "decomposed" or _compiling_not_exporting():
         return spsa_decomposed(x, alpha, heads, eps, reverse, similarity)
     return spsa_fused(x, alpha, heads, eps, inplace, reverse, similarity)
 
