@@ -147,7 +147,7 @@ inline acc_t pixel_gate(acc_t sy, acc_t syu, acc_t syy, const GroupKey<acc_t>& k
 }
 
 // The mean of one contiguous row of p values, in double: four independent vector accumulators (each
-// lane sums <= p / (4 lanes) values), then their lanes in double.
+// lane sums <= p / (4 lanes) + 1 values), then their lanes in double.
 template <typename scalar_t>
 inline double row_mean(const scalar_t* src, int64_t p) {
   using V = typename Vec<scalar_t>::type;
@@ -156,6 +156,7 @@ inline double row_mean(const scalar_t* src, int64_t p) {
   int64_t i = 0;
   for (; i + 4 * lanes <= p; i += 4 * lanes)
     for (int a = 0; a < 4; ++a) acc[a] += Vec<scalar_t>::load(src + i + a * lanes);
+  for (int a = 0; i + lanes <= p; i += lanes, ++a) acc[a] += Vec<scalar_t>::load(src + i);  // short rows: 4x4 maps
   double total = lane_sum<scalar_t>((acc[0] + acc[1]) + (acc[2] + acc[3]));
   for (; i < p; ++i) total += static_cast<double>(src[i]);
   return total / static_cast<double>(p);
