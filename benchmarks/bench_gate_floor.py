@@ -33,12 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_spsa_resnet50 import interleaved, make_model  # the same directory (sys.path[0])
 from torch import nn
 
 from spsa_nas.attention.spsa import SPSA
 from spsa_nas.export import export_onnx
-from spsa_nas.models import build_model
-from spsa_nas.spec import ArchSpec, StageSpec
 
 
 class MinimalGate(nn.Module):
@@ -54,30 +53,22 @@ class MinimalGate(nn.Module):
         return x * torch.sigmoid(sums).reshape(n, 1, h, w)
 
 
-def resnet50(spsa: bool) -> nn.Module:
-    torch.manual_seed(0)
-    spec = ArchSpec.uniform("resnet50", StageSpec(spsa=spsa), stem="imagenet", input_size=224,
-                            width=1.0, num_classes=1000)
-    return build_model(spec).eval()
+B1X224 = {"batch": 1, "size": 224, "stem": "imagenet", "width": 1.0}
 
 
 def models() -> dict[str, nn.Module]:
-    return {"plain": resnet50(False), "spsa": resnet50(True),
-            "minimal_gate": with_minimal_gates(resnet50(True))}
+    """ResNet-50 (bench_spsa_resnet50's models): plain, SPSA in every block, minimal gates instead."""
+    cpu = torch.device("cpu")
+    return {"plain": make_model("plain", B1X224, cpu).eval(),
+            "spsa": make_model("spsa_fast", B1X224, cpu).eval(),
+            "minimal_gate": with_minimal_gates(make_model("spsa_fast", B1X224, cpu).eval())}
 
 
-def interleaved(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, Any]:
-    """Median ms per model over `rounds` rotated rounds; ratios to plain and per-round quartiles."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    order = list(fns)
-    for r in range(rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
+def summarise(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, Any]:
+    """Median ms per model over `rounds` rotated rounds (bench_spsa_resnet50.interleaved); ratios to
+    plain and per-round quartiles."""
+    seconds = interleaved(fns, rounds, warmup, torch.device("cpu"))
+    times = {name: [t * 1e3 for t in ts] for name, ts in seconds.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
     ratios = {name: [t / p for t, p in zip(times[name], times["plain"], strict=True)]
               for name in ("spsa", "minimal_gate")}
@@ -92,7 +83,7 @@ def interleaved(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, Any]
 
 
 def with_minimal_gates(model: nn.Module) -> nn.Module:
-    """`model` with each SPSA module replaced by a MinimalGate of its width; the count replaced."""
+    """`model` with each SPSA module replaced by a MinimalGate of its width (RuntimeError: none)."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -143,7 +134,7 @@ def run_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
         sessions = {name: session(path, None) for name, path in paths.items()}
         result = {"batch": 1, "loadavg_before": list(os.getloadavg())}
-        result.update(interleaved({name: (lambda s=sess: s.run(None, {"input": x}))
+        result.update(summarise({name: (lambda s=sess: s.run(None, {"input": x}))
                                    for name, sess in sessions.items()}, args.rounds, args.warmup))
         if args.profile:
             result["profile"] = {name: profile(path, x, 20, tmp) for name, path in paths.items()}
@@ -160,7 +151,7 @@ def run_compiled(args: argparse.Namespace) -> dict[str, Any]:
         for fn in compiled.values():
             fn(x)  # compile
         result["compile_s"] = round(time.perf_counter() - start, 1)
-        result.update(interleaved({name: (lambda f=fn: f(x)) for name, fn in compiled.items()},
+        result.update(summarise({name: (lambda f=fn: f(x)) for name, fn in compiled.items()},
                                   args.rounds, args.warmup))
     result["loadavg_after"] = list(os.getloadavg())
     return result
