@@ -48,11 +48,19 @@ from search_spaces.loading import load_space
 from search_spaces.study import create_study
 from search_spaces.suggest import suggest_arch
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
-from spsa_nas.data import dataset_in_channels, dataset_num_classes, load_data
+from spsa_nas.data import dataset_in_channels, dataset_num_classes
 from spsa_nas.evaluate import EvalHooks, Fit, evaluate_spec
 from spsa_nas.spec import ArchSpec
-from spsa_nas.supernet import Supernet, SupernetRun, train_supernet
-from workers.oneshot import path_fit, sandwich_extremes, supernet_bases, supernet_key, uniform_sampler
+from spsa_nas.supernet import Supernet, train_supernet
+from workers.oneshot import (
+    build_supernet,
+    path_fit,
+    supernet_bases,
+    supernet_key,
+    supernet_run,
+    supernet_splits,
+    uniform_sampler,
+)
 
 
 def hypervolume_2d(points: list[tuple[float, float]], ref_latency_ms: float) -> float:
@@ -180,20 +188,15 @@ def oneshot_oracle(args: argparse.Namespace, data: DataConfig, train: TrainConfi
     described: dict[str, Any] = {}
     for base in supernet_bases(cfg, space):
         key = supernet_key(base.backbone, base.width)
-        torch.manual_seed(train.seed)
-        supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
+        supernet = build_supernet(cfg, space, base)
         if key in stored:
             supernet.load_state_dict(stored[key]["model"])
             curve, seconds = stored[key]["curve"], stored[key]["seconds"]
         else:
-            splits = load_data(data, train.image_size or base.input_size, base.in_channels)
-            run = SupernetRun(train=train, epochs=epochs, bn_batches=cfg.oneshot.bn_batches,
-                              sampling=cfg.oneshot.sampling, sandwich_paths=cfg.oneshot.sandwich_paths,
-                              extremes=sandwich_extremes(space, base, supernet)
-                              if cfg.oneshot.sampling == "sandwich" else None)
+            splits = supernet_splits(cfg, base)
             start = time.perf_counter()
             epochs_run = train_supernet(supernet, uniform_sampler(space, base), splits.train, splits.val,
-                                        run, "cpu")
+                                        supernet_run(cfg, space, base, supernet), "cpu")
             seconds = time.perf_counter() - start
             curve = [e.to_dict() for e in epochs_run]
             stored[key] = {"model": supernet.state_dict(), "curve": curve, "seconds": seconds}

@@ -172,15 +172,40 @@ class SupernetJob:
         return supernet_key(self.base.backbone, self.base.width)
 
     def choices(self) -> list[list[str]]:
-        return [list(s.choices.channel_attn) for s in self.space.stage_choices(self.base.backbone)]
+        return supernet_choices(self.space, self.base)
 
     def build(self) -> Supernet:
-        torch.manual_seed(self.cfg.train.seed)  # the same initial weights on every worker
-        return Supernet(self.base, self.choices())
+        return build_supernet(self.cfg, self.space, self.base)
 
     def splits(self) -> Splits:
-        return load_data(self.cfg.dataset, self.cfg.train.image_size or self.base.input_size,
-                         self.base.in_channels)
+        return supernet_splits(self.cfg, self.base)
+
+
+def supernet_choices(space: SearchSpace, base: ArchSpec) -> list[list[str]]:
+    """Each stage's channel-attention choices: the supernet's branches."""
+    return [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)]
+
+
+def build_supernet(cfg: SearchConfig, space: SearchSpace, base: ArchSpec) -> Supernet:
+    """The untrained supernet of `base`, seeded by `cfg.train.seed` (the same initial weights on
+    every worker and every run)."""
+    torch.manual_seed(cfg.train.seed)
+    return Supernet(base, supernet_choices(space, base))
+
+
+def supernet_splits(cfg: SearchConfig, base: ArchSpec) -> Splits:
+    """The data a supernet of `base` trains and is validated on."""
+    return load_data(cfg.dataset, cfg.train.image_size or base.input_size, base.in_channels)
+
+
+def supernet_run(cfg: SearchConfig, space: SearchSpace, base: ArchSpec, supernet: Supernet, *,
+                 shards: int = 1, rank: int = 0) -> SupernetRun:
+    """The training settings of the supernet of `base` from the search config's `oneshot` section."""
+    sampling = cfg.oneshot.sampling
+    return SupernetRun(train=cfg.train, epochs=cfg.oneshot.supernet_epochs(cfg.train),
+                       bn_batches=cfg.oneshot.bn_batches, shards=shards, rank=rank, sampling=sampling,
+                       extremes=sandwich_extremes(space, base, supernet) if sampling == "sandwich" else None,
+                       sandwich_paths=cfg.oneshot.sandwich_paths)
 
 
 def supernet_bases(cfg: SearchConfig, space: SearchSpace) -> list[ArchSpec]:
@@ -235,12 +260,7 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
             resume = load_checkpoint(job.artifact_dir, record["checkpoint"])
             resumed_from.append(int(resume["epoch"]))  # the epoch this (re)start continues after
         splits = job.splits()
-        sampling = job.cfg.oneshot.sampling
-        run = SupernetRun(train=job.cfg.train, epochs=epochs, bn_batches=job.cfg.oneshot.bn_batches,
-                          shards=shards, rank=rank, sampling=sampling,
-                          extremes=sandwich_extremes(job.space, job.base, supernet)
-                          if sampling == "sandwich" else None,
-                          sandwich_paths=job.cfg.oneshot.sandwich_paths)
+        run = supernet_run(job.cfg, job.space, job.base, supernet, shards=shards, rank=rank)
 
         def on_epoch(epoch: SupernetEpoch, checkpoint: Callable[[], dict[str, Any]]) -> None:
             if rank != 0:
@@ -564,6 +584,7 @@ __all__ = [
     "PHASES",
     "OneshotPhases",
     "SupernetJob",
+    "build_supernet",
     "load_checkpoint",
     "oneshot_trial_fn",
     "path_fit",
@@ -571,8 +592,11 @@ __all__ = [
     "run_oneshot_trial",
     "sandwich_extremes",
     "supernet_bases",
+    "supernet_choices",
     "supernet_fit",
     "supernet_key",
+    "supernet_run",
+    "supernet_splits",
     "train_one_supernet",
     "train_supernet_ray",
     "uniform_sampler",
