@@ -48,6 +48,7 @@ ONNX_ERROR_ATTR = "onnx_error"  # why that export failed (the trial stays COMPLE
 ONNX_SKIPPED_ATTR = "onnx_skipped"  # why no export was made (a one-shot candidate: when it is retrained)
 ESTIMATE_ATTR = "oneshot_estimate"  # True: val_acc/top1/top5 come from the supernet's weights
 RETRAIN_OF_ATTR = "retrain_of"  # number of the one-shot candidate this trial retrained from scratch
+ONESHOT_SCORE_ATTR = "oneshot_score"  # what ranks a one-shot candidate (estimate "loss": exp(-val_loss))
 
 # Trial user attrs of the runners.
 RUNNER_ATTR = "runner"  # local runner: {"kind": "local", "host", "pid"} of the process running it

@@ -12,7 +12,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.config import ObjectiveConfig, SearchConfig
-from search_spaces.keys import CONFIG_ATTR, ESTIMATE_ATTR, RETRAIN_OF_ATTR, SPACE_ATTR
+from search_spaces.keys import CONFIG_ATTR, ESTIMATE_ATTR, ONESHOT_SCORE_ATTR, RETRAIN_OF_ATTR, SPACE_ATTR
 from search_spaces.loading import load_space
 from search_spaces.space import SearchSpace
 from search_spaces.storage import as_storage
@@ -194,9 +194,31 @@ def _latency_ms(metrics: dict[str, Any]) -> float:
     raise ValueError("trial metrics have no latency (latency_ms or latency.median_ms)")
 
 
+def oneshot_score(result_metrics: dict[str, Any], cfg: SearchConfig) -> float | None:
+    """What ranks a one-shot candidate under `oneshot.estimate` "loss": exp(-validation cross-entropy)
+    on the supernet's weights, the geometric mean of the probability it gives the true class (in
+    (0, 1], ordered as the loss). None for other trials (standalone, retrained: no `val_loss`) and
+    under estimate "accuracy", which rank by `val_acc`."""
+    loss = result_metrics.get("val_loss")
+    if cfg.strategy != "oneshot" or cfg.oneshot.estimate != "loss" or loss is None:
+        return None
+    if not math.isfinite(float(loss)):
+        raise ValueError(f"trial metrics have no finite validation loss (val_loss={loss!r})")
+    return math.exp(-float(loss))
+
+
+def ranked_accuracy(trial: FrozenTrial) -> float:
+    """The accuracy figure a trial is ranked by (Pareto front, best, finalists): a one-shot
+    candidate's `oneshot_score` where it has one, else its validation accuracy."""
+    score = trial.user_attrs.get(ONESHOT_SCORE_ATTR)
+    return float(score if score is not None else trial.user_attrs["val_acc"])
+
+
 def objective_values(result_metrics: dict[str, Any], cfg: SearchConfig) -> list[float]:
-    """Objective values to tell: pareto -> [val_acc, latency_ms]; score -> [score]."""
-    acc = result_metrics.get("val_acc")
+    """Objective values to tell: pareto -> [val_acc, latency_ms]; score -> [score]. A one-shot
+    candidate's accuracy objective is its oneshot_score where it has one (oneshot.estimate)."""
+    score = oneshot_score(result_metrics, cfg)
+    acc = result_metrics.get("val_acc") if score is None else score
     if acc is None or not math.isfinite(float(acc)):
         raise ValueError(f"trial metrics have no finite validation accuracy (val_acc={acc!r})")
     latency = _latency_ms(result_metrics)
@@ -211,19 +233,20 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials not dominated in (validation accuracy up, median latency down), by latency."""
+    """Complete trials not dominated in (validation accuracy up, median latency down), by latency.
+    The accuracy is ranked_accuracy's (a one-shot candidate's oneshot_score where it has one)."""
     trials = _complete(study)
     front = []
     for t in trials:
-        acc, lat = t.user_attrs["val_acc"], t.user_attrs["latency_ms"]
+        acc, lat = ranked_accuracy(t), t.user_attrs["latency_ms"]
         dominated = any(
-            (o.user_attrs["val_acc"] >= acc and o.user_attrs["latency_ms"] <= lat)
-            and (o.user_attrs["val_acc"] > acc or o.user_attrs["latency_ms"] < lat)
+            (ranked_accuracy(o) >= acc and o.user_attrs["latency_ms"] <= lat)
+            and (ranked_accuracy(o) > acc or o.user_attrs["latency_ms"] < lat)
             for o in trials
         )
         if not dominated:
             front.append(t)
-    return sorted(front, key=lambda t: (t.user_attrs["latency_ms"], -t.user_attrs["val_acc"], t.number))
+    return sorted(front, key=lambda t: (t.user_attrs["latency_ms"], -ranked_accuracy(t), t.number))
 
 
 def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
@@ -232,7 +255,8 @@ def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
 
     `trial_number`: that trial (it must be complete). Otherwise among the complete trials whose
     median latency is within `latency_budget_ms` (default: the study's objective budget, if any):
-    pareto studies -> the highest validation accuracy, ties to the lower latency, then the lower
+    pareto studies -> the highest validation accuracy (a one-shot candidate: its oneshot_score where
+    it has one, as every ranking here), ties to the lower latency, then the lower
     trial number; score studies -> the highest score, ties likewise. A oneshot study chooses among
     its retrained candidates (user attr `retrain_of`) when any qualifies: their accuracies are
     measured, the others' are supernet estimates. LookupError when none qualifies.
@@ -267,14 +291,14 @@ def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
                           f"{counts['fail']} failed)")
 
     def key(t: FrozenTrial) -> tuple[float, float, int]:
-        primary = t.values[0] if kind == "score" and t.values else t.user_attrs["val_acc"]
+        primary = t.values[0] if kind == "score" and t.values else ranked_accuracy(t)
         return (-primary, t.user_attrs["latency_ms"], t.number)
 
     return min(trials, key=key)
 
 
 #: The figures of a oneshot candidate that come from the supernet's weights (estimates).
-ESTIMATED_METRICS = ("val_acc", "top1", "top5", "val_curve")
+ESTIMATED_METRICS = ("val_acc", "top1", "top5", "val_curve", "val_loss", ONESHOT_SCORE_ATTR)
 
 
 def estimated_metrics(attrs: dict[str, Any]) -> list[str]:

@@ -78,6 +78,7 @@ class TrialResult:
     feasible: bool
     val_curve: list[float] = field(default_factory=list)
     val_acc: float | None = None
+    val_loss: float | None = None  # validation cross-entropy, where the fit measured it (one-shot)
     top1: float | None = None
     top5: float | None = None
     epochs: int = 0
@@ -95,6 +96,7 @@ class TrialResult:
             "feasible": self.feasible,
             "val_curve": list(self.val_curve),
             "val_acc": self.val_acc,
+            "val_loss": self.val_loss,
             "top1": self.top1,
             "top5": self.top5,
             "epochs": self.epochs,
@@ -239,6 +241,7 @@ def evaluate_spec(
     model.to("cpu").eval()
     result.val_curve = report.val_curve
     result.val_acc = report.val_curve[-1] if report.val_curve else None
+    result.val_loss = report.val_loss
     result.top1 = accuracy[1]
     result.top5 = accuracy[5]
     result.epochs = report.epochs

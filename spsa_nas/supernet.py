@@ -39,6 +39,7 @@ from spsa_nas.train import (
     Cancelled,
     NonFiniteLossError,
     evaluate_accuracy,
+    evaluate_loss_and_accuracy,
     lr_at,
     make_loader,
     make_optimizer,
@@ -430,13 +431,13 @@ def _agreed(flag: bool, wrapped: nn.Module | None) -> bool:
 
 def evaluate_path(supernet: Supernet, spec: ArchSpec, train_set: Dataset, val_set: Dataset,
                   device: str | torch.device, *, bn_batches: int, batch_size: int,
-                  seed: int = 0) -> tuple[nn.Module, float]:
+                  seed: int = 0) -> tuple[nn.Module, float, float]:
     """The standalone model of `spec` with the supernet's weights, its BN recalibrated on
-    `bn_batches` training batches, and its validation accuracy."""
+    `bn_batches` training batches, its validation accuracy and its validation cross-entropy."""
     model = supernet.extract(spec).to(device)
     recalibrate_bn(model, train_set, device, batches=bn_batches, batch_size=batch_size, seed=seed)
-    acc = evaluate_accuracy(model, val_set, device, topk=(1,), batch_size=max(batch_size, 256))[1]
-    return model, float(acc or 0.0)
+    acc, loss = evaluate_loss_and_accuracy(model, val_set, device, batch_size=max(batch_size, 256))
+    return model, acc, loss
 
 
 __all__ = [

@@ -27,12 +27,14 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainReport:
-    """What a training run did: validation accuracy after each epoch, steps and wall time."""
+    """What a training run did: validation accuracy after each epoch, steps and wall time, and the
+    final validation cross-entropy where the fit measured it (a one-shot candidate's)."""
 
     val_curve: list[float] = field(default_factory=list)
     epochs: int = 0
     steps: int = 0
     seconds: float = 0.0
+    val_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,22 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.de
     A top-k with k >= the number of classes says nothing (it is always 1), so it is None.
     The model runs in eval mode on `device`; its training flags are restored afterwards.
     """
+    return _evaluate(model, dataset, device, topk, batch_size, channels_last, num_workers)[0]
+
+
+def evaluate_loss_and_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.device,
+                               batch_size: int = 256) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of `model` on `dataset`, in one pass (eval mode; the
+    training flags are restored). The loss ranks one-shot candidates far better than the accuracy,
+    which ties and saturates on shared weights (docs/search.md)."""
+    accuracy, loss = _evaluate(model, dataset, device, (1,), batch_size, False, 0)
+    return float(accuracy[1] or 0.0), loss
+
+
+def _evaluate(model: nn.Module, dataset: Dataset, device: str | torch.device, topk: Sequence[int],
+              batch_size: int, channels_last: bool, num_workers: int
+              ) -> tuple[dict[int, float | None], float]:
+    """Top-k accuracies keyed by k (None for k >= classes) and the mean cross-entropy."""
     dev = torch.device(device)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("evaluate_accuracy: the dataset is empty")
@@ -123,6 +141,7 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.de
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, device=dev)
     correct = dict.fromkeys(topk, 0)
     total = 0
+    loss = 0.0
     num_classes = 0
     model.eval()
     try:
@@ -130,6 +149,7 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.de
             for images, labels in _batches(loader, dev, channels_last):
                 logits = model(images).float()
                 num_classes = logits.shape[1]
+                loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 ranked = logits.topk(min(max(topk), num_classes), dim=1).indices
                 hits = ranked == labels.unsqueeze(1)
                 for k in topk:
@@ -138,7 +158,7 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.de
     finally:
         for module, training in modes.items():
             module.training = training
-    return {k: (correct[k] / total if k < num_classes else None) for k in topk}
+    return {k: (correct[k] / total if k < num_classes else None) for k in topk}, loss / total
 
 
 def train_model(

@@ -48,7 +48,7 @@ from search_spaces.keys import (
 )
 from search_spaces.space import AlphaRange, SearchSpace
 from search_spaces.storage import open_storage
-from search_spaces.study import pareto_front
+from search_spaces.study import pareto_front, ranked_accuracy
 from search_spaces.suggest import resolve_io
 from spsa_nas.data import Splits, dataset_in_channels, dataset_num_classes, load_data
 from spsa_nas.evaluate import EvalHooks
@@ -62,7 +62,7 @@ from spsa_nas.supernet import (
     recalibrate_bn,
     train_supernet,
 )
-from spsa_nas.train import TrainReport, evaluate_accuracy
+from spsa_nas.train import TrainReport, evaluate_loss_and_accuracy
 from workers.trial import run_trial
 
 PHASES = ("supernet", "candidates", "retrain", "done")
@@ -393,10 +393,10 @@ def path_fit(supernet_for: Callable[[ArchSpec], Supernet], cfg: SearchConfig) ->
         model.load_state_dict(weights, strict=True)
         recalibrate_bn(model, splits.train, device, batches=cfg.oneshot.bn_batches,
                        batch_size=cfg.train.batch_size, seed=cfg.train.seed)
-        acc = evaluate_accuracy(model, splits.val, device, topk=(1,),
-                                batch_size=max(cfg.train.batch_size, 256))[1]
-        return TrainReport(val_curve=[float(acc or 0.0)], epochs=0, steps=cfg.oneshot.bn_batches,
-                           seconds=time.perf_counter() - start)
+        acc, loss = evaluate_loss_and_accuracy(model, splits.val, device,
+                                               batch_size=max(cfg.train.batch_size, 256))
+        return TrainReport(val_curve=[acc], epochs=0, steps=cfg.oneshot.bn_batches,
+                           seconds=time.perf_counter() - start, val_loss=loss)
 
     return fit
 
@@ -432,7 +432,8 @@ def oneshot_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: Any) -> None
 
 def retrain_choice(study: optuna.Study, cfg: SearchConfig) -> list[FrozenTrial]:
     """The candidates to retrain: the Pareto front of the one-shot estimates (score objective: the
-    best scores), the highest estimated accuracy first, filled up by accuracy to retrain_top_k."""
+    best scores), the highest estimate first (ranked_accuracy: the oneshot_score where there is
+    one), filled up by the same order to retrain_top_k."""
     candidates = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                   if t.user_attrs.get(ESTIMATE_ATTR) and t.user_attrs.get("val_acc") is not None]
     budget = cfg.objective.latency_budget_ms
@@ -440,7 +441,7 @@ def retrain_choice(study: optuna.Study, cfg: SearchConfig) -> list[FrozenTrial]:
         candidates = [t for t in candidates if t.user_attrs["latency_ms"] <= budget]
 
     def rank(t: FrozenTrial) -> tuple[float, float, int]:
-        primary = t.values[0] if cfg.objective.kind == "score" else t.user_attrs["val_acc"]
+        primary = t.values[0] if cfg.objective.kind == "score" else ranked_accuracy(t)
         return (-primary, t.user_attrs["latency_ms"], t.number)
 
     numbers = {t.number for t in candidates}
@@ -570,7 +571,8 @@ class OneshotPhases:
             chosen = retrain_choice(self.study, self.cfg)
             for trial in chosen:  # the retrained trial carries the estimate it is compared with
                 attrs = {RETRAIN_OF_ATTR: trial.number, "oneshot_val_acc": trial.user_attrs.get("val_acc"),
-                         "oneshot_top1": trial.user_attrs.get("top1")}
+                         "oneshot_top1": trial.user_attrs.get("top1"),
+                         "oneshot_val_loss": trial.user_attrs.get("val_loss")}
                 self.study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
             self.study.set_user_attr(RETRAIN_ATTR, [t.number for t in chosen])
             if chosen:

@@ -52,7 +52,8 @@ from workers.lease import Heartbeat, LeaseTracker
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-RETRAIN_CARRIED = (RETRAIN_OF_ATTR, "oneshot_val_acc", "oneshot_top1")  # attrs a retry keeps
+# attrs a retry of a retraining keeps
+RETRAIN_CARRIED = (RETRAIN_OF_ATTR, "oneshot_val_acc", "oneshot_top1", "oneshot_val_loss")
 MEMORY_ATTR = "memory_exceeded"  # trial user attr: the RSS that passed the limit (MemoryGuard)
 
 

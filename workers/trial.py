@@ -24,6 +24,7 @@ from search_spaces.keys import (
     LATENCY_RATIO_CI_ATTR,
     LATENCY_RUNTIME_ATTR,
     LATENCY_TIME_ATTR,
+    ONESHOT_SCORE_ATTR,
     ONNX_ARTIFACT_ATTR,
     ONNX_ERROR_ATTR,
     ONNX_GRAPH_ATTR,
@@ -33,7 +34,7 @@ from search_spaces.keys import (
     WEIGHTS_ARTIFACT_ATTR,
 )
 from search_spaces.space import SearchSpace
-from search_spaces.study import mnas_score, objective_values
+from search_spaces.study import mnas_score, objective_values, oneshot_score
 from search_spaces.suggest import suggest_arch
 from spsa_nas.config import LatencyConfig
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
@@ -206,6 +207,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
                                           f"{cfg.objective.latency_budget_ms:g} ms")
             return study.tell(trial, state=TrialState.PRUNED)
         values = objective_values(metrics, cfg)
+        score = oneshot_score(metrics, cfg)
+        if score is not None:
+            metrics[ONESHOT_SCORE_ATTR] = score
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"objective values are not finite: {values}")
         if result.model is None:

@@ -39,6 +39,9 @@ METRIC_KEYS = (
     "retrain_of",  # oneshot: the candidate this trial retrained from scratch
     "oneshot_val_acc",  # ... and that candidate's estimates, beside this trial's real figures
     "oneshot_top1",
+    "oneshot_val_loss",
+    "val_loss",  # oneshot: a candidate's validation cross-entropy on the supernet's weights
+    "oneshot_score",  # ... exp(-val_loss): what ranks it under oneshot.estimate "loss"
     "latency_ci_ms",  # the first pass's confidence interval of latency_ms, and its ratio to the reference
     "latency_ratio",
     "latency_ratio_ci",

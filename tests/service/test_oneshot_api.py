@@ -24,7 +24,10 @@ def test_oneshot_fields_are_accepted_and_echoed(service: Service) -> None:
     config = service.client.get(search["links"]["self"], headers=alice).json()["config"]
     assert config["strategy"] == "oneshot" and config["retrain_top_k"] == 2
     assert config["oneshot"] == {"epochs": 2, "bn_batches": 4, "workers": 1, "sampling": "uniform",
-                                 "sandwich_paths": 2}
+                                 "sandwich_paths": 2, "estimate": "loss"}
+    by_accuracy = service.submit(alice, strategy="oneshot", oneshot={"estimate": "accuracy"})
+    assert service.client.get(by_accuracy["links"]["self"], headers=alice).json()["config"]["oneshot"][
+        "estimate"] == "accuracy"
     standalone = service.submit(alice)
     assert service.client.get(standalone["links"]["self"], headers=alice).json()["config"]["strategy"] == \
         "standalone"
@@ -35,6 +38,7 @@ def test_oneshot_fields_are_accepted_and_echoed(service: Service) -> None:
     ({"retrain_top_k": -1}, ["body", "retrain_top_k"]),
     ({"oneshot": {"workers": "2"}}, ["body", "oneshot", "workers"]),
     ({"oneshot": {"epoch": 2}}, ["body", "oneshot", "epoch"]),
+    ({"oneshot": {"estimate": "top5"}}, ["body", "oneshot", "estimate"]),
 ])
 def test_bad_oneshot_fields_answer_422_naming_them(service: Service, body: dict, loc: list) -> None:
     alice = service.user()
@@ -67,7 +71,7 @@ def test_progress_shows_the_phase_and_metrics_say_what_is_estimated(service: Ser
         "epoch": 2, "epochs": 2, "done": True, "checkpoint": "secret-artifact-id", "workers": 1,
         "curve": [{"epoch": 1, "train_loss": 2.1, "val_acc": 0.4, "seconds": 3.0}]}})
     first = study.get_trials(deepcopy=False)[0].user_attrs
-    for attrs, values in (({ESTIMATE_ATTR: True}, (0.9, 1.5)),
+    for attrs, values in (({ESTIMATE_ATTR: True, "val_loss": 1.25, "oneshot_score": 0.2865}, (0.9, 1.5)),
                           ({ESTIMATE_ATTR: False, RETRAIN_OF_ATTR: 2, "oneshot_val_acc": 0.9}, (0.7, 1.5))):
         trial = study.ask()  # a candidate and its retraining, as the oneshot worker tells them
         trial.suggest_categorical("width", [0.25, 0.5])
@@ -84,9 +88,10 @@ def test_progress_shows_the_phase_and_metrics_say_what_is_estimated(service: Ser
     listed = service.client.get(search["links"]["trials"], headers=alice).json()["data"]
     by_number = {t["number"]: t["metrics"] for t in listed}
     assert "estimated" not in by_number[0]  # a trial without the attr (standalone): nothing is estimated
-    assert by_number[2]["estimated"] == ["val_acc", "top1", "top5", "val_curve"]
+    assert by_number[2]["estimated"] == ["val_acc", "top1", "top5", "val_curve", "val_loss", "oneshot_score"]
     assert by_number[3]["estimated"] == [] and by_number[3]["retrain_of"] == 2
     assert by_number[3]["oneshot_val_acc"] == 0.9
+    assert by_number[2]["val_loss"] == 1.25 and by_number[2]["oneshot_score"] == 0.2865  # what ranks it
     best = service.client.get(f"{search['links']['self']}/best", headers=alice).json()
     assert best["trial"] == 3  # the retrained one, though candidate 2's estimate is higher
     assert best["metrics"]["estimated"] == [] and best["metrics"]["retrain_of"] == 2

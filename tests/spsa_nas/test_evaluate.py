@@ -21,8 +21,8 @@ from spsa_nas.spec import ArchSpec, StageSpec
 from spsa_nas.train import evaluate_accuracy
 
 # the trial user attrs of docs/CONTRACTS.md that a TrialResult fills
-METRIC_KEYS = {"params", "flops", "latency", "latency_ms", "feasible", "val_curve", "val_acc", "top1",
-               "top5", "epochs", "train_seconds", "device", "spec"}
+METRIC_KEYS = {"params", "flops", "latency", "latency_ms", "feasible", "val_curve", "val_acc", "val_loss",
+               "top1", "top5", "epochs", "train_seconds", "device", "spec"}
 FAST_LATENCY = LatencyConfig(warmup=1, repeats=3, threads=1, protocol="simple")  # the quick protocol
 SYNTHETIC = DataConfig(name="synthetic", synthetic_samples=96, synthetic_classes=4, synthetic_size=16)
 
@@ -91,6 +91,7 @@ def test_digits_end_to_end() -> None:
     assert evaluate_accuracy(model, splits.test, "cpu")[1] == result.top1
     metrics = json.loads(json.dumps(result.metrics()))
     assert set(metrics) == METRIC_KEYS
+    assert metrics["val_loss"] is None  # trained standalone: only a one-shot fit measures it
     assert metrics["latency_ms"] == result.latency.median_ms
     assert metrics["spec"] == spec.model_dump(mode="json")
     assert ArchSpec.model_validate(metrics["spec"]) == spec

@@ -17,6 +17,7 @@ from spsa_nas.train import (
     NonFiniteLossError,
     choose_precision,
     evaluate_accuracy,
+    evaluate_loss_and_accuracy,
     lr_at,
     make_optimizer,
     train_model,
@@ -172,6 +173,19 @@ def test_evaluate_accuracy_counts_exactly() -> None:
     assert few[5] is None and few[1] == 0.75
     with pytest.raises(ValueError, match="empty"):
         evaluate_accuracy(nn.Flatten(), TensorDataset(logits[:0], labels[:0]), "cpu")
+
+
+def test_loss_and_accuracy_in_one_pass_are_exact() -> None:
+    # the "images" are the logits: accuracy and mean cross-entropy are known by construction
+    logits = torch.tensor([[4.0, 0, 0], [0, 1, 0], [2, 0, 3], [0, 0, 0], [1, 5, 0]])
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    model = nn.Sequential(nn.Flatten(), nn.Dropout(0.9))
+    model.train()
+    acc, loss = evaluate_loss_and_accuracy(model, TensorDataset(logits, labels), "cpu", batch_size=2)
+    assert acc == pytest.approx(3 / 5)  # rows 0, 1, 4 (row 3's tie goes to class 0)
+    assert loss == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+    assert model.training and model[1].training  # the training flags are restored
+    assert acc == evaluate_accuracy(model, TensorDataset(logits, labels), "cpu", topk=(1,))[1]
 
 
 def test_loader_workers_give_the_same_training(synthetic: tuple) -> None:

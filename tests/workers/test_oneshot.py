@@ -3,6 +3,7 @@ its weights, retraining, the best choice, and resumption after the process was k
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import subprocess
@@ -134,6 +135,16 @@ def _check_oneshot_study(study: optuna.Study, artifacts: Path, cfg: SearchConfig
     assert attrs[RETRAIN_ATTR] == [source.number]
     assert retrain.params == source.params and retrain.user_attrs["spec"] == source.user_attrs["spec"]
     assert retrain.user_attrs["oneshot_val_acc"] == source.user_attrs["val_acc"]
+    assert retrain.user_attrs["oneshot_val_loss"] == source.user_attrs["val_loss"]
+    # a candidate is ranked by its validation loss (oneshot.estimate "loss", the default): its accuracy
+    # objective is exp(-val_loss); val_acc stays its top-1 estimate. A retrained trial has neither.
+    assert cfg.oneshot.estimate == "loss"
+    for t in candidates:
+        assert t.user_attrs["val_loss"] > 0 and 0 <= t.user_attrs["val_acc"] <= 1
+        assert t.user_attrs["oneshot_score"] == pytest.approx(math.exp(-t.user_attrs["val_loss"]))
+        assert t.values[0] == t.user_attrs["oneshot_score"]
+    assert "oneshot_score" not in retrain.user_attrs and retrain.user_attrs["val_loss"] is None
+    assert retrain.values[0] == retrain.user_attrs["val_acc"]
     assert retrain.user_attrs[ESTIMATE_ATTR] is False and retrain.user_attrs["epochs"] == cfg.train.epochs
     # candidates are not exported to ONNX (most of their evaluation's cost); the retrained one is
     assert all("onnx_artifact" not in t.user_attrs and "retrained" in t.user_attrs["onnx_skipped"]

@@ -168,8 +168,10 @@ def run_best(args: argparse.Namespace) -> int:
     out.print(describe_spec(a.get("spec") or {}), markup=False, highlight=False)
     labels = _oneshot_labels(trial)
     if labels.get("estimated"):
+        ranked = (f"; ranked by its validation loss {fmt(a.get('val_loss'), '.4f')}"
+                  if a.get("oneshot_score") is not None else "")
         out.print("one-shot estimate: val acc and top1 come from the supernet's weights (no candidate "
-                  "was retrained)", markup=False, highlight=False)
+                  f"was retrained){ranked}", markup=False, highlight=False)
     elif "retrain_of" in labels:
         out.print(f"retrained from scratch from one-shot candidate {labels['retrain_of']} (its estimate: "
                   f"val acc {fmt(labels.get('oneshot_val_acc'))})", markup=False, highlight=False)
@@ -183,7 +185,7 @@ def _oneshot_labels(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     if "oneshot_estimate" not in a:
         return {}
     labels: dict[str, Any] = {"estimated": estimated_metrics(a)}
-    for key in ("retrain_of", "oneshot_val_acc", "oneshot_top1"):
+    for key in ("retrain_of", "oneshot_val_acc", "oneshot_top1", "oneshot_val_loss"):
         if key in a:
             labels[key] = a[key]
     return labels
