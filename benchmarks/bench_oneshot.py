@@ -9,7 +9,11 @@ recalibrated, validation accuracy). Reported as JSON:
 
 - tau: Kendall's tau-b between one-shot and standalone accuracy, with a bootstrap 95 % interval
   over architectures; tau among the standalone top half; whether the one-shot winner is in the
-  standalone top 3;
+  standalone top 3; the same for the one-shot validation loss (`kendall_tau_loss`: -loss, i.e.
+  the candidates' oneshot_score exp(-loss), against standalone accuracy - what a oneshot search
+  ranks by under `oneshot.estimate: loss`, the default);
+- with `--supernets K`, each supernet's tau (accuracy and loss) and the tau between supernets;
+  the estimates are then the mean over the K supernets;
 - the task's spread (SD across architectures of the standalone mean) against its seed noise
   (pooled SD between seeds of the same architecture) and the seed-to-seed tau (the ranking's own
   reproducibility: a ceiling for any estimator's tau);
@@ -84,6 +88,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                         "or sandwich (BigNAS: largest, smallest and --sandwich-paths random)")
     p.add_argument("--sandwich-paths", type=int, default=2,
                    help="sandwich: random paths per step (default 2)")
+    p.add_argument("--supernets", type=int, default=1,
+                   help="supernets trained with seeds --seed, --seed+1, ...: an architecture's estimate "
+                        "is the mean over them (default 1; each one's own tau and the tau between "
+                        "them are reported too)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--cost-candidates", type=int, default=100)
     p.add_argument("--retrain", type=int, default=3, help="retrained finalists in the cost (default 3)")
@@ -170,29 +178,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         standalone.append(accs)
         print(f"standalone {i + 1}/{len(archs)}: {[round(a, 4) for a in accs]}", file=sys.stderr)
 
-    s_train = TrainConfig(epochs=s_epochs, max_steps_per_epoch=s_per_epoch, batch_size=args.batch_size,
-                          lr=args.supernet_lr or args.lr, seed=args.seed)
-    torch.manual_seed(args.seed)
-    supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
-    start = time.perf_counter()
-    curve = train_supernet(supernet, sample, splits.train, splits.val,
-                           SupernetRun(train=s_train, epochs=s_epochs, bn_batches=args.bn_batches,
-                                       probe_paths=1, sampling=args.sampling,
-                                       extremes=sandwich_extremes(space, base, supernet)
-                                       if args.sampling == "sandwich" else None,
-                                       sandwich_paths=args.sandwich_paths), "cpu")
-    supernet_s = time.perf_counter() - start
-    print(f"supernet: {supernet_s:.1f} s, curve {[round(r.val_acc, 3) for r in curve]}", file=sys.stderr)
-    oneshot, eval_s = [], []
-    for spec in archs:
+    supernet_s = 0.0
+    per_supernet: list[list[float]] = []  # [supernet][arch] accuracy estimates
+    per_supernet_loss: list[list[float]] = []  # [supernet][arch] validation cross-entropy
+    eval_s: list[float] = []
+    curves = []
+    for k in range(args.supernets):
+        seed = args.seed + k
+        s_train = TrainConfig(epochs=s_epochs, max_steps_per_epoch=s_per_epoch, batch_size=args.batch_size,
+                              lr=args.supernet_lr or args.lr, seed=seed)
+        torch.manual_seed(seed)
+        supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
         start = time.perf_counter()
-        _, acc = evaluate_path(supernet, spec, splits.train, splits.val, "cpu", bn_batches=args.bn_batches,
-                               batch_size=args.batch_size, seed=args.seed)
-        eval_s.append(time.perf_counter() - start)
-        oneshot.append(acc)
+        curve = train_supernet(supernet, sample, splits.train, splits.val,
+                               SupernetRun(train=s_train, epochs=s_epochs, bn_batches=args.bn_batches,
+                                           probe_paths=1, sampling=args.sampling,
+                                           extremes=sandwich_extremes(space, base, supernet)
+                                           if args.sampling == "sandwich" else None,
+                                           sandwich_paths=args.sandwich_paths), "cpu")
+        supernet_s += time.perf_counter() - start
+        curves.append(curve)
+        print(f"supernet {k}: curve {[round(r.val_acc, 3) for r in curve]}", file=sys.stderr)
+        accs, losses = [], []
+        for spec in archs:
+            start = time.perf_counter()
+            _, acc, loss = evaluate_path(supernet, spec, splits.train, splits.val, "cpu",
+                                         bn_batches=args.bn_batches, batch_size=args.batch_size, seed=seed)
+            eval_s.append(time.perf_counter() - start)
+            accs.append(acc)
+            losses.append(loss)
+        per_supernet.append(accs)
+        per_supernet_loss.append(losses)
+    oneshot = [statistics.fmean(col) for col in zip(*per_supernet, strict=True)]
+    oneshot_loss = [statistics.fmean(col) for col in zip(*per_supernet_loss, strict=True)]
 
     means = [statistics.fmean(a) for a in standalone]
     tau = kendalltau(oneshot, means).statistic
+    neg_loss = [-v for v in oneshot_loss]
+    tau_loss = kendalltau(neg_loss, means).statistic
+    loss_low, loss_high = _tau_interval(neg_loss, means, args.bootstrap, args.seed)
     low, high = _tau_interval(oneshot, means, args.bootstrap, args.seed)
     order = sorted(range(len(archs)), key=lambda i: -means[i])
     top = order[: len(archs) // 2]
@@ -204,11 +228,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.cost_candidates
     passes = {"fair": max(len(c) for c in supernet.choices),  # paths a step
               "sandwich": 2 + args.sandwich_paths}.get(args.sampling, 1)
-    one_epochs = (passes * s_epochs * s_per_epoch / loader_steps
+    one_epochs = (args.supernets * passes * s_epochs * s_per_epoch / loader_steps
                   + args.retrain * epochs * per_epoch / loader_steps)
     alone_epochs = n * epochs * per_epoch / loader_steps
     mean_alone_s = statistics.fmean(standalone_s)
-    one_wall = supernet_s + n * statistics.fmean(eval_s) + args.retrain * mean_alone_s
+    one_wall = supernet_s + n * args.supernets * statistics.fmean(eval_s) + args.retrain * mean_alone_s
     result = {
         "benchmark": "oneshot",
         "task": task,
@@ -224,13 +248,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kendall_tau_ci95": [low, high],
         "kendall_tau_top_half": tau_top,
         "oneshot_winner_in_standalone_top3": winner in order[:3],
+        "supernets": args.supernets,
+        "kendall_tau_per_supernet": [kendalltau(e, means).statistic for e in per_supernet],
+        "tau_between_supernets": [kendalltau(per_supernet[i], per_supernet[j]).statistic
+                                  for i in range(args.supernets) for j in range(i + 1, args.supernets)],
+        "kendall_tau_loss": tau_loss,
+        "kendall_tau_loss_per_supernet": [kendalltau([-v for v in e], means).statistic
+                                          for e in per_supernet_loss],
+        "kendall_tau_loss_ci95": [loss_low, loss_high],
+        "kendall_tau_loss_top_half": kendalltau([neg_loss[i] for i in top],
+                                                [means[i] for i in top]).statistic,
+        "oneshot_loss_winner_in_standalone_top3": max(range(len(archs)), key=lambda i: neg_loss[i])
+        in order[:3],
         "standalone_spread_sd": statistics.stdev(means),
         "standalone_seed_noise_sd": noise,
         "spread_over_noise": statistics.stdev(means) / noise if noise else None,
         "seed_to_seed_tau": seed_tau,
         "standalone_range": [min(means), max(means)],
         "oneshot_range": [min(oneshot), max(oneshot)],
-        "supernet_curve": [r.to_dict() for r in curve],
+        "supernet_curve": [r.to_dict() for r in curves[0]],
+        "supernet_curves": [[r.to_dict() for r in c] for c in curves],
         "cost": {
             "candidates": n, "retrained": args.retrain,
             "oneshot_train_epochs": one_epochs, "standalone_train_epochs": alone_epochs,
@@ -240,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "oneshot_wall_s": one_wall, "standalone_wall_s": n * mean_alone_s,
             "wall_ratio": n * mean_alone_s / one_wall,
         },
-        "pairs": [{"spec": s, "oneshot": o, "standalone": a}
-                  for s, o, a in zip(specs_json, oneshot, standalone, strict=True)],
+        "pairs": [{"spec": s, "oneshot": o, "oneshot_loss": lo, "standalone": a}
+                  for s, o, lo, a in zip(specs_json, oneshot, oneshot_loss, standalone, strict=True)],
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "torch_threads": args.threads,
