@@ -25,6 +25,19 @@ code path. Latency is measured for real once per distinct architecture (as a can
 kept in the eval cache. The JSON then also gives bootstrap 95 % intervals over seeds of each
 sampler's mean final hypervolume and of its ratio to the baseline, and the spread of the
 oracle's accuracies across the distinct architectures.
+
+With the interleaved protocol (the default) the latency objective is what a search scores: the
+ratio to the reference measured alongside, times one anchor for the whole run (the first
+reference time) - not the raw time, which moves with the machine's load between architectures
+measured minutes apart (`--latency-figure median` for the raw time). `--dataset synthetic` is
+the gratings task of bench_oneshot.py (`--samples`, `--classes`; `--val-fraction 0.3` there),
+where architectures' accuracies spread far more than on digits:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search_quality.py --oracle oneshot \
+        --dataset synthetic --val-fraction 0.3 --train-subset 1 --epochs 1 --trials 40 --seeds 20 \
+        --samplers auto,tpe,random --latency-blocks 4 --latency-max-time-s 0.3 \
+        --latency-max-warmup-s 0.5 --supernet-cache runs/sq_gratings_supernets.pt \
+        --eval-cache runs/sq_gratings_evals.json --out runs/sq_gratings.json
 """
 
 from __future__ import annotations
@@ -115,9 +128,9 @@ class Evaluator:
     """Evaluates each distinct spec once; counts real evaluations and their time."""
 
     def __init__(self, data: DataConfig, train: TrainConfig, latency: LatencyConfig,
-                 cache_file: Path | None, fit: Fit | None = None, oracle: dict[str, Any] | None = None
-                 ) -> None:
-        self.data, self.train, self.latency = data, train, latency
+                 cache_file: Path | None, fit: Fit | None = None, oracle: dict[str, Any] | None = None,
+                 figure: str = "median") -> None:
+        self.data, self.train, self.latency, self.figure = data, train, latency, figure
         self.cache_file, self.fit = cache_file, fit
         self.results: dict[str, dict[str, float]] = {}
         context: list[Any] = [data.model_dump(mode="json"), train.model_dump(mode="json"),
@@ -143,12 +156,35 @@ class Evaluator:
             self.evaluations += 1
             self.results[spec_json] = {"val_acc": float(result.val_acc or 0.0),
                                        "latency_ms": result.latency.median_ms,
+                                       "latency_ratio": result.latency.ratio,
+                                       "reference_ms": result.latency.reference_ms,
                                        "top1": float(result.top1 or 0.0),
                                        "seconds": time.perf_counter() - start}
             if self.cache_file is not None:
                 self.cache_file.parent.mkdir(parents=True, exist_ok=True)
                 self.cache_file.write_text(json.dumps({"context": self.context, "results": self.results}))
-        return self.results[spec_json]
+        return {**self.results[spec_json], "latency_ms": self.latency_figure(spec_json)}
+
+    def anchor_ms(self) -> float:
+        """The reference time a ratio is scaled by: the first reference measured for this cache (one
+        fixed anchor for the whole run, as a study's)."""
+        for result in self.results.values():
+            if result.get("reference_ms"):
+                return float(result["reference_ms"])
+        raise RuntimeError("no reference time was measured: --latency-figure ratio needs the "
+                           "interleaved protocol with a reference (LatencyConfig.reference_width)")
+
+    def latency_figure(self, spec_json: str) -> float:
+        """The latency objective of an evaluated spec: its raw median, or (figure "ratio") its
+        interleaved ratio to the reference times the run's anchor - the figure a search scores,
+        which does not move with the machine's load as the raw time does."""
+        result = self.results[spec_json]
+        if self.figure == "median":
+            return float(result["latency_ms"])
+        if result.get("latency_ratio") is None:
+            raise RuntimeError(f"{spec_json[:60]}...: its cached latency has no ratio (measured with the "
+                               "simple protocol?); use --latency-figure median or a fresh --eval-cache")
+        return float(result["latency_ratio"]) * self.anchor_ms()
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -255,7 +291,13 @@ def run_sampler(sampler: str, seed: int, args: argparse.Namespace, evaluate: Eva
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="quick")
-    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--dataset", default="digits",
+                        help="digits (default), synthetic (the gratings task of bench_oneshot.py with "
+                             "--samples/--classes), or any dataset name DataConfig accepts")
+    parser.add_argument("--samples", type=int, default=4000, help="synthetic: images in all (default 4000)")
+    parser.add_argument("--classes", type=int, default=32, help="synthetic: classes (default 32)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="validation share (default DataConfig's, 0.15)")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--samplers", default="auto,random", help="comma-separated; the last is the "
@@ -264,6 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-subset", type=float, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--latency-blocks", type=int, default=None,
+                        help="interleaved: timed blocks per model (default LatencyConfig's, 12)")
+    parser.add_argument("--latency-max-time-s", type=float, default=None,
+                        help="interleaved: time budget of the timed blocks (default LatencyConfig's)")
+    parser.add_argument("--latency-max-warmup-s", type=float, default=None,
+                        help="interleaved: warm-up budget per model (default LatencyConfig's, 5 s)")
+    parser.add_argument("--latency-figure", choices=["ratio", "median"], default=None,
+                        help="what the latency objective is: the interleaved ratio to the reference "
+                             "measured alongside, times the run's first reference time (what a search "
+                             "scores; default with --latency-protocol interleaved), or the raw median")
     parser.add_argument("--latency-protocol", choices=["interleaved", "simple"], default="interleaved",
                         help="LatencyConfig.protocol (default interleaved, a trial's; simple: "
                              "--latency-repeats timed calls after 3 warm-up calls, much cheaper)")
@@ -282,20 +334,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernet-cache", type=Path, default=None,
                         help="oneshot: keep the trained supernets' weights in this file")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (over seeds)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     load_before = os.getloadavg()
 
-    data = DataConfig(name=args.dataset, train_subset=args.train_subset)
+    if args.latency_figure == "ratio" and args.latency_protocol != "interleaved":
+        parser.error("--latency-figure ratio needs --latency-protocol interleaved (only it measures a "
+                     "reference alongside)")
+    figure = args.latency_figure or ("ratio" if args.latency_protocol == "interleaved" else "median")
+    data = DataConfig(name=args.dataset, train_subset=args.train_subset,
+                      **({"synthetic_samples": args.samples, "synthetic_classes": args.classes}
+                         if args.dataset == "synthetic" else {}),
+                      **({"val_fraction": args.val_fraction} if args.val_fraction is not None else {}))
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size)
     latency = LatencyConfig(repeats=args.latency_repeats, warmup=3, threads=args.threads,
-                            protocol=args.latency_protocol)
+                            protocol=args.latency_protocol,
+                            **({"blocks": args.latency_blocks} if args.latency_blocks else {}),
+                            **({"max_time_s": args.latency_max_time_s} if args.latency_max_time_s else {}),
+                            **({"max_warmup_s": args.latency_max_warmup_s}
+                               if args.latency_max_warmup_s is not None else {}))
     oracle: dict[str, Any] | None = None
     fit = None
     if args.oracle == "oneshot":
         fit, oracle = oneshot_oracle(args, data, train)
-    evaluate = Evaluator(data, train, latency, args.eval_cache, fit=fit,
+    evaluate = Evaluator(data, train, latency, args.eval_cache, fit=fit, figure=figure,
                          oracle=None if oracle is None else
                          {k: v["digest"] for k, v in oracle["supernets"].items()} | {"bn": args.bn_batches})
     samplers = args.samplers.split(",")
@@ -347,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                  if oracle is None else "one-shot oracle (each distinct architecture's accuracy its "
                  "one-shot estimate; latency measured once per run)"),
         "oracle": oracle,
-        "space": args.space, "dataset": args.dataset, "trials": args.trials, "seeds": args.seeds,
+        "space": args.space, "dataset": data.model_dump(mode="json"), "trials": args.trials,
+        "seeds": args.seeds,
         "epochs": args.epochs, "train_subset": args.train_subset,
         "reference_point": {"val_acc": 0.0, "latency_ms": round(ref, 4)},
         "samplers": summary,
@@ -357,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         "trials_total": args.trials * args.seeds * len(samplers),
         "distinct_architectures_used": len(evaluate.used),
         "val_acc_spread": spread([evaluate.results[k]["val_acc"] for k in evaluate.used]),
-        "latency_ms_spread": spread([evaluate.results[k]["latency_ms"] for k in evaluate.used]),
-        "latency": {"protocol": args.latency_protocol, "repeats": args.latency_repeats, "warmup": 3},
+        "latency_ms_spread": spread([evaluate.latency_figure(k) for k in evaluate.used]),
+        "latency": {"protocol": args.latency_protocol, "repeats": args.latency_repeats, "warmup": 3,
+                    "blocks": latency.blocks, "max_time_s": latency.max_time_s,
+                    "max_warmup_s": latency.max_warmup_s, "figure": figure,
+                    "anchor_ms": round(evaluate.anchor_ms(), 4) if figure == "ratio" else None},
         # one real trial = build, measure latency, train, validate, test (cached ones: as measured)
         "real_trials_per_minute": trials_per_minute(evaluate),
         "wall_s": round(wall, 1),
@@ -367,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": os.getloadavg(),
         "torch": torch.__version__,
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     return 0
 
 

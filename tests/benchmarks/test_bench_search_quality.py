@@ -84,3 +84,38 @@ def test_oneshot_oracle_trains_caches_and_evaluates(bench: ModuleType, tmp_path:
     assert evaluate.evaluations == 1
     evaluate(spec.model_dump_json(), spec)  # the eval cache: not evaluated again
     assert evaluate.evaluations == 1
+
+    # the figure a search scores: the interleaved ratio times the run's anchor (the first reference)
+    key = spec.model_dump_json()
+    raw = evaluate.results[key]
+    assert raw["latency_ratio"] is not None and raw["reference_ms"] is not None
+    scored = bench.Evaluator(data, train, latency, tmp_path / "evals.json", fit=fit, oracle={"k": 1},
+                             figure="ratio")
+    got = scored(key, spec)
+    assert scored.evaluations == 0  # taken from the eval cache
+    assert got["latency_ms"] == pytest.approx(raw["latency_ratio"] * raw["reference_ms"])
+    assert scored.latency_figure(key) == pytest.approx(got["latency_ms"])
+
+
+def test_ratio_figure_refuses_a_latency_without_ratio(bench: ModuleType, tmp_path: Path) -> None:
+    from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+
+    evaluate = bench.Evaluator(DataConfig(name="digits"), TrainConfig(), LatencyConfig(protocol="simple"),
+                               None, figure="ratio")
+    evaluate.results["a"] = {"val_acc": 0.5, "latency_ms": 3.0, "latency_ratio": None, "reference_ms": None}
+    with pytest.raises(RuntimeError, match="no reference time was measured"):
+        evaluate.anchor_ms()
+    evaluate.results["b"] = {"val_acc": 0.5, "latency_ms": 3.0, "latency_ratio": 0.5, "reference_ms": 4.0}
+    assert evaluate.latency_figure("b") == pytest.approx(2.0)
+    with pytest.raises(RuntimeError, match="has no ratio"):
+        evaluate.latency_figure("a")
+    evaluate.figure = "median"
+    assert evaluate.latency_figure("a") == pytest.approx(3.0)
+
+
+def test_ratio_figure_needs_the_interleaved_protocol(bench: ModuleType, capsys: pytest.CaptureFixture[str]
+                                                     ) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--latency-protocol", "simple", "--latency-figure", "ratio"])
+    assert exc.value.code == 2
+    assert "--latency-figure ratio needs --latency-protocol interleaved" in capsys.readouterr().err
