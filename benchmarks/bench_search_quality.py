@@ -35,9 +35,12 @@ where architectures' accuracies spread far more than on digits:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search_quality.py --oracle oneshot \
         --dataset synthetic --val-fraction 0.3 --train-subset 1 --epochs 1 --trials 40 --seeds 20 \
-        --samplers auto,tpe,random --latency-blocks 4 --latency-max-time-s 0.3 \
+        --samplers auto,random --latency-blocks 4 --latency-max-time-s 0.3 \
         --latency-max-warmup-s 0.5 --supernet-cache runs/sq_gratings_supernets.pt \
-        --eval-cache runs/sq_gratings_evals.json --out runs/sq_gratings.json
+        --eval-cache runs/sq_gratings_evals_loss.json --out runs/sq_gratings_loss.json
+
+With the oneshot oracle the accuracy objective is, as in a oneshot search, exp(-validation loss)
+(`--estimate loss`, the default) or the top-1 estimate (`--estimate accuracy`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import statistics
@@ -129,8 +133,9 @@ class Evaluator:
 
     def __init__(self, data: DataConfig, train: TrainConfig, latency: LatencyConfig,
                  cache_file: Path | None, fit: Fit | None = None, oracle: dict[str, Any] | None = None,
-                 figure: str = "median") -> None:
+                 figure: str = "median", estimate: str = "accuracy") -> None:
         self.data, self.train, self.latency, self.figure = data, train, latency, figure
+        self.estimate = estimate
         self.cache_file, self.fit = cache_file, fit
         self.results: dict[str, dict[str, float]] = {}
         context: list[Any] = [data.model_dump(mode="json"), train.model_dump(mode="json"),
@@ -155,6 +160,7 @@ class Evaluator:
                                    fit=self.fit)
             self.evaluations += 1
             self.results[spec_json] = {"val_acc": float(result.val_acc or 0.0),
+                                       "val_loss": result.val_loss,
                                        "latency_ms": result.latency.median_ms,
                                        "latency_ratio": result.latency.ratio,
                                        "reference_ms": result.latency.reference_ms,
@@ -163,7 +169,19 @@ class Evaluator:
             if self.cache_file is not None:
                 self.cache_file.parent.mkdir(parents=True, exist_ok=True)
                 self.cache_file.write_text(json.dumps({"context": self.context, "results": self.results}))
-        return {**self.results[spec_json], "latency_ms": self.latency_figure(spec_json)}
+        return {**self.results[spec_json], "val_acc": self.accuracy_figure(spec_json),
+                "latency_ms": self.latency_figure(spec_json)}
+
+    def accuracy_figure(self, spec_json: str) -> float:
+        """The accuracy objective of an evaluated spec: its top-1 accuracy, or (one-shot oracle with
+        estimate "loss", the oneshot strategy's default) exp(-validation loss), its oneshot_score."""
+        result = self.results[spec_json]
+        if self.estimate == "accuracy":
+            return float(result["val_acc"])
+        if result.get("val_loss") is None:
+            raise RuntimeError(f"{spec_json[:60]}...: its cached evaluation has no validation loss; "
+                               "use --estimate accuracy or a fresh --eval-cache")
+        return math.exp(-float(result["val_loss"]))
 
     def anchor_ms(self) -> float:
         """The reference time a ratio is scaled by: the first reference measured for this cache (one
@@ -331,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bn-batches", type=int, default=8, help="oneshot: BN recalibration batches")
     parser.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
                         help="oneshot: supernet paths per step (default uniform, the strategy's)")
+    parser.add_argument("--estimate", choices=["loss", "accuracy"], default="loss",
+                        help="oneshot: the accuracy objective - exp(-validation loss) (default, the "
+                             "strategy's oneshot.estimate) or the top-1 estimate")
     parser.add_argument("--supernet-cache", type=Path, default=None,
                         help="oneshot: keep the trained supernets' weights in this file")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (over seeds)")
@@ -359,9 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     fit = None
     if args.oracle == "oneshot":
         fit, oracle = oneshot_oracle(args, data, train)
-    evaluate = Evaluator(data, train, latency, args.eval_cache, fit=fit, figure=figure,
-                         oracle=None if oracle is None else
-                         {k: v["digest"] for k, v in oracle["supernets"].items()} | {"bn": args.bn_batches})
+    estimate = args.estimate if oracle is not None else "accuracy"
+    context = None if oracle is None else ({k: v["digest"] for k, v in oracle["supernets"].items()}
+                                           | {"bn": args.bn_batches}
+                                           # evaluations of the top-1 oracle kept no loss
+                                           | ({"estimate": "loss"} if estimate == "loss" else {}))
+    evaluate = Evaluator(data, train, latency, args.eval_cache, fit=fit, figure=figure, estimate=estimate,
+                         oracle=context)
     samplers = args.samplers.split(",")
     baseline = samplers[-1]
     start = time.perf_counter()
@@ -421,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         "distinct_architectures_evaluated": evaluate.evaluations,
         "trials_total": args.trials * args.seeds * len(samplers),
         "distinct_architectures_used": len(evaluate.used),
-        "val_acc_spread": spread([evaluate.results[k]["val_acc"] for k in evaluate.used]),
+        "val_acc_spread": spread([evaluate.accuracy_figure(k) for k in evaluate.used]),
+        "estimate": estimate,
         "latency_ms_spread": spread([evaluate.latency_figure(k) for k in evaluate.used]),
         "latency": {"protocol": args.latency_protocol, "repeats": args.latency_repeats, "warmup": 3,
                     "blocks": latency.blocks, "max_time_s": latency.max_time_s,

@@ -119,3 +119,19 @@ def test_ratio_figure_needs_the_interleaved_protocol(bench: ModuleType, capsys: 
         bench.main(["--latency-protocol", "simple", "--latency-figure", "ratio"])
     assert exc.value.code == 2
     assert "--latency-figure ratio needs --latency-protocol interleaved" in capsys.readouterr().err
+
+
+def test_the_loss_estimate_is_the_accuracy_objective_of_the_oneshot_oracle(bench: ModuleType) -> None:
+    import math
+
+    from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
+
+    evaluate = bench.Evaluator(DataConfig(name="digits"), TrainConfig(), LatencyConfig(), None,
+                               estimate="loss")
+    evaluate.results["a"] = {"val_acc": 0.9, "val_loss": 0.5, "latency_ms": 3.0}
+    evaluate.results["b"] = {"val_acc": 0.9, "latency_ms": 3.0}  # evaluated by the top-1 oracle
+    assert evaluate.accuracy_figure("a") == pytest.approx(math.exp(-0.5))
+    with pytest.raises(RuntimeError, match="no validation loss"):
+        evaluate.accuracy_figure("b")
+    evaluate.estimate = "accuracy"
+    assert evaluate.accuracy_figure("a") == evaluate.accuracy_figure("b") == 0.9
