@@ -35,7 +35,7 @@ where architectures' accuracies spread far more than on digits:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_search_quality.py --oracle oneshot \
         --dataset synthetic --val-fraction 0.3 --train-subset 1 --epochs 1 --trials 40 --seeds 20 \
-        --samplers auto,random --latency-blocks 4 --latency-max-time-s 0.3 \
+        --samplers auto,nsga2,random --latency-blocks 4 --latency-max-time-s 0.3 \
         --latency-max-warmup-s 0.5 --supernet-cache runs/sq_gratings_supernets.pt \
         --eval-cache runs/sq_gratings_evals_loss.json --out runs/sq_gratings_loss.json
 

@@ -136,3 +136,14 @@ def test_describe_spec_names_nl_gc_and_spsa_switches() -> None:
         {"spsa": True, "spsa_reverse": False, "spsa_similarity": "cosine", "channel_attn": "se"},
         {"spatial_attn": "nonlocal"}, {"spatial_attn": "gc", "channel_attn": "eca"}]}
     assert describe_spec(spec) == "resnet18 w0.25 s1:spsa2h/a0.5 s2:spsa1h/a1/fwd/cos+se s3:nl s4:gc+eca"
+
+
+def test_the_default_sampler_is_grouped_multivariate_tpe() -> None:
+    from search_spaces.study import make_sampler
+
+    # auto = tpe (20-seed search-quality benchmark, docs/search.md); nsga2 stays available
+    auto = make_sampler(SearchConfig(trials=40))
+    assert isinstance(auto, optuna.samplers.TPESampler)
+    assert auto._multivariate and auto._group and auto._constant_liar  # private: no public getters
+    assert isinstance(make_sampler(SearchConfig(trials=40, sampler="nsga2")), optuna.samplers.NSGAIISampler)
+    assert isinstance(make_sampler(SearchConfig(sampler="random")), optuna.samplers.RandomSampler)
