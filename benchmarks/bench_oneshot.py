@@ -110,7 +110,7 @@ def _budget(steps: int, loader_steps: int) -> tuple[int, int]:
     return max(1, round(steps / per_epoch)), per_epoch
 
 
-def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple[float, float]:
+def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple[float | None, float | None]:
     rng = random.Random(seed)
     n, taus = len(x), []
     for _ in range(reps):
@@ -118,8 +118,21 @@ def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple
         tau = kendalltau([x[i] for i in idx], [y[i] for i in idx]).statistic
         if tau == tau:  # NaN when a resample is constant
             taus.append(tau)
+    if not taus:  # every resample constant (e.g. all standalone accuracies 1.0): tau is undefined
+        return None, None
     taus.sort()
     return taus[int(0.025 * len(taus))], taus[int(0.975 * len(taus)) - 1]
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN (an undefined tau: constant accuracies) as None, so the output is JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -283,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "torch_threads": args.threads,
     }
-    text = json.dumps(result, indent=2)
+    text = json.dumps(finite(result), indent=2)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
