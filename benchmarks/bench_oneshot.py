@@ -55,6 +55,7 @@ from scipy.stats import kendalltau
 
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
+from service.searches.results import json_safe
 from spsa_nas.config import DataConfig, TrainConfig
 from spsa_nas.data import load_data
 from spsa_nas.models import build_model
@@ -122,17 +123,6 @@ def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple
         return None, None
     taus.sort()
     return taus[int(0.025 * len(taus))], taus[int(0.975 * len(taus)) - 1]
-
-
-def finite(value: Any) -> Any:
-    """`value` with every NaN (an undefined tau: constant accuracies) as None, so the output is JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -296,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "torch_threads": args.threads,
     }
-    text = json.dumps(finite(result), indent=2)
+    text = json.dumps(json_safe(result), indent=2)
     print(text)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

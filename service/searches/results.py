@@ -59,19 +59,20 @@ def _finite(values: list[float] | None) -> list[float] | None:
     return [v if math.isfinite(v) else None for v in values]  # type: ignore[misc]
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None, in dicts, lists and tuples: valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def trial_metrics(trial: FrozenTrial, *, settings: Settings) -> dict[str, Any]:
     """The trial's metrics; `error` and `reason` without the server's paths (redact_paths)."""
-    metrics = {key: _json_safe(trial.user_attrs[key]) for key in METRIC_KEYS if key in trial.user_attrs}
+    metrics = {key: json_safe(trial.user_attrs[key]) for key in METRIC_KEYS if key in trial.user_attrs}
     for key in ("error", "reason"):
         if isinstance(metrics.get(key), str):
             metrics[key] = redact_paths(metrics[key], settings)
@@ -89,7 +90,7 @@ def _optuna_time(value: datetime | None) -> datetime | None:
 def remeasured_metrics(trial: FrozenTrial, record: dict[str, Any] | None) -> dict[str, Any]:
     """The trial's figures of the finalists' re-measurement together (`record`: the study attr
     FINALISTS_ATTR), as metrics beside the first-pass ones; {} when it was not one of them."""
-    return _json_safe(remeasured_fields(record, trial.number))  # type: ignore[no-any-return]
+    return json_safe(remeasured_fields(record, trial.number))  # type: ignore[no-any-return]
 
 
 def trial_public(
@@ -104,7 +105,7 @@ def trial_public(
         number=trial.number,
         state=trial.state.name,  # type: ignore[arg-type]
         values=_finite(trial.values),
-        params=_json_safe(dict(trial.params)),
+        params=json_safe(dict(trial.params)),
         metrics={**trial_metrics(trial, settings=settings), **remeasured_metrics(trial, record)},
         spec=spec if isinstance(spec, dict) else None,
         has_weights=bool(trial.user_attrs.get("weights_artifact")),
@@ -140,7 +141,7 @@ def _supernet_progress(records: Any) -> dict[str, Any] | None:
     if not isinstance(records, dict):
         return None
     keep = ("epoch", "epochs", "done", "curve", "workers")
-    return {key: {k: _json_safe(v) for k, v in record.items() if k in keep}
+    return {key: {k: json_safe(v) for k, v in record.items() if k in keep}
             for key, record in records.items() if isinstance(record, dict)}
 
 

@@ -32,6 +32,6 @@ def test_tau_interval_of_constant_accuracies_is_undefined(bench: ModuleType) -> 
 
 
 def test_output_has_no_nan(bench: ModuleType) -> None:
-    cleaned = bench.finite({"tau": math.nan, "ci": [math.nan, 0.5], "pairs": [{"x": (1.0, math.nan)}]})
+    cleaned = bench.json_safe({"tau": math.nan, "ci": [math.nan, 0.5], "pairs": [{"x": (1.0, math.nan)}]})
     assert cleaned == {"tau": None, "ci": [None, 0.5], "pairs": [{"x": [1.0, None]}]}
     json.loads(json.dumps(cleaned, allow_nan=False))
