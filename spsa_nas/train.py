@@ -118,7 +118,7 @@ def evaluate_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.de
     A top-k with k >= the number of classes says nothing (it is always 1), so it is None.
     The model runs in eval mode on `device`; its training flags are restored afterwards.
     """
-    return _evaluate(model, dataset, device, topk, batch_size, channels_last, num_workers)[0]
+    return _evaluate(model, dataset, device, topk, batch_size, channels_last, num_workers, loss=False)[0]
 
 
 def evaluate_loss_and_accuracy(model: nn.Module, dataset: Dataset, device: str | torch.device,
@@ -126,14 +126,15 @@ def evaluate_loss_and_accuracy(model: nn.Module, dataset: Dataset, device: str |
     """(top-1 accuracy, mean cross-entropy) of `model` on `dataset`, in one pass (eval mode; the
     training flags are restored). The loss ranks one-shot candidates far better than the accuracy,
     which ties and saturates on shared weights (docs/search.md)."""
-    accuracy, loss = _evaluate(model, dataset, device, (1,), batch_size, False, 0)
-    return float(accuracy[1] or 0.0), loss
+    accuracy, loss = _evaluate(model, dataset, device, (1,), batch_size, False, 0, loss=True)
+    return float(accuracy[1] or 0.0), float(loss or 0.0)
 
 
 def _evaluate(model: nn.Module, dataset: Dataset, device: str | torch.device, topk: Sequence[int],
-              batch_size: int, channels_last: bool, num_workers: int
-              ) -> tuple[dict[int, float | None], float]:
-    """Top-k accuracies keyed by k (None for k >= classes) and the mean cross-entropy."""
+              batch_size: int, channels_last: bool, num_workers: int, *, loss: bool
+              ) -> tuple[dict[int, float | None], float | None]:
+    """Top-k accuracies keyed by k (None for k >= classes) and, with `loss`, the mean cross-entropy
+    (else None: the per-epoch validation of a training does not pay for it)."""
     dev = torch.device(device)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("evaluate_accuracy: the dataset is empty")
@@ -141,7 +142,7 @@ def _evaluate(model: nn.Module, dataset: Dataset, device: str | torch.device, to
     loader = make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, device=dev)
     correct = dict.fromkeys(topk, 0)
     total = 0
-    loss = 0.0
+    loss_sum = 0.0
     num_classes = 0
     model.eval()
     try:
@@ -149,7 +150,8 @@ def _evaluate(model: nn.Module, dataset: Dataset, device: str | torch.device, to
             for images, labels in _batches(loader, dev, channels_last):
                 logits = model(images).float()
                 num_classes = logits.shape[1]
-                loss += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+                if loss:
+                    loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
                 ranked = logits.topk(min(max(topk), num_classes), dim=1).indices
                 hits = ranked == labels.unsqueeze(1)
                 for k in topk:
@@ -158,7 +160,8 @@ def _evaluate(model: nn.Module, dataset: Dataset, device: str | torch.device, to
     finally:
         for module, training in modes.items():
             module.training = training
-    return {k: (correct[k] / total if k < num_classes else None) for k in topk}, loss / total
+    return {k: (correct[k] / total if k < num_classes else None) for k in topk}, (
+        loss_sum / total if loss else None)
 
 
 def train_model(
