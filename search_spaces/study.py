@@ -237,18 +237,10 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
     """Complete trials not dominated in (validation accuracy up, median latency down), by latency.
     The accuracy is ranked_accuracy's (a one-shot candidate's oneshot_score where it has one)."""
-    trials = _complete(study)
-    front = []
-    for t in trials:
-        acc, lat = ranked_accuracy(t), t.user_attrs["latency_ms"]
-        dominated = any(
-            (ranked_accuracy(o) >= acc and o.user_attrs["latency_ms"] <= lat)
-            and (ranked_accuracy(o) > acc or o.user_attrs["latency_ms"] < lat)
-            for o in trials
-        )
-        if not dominated:
-            front.append(t)
-    return sorted(front, key=lambda t: (t.user_attrs["latency_ms"], -ranked_accuracy(t), t.number))
+    points = [(t, ranked_accuracy(t), float(t.user_attrs["latency_ms"])) for t in _complete(study)]
+    front = [(t, acc, lat) for t, acc, lat in points
+             if not any(a >= acc and la <= lat and (a > acc or la < lat) for _, a, la in points)]
+    return [t for t, _, _ in sorted(front, key=lambda p: (p[2], -p[1], p[0].number))]
 
 
 def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
