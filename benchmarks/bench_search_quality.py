@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import statistics
@@ -62,7 +61,7 @@ import torch
 
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
-from search_spaces.study import create_study
+from search_spaces.study import create_study, oneshot_score
 from search_spaces.suggest import suggest_arch
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.data import dataset_in_channels, dataset_num_classes
@@ -176,12 +175,13 @@ class Evaluator:
         """The accuracy objective of an evaluated spec: its top-1 accuracy, or (one-shot oracle with
         estimate "loss", the oneshot strategy's default) exp(-validation loss), its oneshot_score."""
         result = self.results[spec_json]
-        if self.estimate == "accuracy":
-            return float(result["val_acc"])
-        if result.get("val_loss") is None:
+        if self.estimate == "loss" and result.get("val_loss") is None:
             raise RuntimeError(f"{spec_json[:60]}...: its cached evaluation has no validation loss; "
                                "use --estimate accuracy or a fresh --eval-cache")
-        return math.exp(-float(result["val_loss"]))
+        # a oneshot search's accuracy objective under this estimate (search_spaces.study.oneshot_score)
+        score = oneshot_score(result, SearchConfig(strategy="oneshot",
+                                                   oneshot=OneshotConfig(estimate=self.estimate)))
+        return float(result["val_acc"]) if score is None else score
 
     def anchor_ms(self) -> float:
         """The reference time a ratio is scaled by: the first reference measured for this cache (one
