@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 # Study user attrs.
 CONFIG_ATTR = "spsa_nas:config"  # the SearchConfig JSON: the one stored copy of a search's config
 SPACE_ATTR = "spsa_nas:space"  # the resolved search space (workers need no file)
 PHASE_ATTR = "spsa_nas:phase"  # oneshot: supernet, candidates, retrain or done (the search's phase);
 # any search: reseed while its top-k are re-trained with more seeds at the end, then what it was
-SUPERNET_ATTR = "spsa_nas:supernet"  # oneshot: {key: {epoch, curve, checkpoint, done}} per supernet
+SUPERNET_ATTR = "spsa_nas:supernet"  # oneshot, studies before 2026-12: {key: record} of every supernet
+SUPERNET_PREFIX = "spsa_nas:supernet:"  # + a supernet's key ("resnet18@w0.5"): its record {epoch,
+# epochs, curve, checkpoint, done, workers, resumed_from, pid}, one attr each, so that supernets
+# training at once never overwrite each other's (supernet_records reads both forms)
 RETRAIN_ATTR = "spsa_nas:retrain"  # oneshot: the candidate trial numbers enqueued for retraining
 ANCHOR_PREFIX = "spsa_nas:latency_anchor:"  # + a hash of the conditions: the reference's time in the
 # first measurement of the study under them; latency_ms = ratio to the reference x this (docs/latency.md)
@@ -24,6 +30,24 @@ def run_cancel_attr(run_id: str) -> str:
     if not run_id:
         raise ValueError("run_cancel_attr needs a non-empty run id")
     return RUN_CANCEL_PREFIX + run_id
+
+
+def supernet_attr(key: str) -> str:
+    """The study user attr holding the record of the supernet `key` (e.g. "resnet18@w0.5")."""
+    if not key:
+        raise ValueError("supernet_attr needs a non-empty supernet key")
+    return SUPERNET_PREFIX + key
+
+
+def supernet_records(attrs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every supernet's record in a study's user attrs, by key: the per-supernet attrs, over the
+    one dict older studies kept under SUPERNET_ATTR."""
+    older = attrs.get(SUPERNET_ATTR)
+    records = {k: dict(v) for k, v in older.items() if isinstance(v, dict)} if isinstance(older, dict) else {}
+    for name, value in attrs.items():
+        if name.startswith(SUPERNET_PREFIX) and isinstance(value, dict):
+            records[name[len(SUPERNET_PREFIX):]] = dict(value)
+    return records
 
 
 # Trial user attrs of the result (docs/CONTRACTS.md lists the metrics beside them).
@@ -89,9 +113,12 @@ __all__ = [
     "RUN_CANCEL_PREFIX",
     "SPACE_ATTR",
     "SUPERNET_ATTR",
+    "SUPERNET_PREFIX",
     "TASK_ATTR",
     "TRACEBACK_ATTR",
     "WEIGHTS_ARTIFACT_ATTR",
     "WORKER_LOST_ATTR",
     "run_cancel_attr",
+    "supernet_attr",
+    "supernet_records",
 ]

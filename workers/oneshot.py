@@ -4,9 +4,11 @@ candidate evaluation on the supernet's weights, and the standalone retraining of
 Phases, recorded in the study's user attr `spsa_nas:phase` (the API's progress shows it):
   supernet   - one supernet per (backbone, width) of the space trains (oneshot.sampling: uniform
                single-path, fair or sandwich); each epoch's checkpoint is a study artifact
-               (`spsa_nas:supernet` holds its id, the epoch, the training curve, the epochs each
-               restart resumed after and the pid of the worker that stored it), so a killed run
-               resumes from the last one (on Ray, Ray Train restarts a killed worker, which does);
+               (its record, the study attr `spsa_nas:supernet:<key>`, holds its id, the epoch, the
+               training curve, the epochs each restart resumed after and the pid of the worker
+               that stored it), so a killed run resumes from the last one (on Ray, a killed worker
+               is restarted: its task retried, or Ray Train's worker group restarted, and resumes);
+               on Ray the supernets of several widths train at once, up to the parallelism;
                past the search's timeout_s training stops after the epoch in progress and the run
                ends "timeout" in this phase (no candidate on a partial supernet);
   candidates - the study's trials: each asks an architecture as a standalone trial does, is built
@@ -43,8 +45,9 @@ from search_spaces.keys import (
     PHASE_ATTR,
     RETRAIN_ATTR,
     RETRAIN_OF_ATTR,
-    SUPERNET_ATTR,
     run_cancel_attr,
+    supernet_attr,
+    supernet_records,
 )
 from search_spaces.space import AlphaRange, SearchSpace
 from search_spaces.storage import open_storage
@@ -67,7 +70,8 @@ from workers.trial import run_trial
 
 PHASES = ("supernet", "candidates", "retrain", "done")
 CANCEL_CHECK_S = 2.0  # how often a supernet worker reads the study for a cancel
-MAX_FAILURES = 3  # Ray Train restarts of a supernet's workers (each resumes from the last checkpoint)
+MAX_FAILURES = 3  # restarts of a supernet's workers (Ray task retries or Ray Train restarts; each
+# resumes from the last checkpoint)
 
 
 def supernet_key(backbone: str, width: float) -> str:
@@ -219,13 +223,13 @@ def supernet_bases(cfg: SearchConfig, space: SearchSpace) -> list[ArchSpec]:
 
 
 def _record(study: optuna.Study, key: str) -> dict[str, Any]:
-    return dict((study.user_attrs.get(SUPERNET_ATTR) or {}).get(key) or {})
+    return supernet_records(study.user_attrs).get(key) or {}
 
 
 def _set_record(study: optuna.Study, key: str, record: dict[str, Any]) -> None:
-    records = dict(study.user_attrs.get(SUPERNET_ATTR) or {})
-    records[key] = record
-    study.set_user_attr(SUPERNET_ATTR, records)
+    """Store the record of the supernet `key` in its own study attr: supernets training at once
+    (each in its own process) never read-modify-write a shared one."""
+    study.set_user_attr(supernet_attr(key), record)
 
 
 def load_checkpoint(artifact_dir: str, artifact_id: str) -> dict[str, Any]:
@@ -243,9 +247,11 @@ def train_one_supernet(job: SupernetJob, device: str | torch.device, *, shards: 
     """Train (or resume) the supernet of `job` to its epochs. Each global batch is `shards` BN
     batches: a DDP worker (`wrapped`) computes shard `rank`, a single worker all of them (what
     `shards` DDP workers compute together). Rank 0 stores each epoch's checkpoint as a study
-    artifact and the curve in `spsa_nas:supernet`. Past `job.deadline` the training stops after
-    the epoch in progress (its checkpoint stored; the record stays not `done`)."""
+    artifact and the curve in the record `spsa_nas:supernet:<key>`. Past `job.deadline` the
+    training stops after the epoch in progress (its checkpoint stored; the record stays not
+    `done`)."""
     device = resolve_device(device)
+    Path(job.artifact_dir).mkdir(parents=True, exist_ok=True)
     storage = open_storage(job.storage_url)
     try:
         study = optuna.load_study(study_name=job.study_name, storage=storage)
@@ -353,6 +359,32 @@ def train_supernet_ray(job: SupernetJob, *, workers: int, num_cpus: float = 1.0,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
+
+
+def _supernet_task(job: SupernetJob, threads: int) -> None:
+    """A Ray task: train (or resume) one supernet with one worker."""
+    import ray
+
+    torch.set_num_threads(max(1, threads))
+    device = job.cfg.device
+    if device == "auto":
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    train_one_supernet(job, device, should_stop=_cancel_poll(job))
+
+
+def train_supernet_task(job: SupernetJob, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                        max_failures: int = MAX_FAILURES) -> None:
+    """Train the supernet of `job` with one worker, as a Ray task (oneshot.workers 1: no process
+    group to set up, so none of a TorchTrainer's start-up). Ray must be initialised. A worker that
+    dies (killed, its node lost) makes Ray run the task again, up to `max_failures` times; the
+    new worker resumes from the last epoch's checkpoint artifact (the study's record). Raises what
+    the training raised (an exception in the training is not retried)."""
+    import ray
+
+    task = ray.remote(_supernet_task).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_failures, retry_exceptions=False,
+        name=f"spsa-nas-supernet:{job.study_name}:{job.key}")
+    ray.get(task.remote(job, max(1, int(num_cpus))))
 
 
 @functools.lru_cache(maxsize=2)
@@ -513,43 +545,57 @@ class OneshotPhases:
 
     def train_supernets_ray(self, *, run_id: str, should_cancel: Callable[[], bool] | None,
                             poll_s: float = 1.0) -> bool:
-        """With Ray Train (cfg.oneshot.workers DDP workers each with the trial's resources); the
-        coordinator polls `should_cancel` meanwhile and tells the workers through the run's cancel
-        attr. Returns False when cancelled. Past the search's timeout_s the workers stop together
+        """On Ray, the supernets not yet trained at once, as many together as the search's
+        parallelism allows (each takes `oneshot.workers` x the trial's resources): one worker is a
+        Ray task (train_supernet_task), several are Ray Train's DDP workers (train_supernet_ray).
+        The coordinator polls `should_cancel` meanwhile and tells the workers through the run's
+        cancel attr. Returns False when cancelled. Past the search's timeout_s the workers stop
         after the epoch in progress (checkpointed) and this returns True with the phase still
-        `supernet`: the runner, past its timeout too, ends on "timeout"."""
+        `supernet`: the runner, past its timeout too, ends on "timeout". A supernet whose training
+        failed (past its retries) raises RuntimeError once the others have finished theirs."""
         if self.supernets_done():
             self._after_supernets()
             return True
         self.set_phase("supernet")
         cancel_attr = run_cancel_attr(run_id)
-        for job in self.jobs(cancel_attr=cancel_attr, deadline=self.deadline()):
-            if _record(self.study, job.key).get("done"):
-                continue
-            errors: list[BaseException] = []
+        pending = [job for job in self.jobs(cancel_attr=cancel_attr, deadline=self.deadline())
+                   if not _record(self.study, job.key).get("done")]
+        slots = max(1, self.cfg.parallelism // self.cfg.oneshot.workers)
+        running: list[tuple[threading.Thread, SupernetJob]] = []
+        errors: dict[str, BaseException] = {}
+        cancelled = False
 
-            def fit(job: SupernetJob = job, errors: list[BaseException] = errors) -> None:
-                resources = self.cfg.resources
-                try:
-                    train_supernet_ray(job, workers=self.cfg.oneshot.workers, num_cpus=resources.num_cpus,
+        def fit(job: SupernetJob) -> None:
+            resources, workers = self.cfg.resources, self.cfg.oneshot.workers
+            try:
+                if workers == 1:
+                    train_supernet_task(job, num_cpus=resources.num_cpus, num_gpus=resources.num_gpus)
+                else:
+                    train_supernet_ray(job, workers=workers, num_cpus=resources.num_cpus,
                                        num_gpus=resources.num_gpus)
-                except BaseException as exc:  # handed to the coordinator's thread
-                    errors.append(exc)
+            except BaseException as exc:  # handed to the coordinator's thread
+                errors[job.key] = exc
 
-            thread = threading.Thread(target=fit, name=f"supernet-{job.key}", daemon=True)
-            thread.start()
-            cancelled = False
-            while thread.is_alive():
-                thread.join(poll_s)
-                if not cancelled and should_cancel is not None and should_cancel():
-                    cancelled = True
-                    self.study.set_user_attr(cancel_attr, True)
-            if cancelled:
-                return False
-            if errors:
-                raise RuntimeError(f"supernet {job.key} training failed: {errors[0]}") from errors[0]
-            if not _record(self.study, job.key).get("done"):  # stopped by the deadline
-                return True
+        while pending or running:
+            while pending and len(running) < slots and not cancelled and not errors:
+                job = pending.pop(0)
+                thread = threading.Thread(target=fit, args=(job,), name=f"supernet-{job.key}", daemon=True)
+                thread.start()
+                running.append((thread, job))
+            if not running:
+                break  # cancelled or failed: the supernets not started stay untrained
+            running[0][0].join(poll_s)
+            running = [(thread, job) for thread, job in running if thread.is_alive()]
+            if not cancelled and should_cancel is not None and should_cancel():
+                cancelled = True
+                self.study.set_user_attr(cancel_attr, True)
+        if cancelled:
+            return False
+        if errors:
+            key, error = next(iter(errors.items()))
+            raise RuntimeError(f"supernet {key} training failed: {error}") from error
+        if not self.supernets_done():  # stopped by the deadline
+            return True
         self._after_supernets()
         return True
 
@@ -601,5 +647,6 @@ __all__ = [
     "supernet_splits",
     "train_one_supernet",
     "train_supernet_ray",
+    "train_supernet_task",
     "uniform_sampler",
 ]

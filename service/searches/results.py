@@ -11,7 +11,7 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from search_spaces.finalists import BestDecision, decide_best, remeasured_fields
-from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, SUPERNET_ATTR
+from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, supernet_records
 from search_spaces.study import estimated_metrics, finished, select_best, trial_counts
 from service.api.schemas import BestSoFar, Progress, TrialPublic
 from service.core.models import Search, utcnow
@@ -136,13 +136,14 @@ def best_so_far(
         return None
 
 
-def _supernet_progress(records: Any) -> dict[str, Any] | None:
-    """oneshot: per supernet its epoch, epochs and training curve (no artifact ids)."""
-    if not isinstance(records, dict):
+def _supernet_progress(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """oneshot: per supernet its epoch, epochs and training curve (no artifact ids); None when the
+    study has no supernet."""
+    records = supernet_records(attrs)
+    if not records:
         return None
     keep = ("epoch", "epochs", "done", "curve", "workers")
-    return {key: {k: json_safe(v) for k, v in record.items() if k in keep}
-            for key, record in records.items() if isinstance(record, dict)}
+    return {key: {k: json_safe(v) for k, v in record.items() if k in keep} for key, record in records.items()}
 
 
 def progress(search: Search, study: StudyView | None, trials_requested: int) -> Progress:
@@ -171,7 +172,7 @@ def progress(search: Search, study: StudyView | None, trials_requested: int) -> 
     attrs = study.user_attrs if study is not None else {}
     return Progress(
         phase=attrs.get(PHASE_ATTR),
-        supernet=_supernet_progress(attrs.get(SUPERNET_ATTR)),
+        supernet=_supernet_progress(attrs),
         trials_requested=trials_requested,
         finished=finished(counts),
         complete=counts["complete"],

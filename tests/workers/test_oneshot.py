@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from safetensors.torch import load_file
 
 from search_spaces.config import OneshotConfig, SearchConfig
-from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, RETRAIN_ATTR, RETRAIN_OF_ATTR, SUPERNET_ATTR
+from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, RETRAIN_ATTR, RETRAIN_OF_ATTR, supernet_records
 from search_spaces.loading import load_space
 from search_spaces.study import create_study, select_best
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
@@ -122,7 +122,7 @@ def _weights(artifacts: Path, artifact_id: str) -> dict[str, torch.Tensor]:
 def _check_oneshot_study(study: optuna.Study, artifacts: Path, cfg: SearchConfig) -> None:
     attrs = study.user_attrs
     assert attrs[PHASE_ATTR] == "done"
-    (record,) = attrs[SUPERNET_ATTR].values()
+    (record,) = supernet_records(attrs).values()
     assert record["done"] and record["epoch"] == 2 and [r["epoch"] for r in record["curve"]] == [1, 2]
     trials = study.get_trials(deepcopy=False)
     candidates = [t for t in trials if t.user_attrs.get(ESTIMATE_ATTR)]
@@ -193,11 +193,11 @@ def test_supernet_training_resumes_after_the_process_was_killed(tmp_path: Path) 
     done = subprocess.run([sys.executable, "-c", KILL_AFTER_EPOCH_1, url, str(artifacts)], timeout=600,
                           env={**os.environ, "PYTHONPATH": os.getcwd()}, capture_output=True, text=True)
     assert done.returncode == -9, done.stderr[-2000:]
-    (killed,) = study.user_attrs[SUPERNET_ATTR].values()
+    (killed,) = supernet_records(study.user_attrs).values()
     assert killed["epoch"] == 1 and not killed["done"] and study.user_attrs[PHASE_ATTR] == "supernet"
     report = run_local("os", url, artifact_dir=artifacts)
     assert report.outcome == "done"
-    (record,) = study.user_attrs[SUPERNET_ATTR].values()
+    (record,) = supernet_records(study.user_attrs).values()
     assert record["done"] and record["epoch"] == 2
     assert record["curve"][0] == killed["curve"][0]  # epoch 1 was not trained again (same seconds too)
     assert study.user_attrs[PHASE_ATTR] == "done" and study.user_attrs[RETRAIN_ATTR] == []
@@ -232,7 +232,7 @@ def test_a_cancel_during_the_supernet_phase_stops_the_run(tmp_path: Path) -> Non
     stop.set()  # asked before the first step
     report = run_local("os", url, artifact_dir=artifacts, stop_event=stop)
     assert report.outcome == "cancelled" and report.ran == 0
-    assert study.user_attrs[PHASE_ATTR] == "supernet" and SUPERNET_ATTR not in study.user_attrs
+    assert study.user_attrs[PHASE_ATTR] == "supernet" and not supernet_records(study.user_attrs)
     assert study.get_trials(deepcopy=False) == []
 
 
@@ -244,7 +244,7 @@ def test_a_timeout_in_the_supernet_phase_stops_it_checkpointed_and_a_rerun_resum
     study = create_study(cfg, url)
     report = run_local("os", url, artifact_dir=artifacts)
     assert report.outcome == "timeout" and report.ran == 0 and report.finished == 0
-    (first,) = study.user_attrs[SUPERNET_ATTR].values()
+    (first,) = supernet_records(study.user_attrs).values()
     assert first["epoch"] == 1 and first["epochs"] == 50 and not first["done"]
     assert study.user_attrs[PHASE_ATTR] == "supernet"  # no candidate on a partly trained supernet
     assert study.get_trials(deepcopy=False) == []
@@ -252,6 +252,6 @@ def test_a_timeout_in_the_supernet_phase_stops_it_checkpointed_and_a_rerun_resum
     assert state["epoch"] == 1 and "net.conv1.weight" in state["model"]
     report = run_local("os", url, artifact_dir=artifacts)  # resumes from epoch 1's checkpoint
     assert report.outcome == "timeout"
-    (second,) = study.user_attrs[SUPERNET_ATTR].values()
+    (second,) = supernet_records(study.user_attrs).values()
     assert second["epoch"] == 2 and not second["done"] and second["checkpoint"] != first["checkpoint"]
     assert second["curve"][0] == first["curve"][0]  # epoch 1 was not trained again

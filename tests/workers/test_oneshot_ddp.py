@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from search_spaces.config import OneshotConfig, SearchConfig
-from search_spaces.keys import SUPERNET_ATTR
+from search_spaces.keys import supernet_records
 from search_spaces.loading import load_space
 from search_spaces.storage import open_storage
 from search_spaces.study import create_study
@@ -56,7 +56,7 @@ def _final_state(job: SupernetJob) -> dict:
     storage = open_storage(job.storage_url)
     try:
         study_id = storage.get_study_id_from_name(job.study_name)
-        record = storage.get_study_user_attrs(study_id)[SUPERNET_ATTR][job.key]
+        record = supernet_records(storage.get_study_user_attrs(study_id))[job.key]
     finally:
         storage.close()
     assert record["done"] and record["epoch"] == 2

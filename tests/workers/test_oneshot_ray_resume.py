@@ -1,5 +1,6 @@
-"""The oneshot supernet on the Ray runner (Ray Train) survives the SIGKILL of its training worker:
-Ray Train restarts the worker, which resumes from the last epoch's checkpoint artifact."""
+"""The oneshot supernets on the Ray runner: one survives the SIGKILL of its training worker (Ray
+runs its task again, which resumes from the last epoch's checkpoint artifact), and two widths train
+at once without losing each other's records."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from search_spaces.config import OneshotConfig, SearchConfig
-from search_spaces.keys import PHASE_ATTR, SUPERNET_ATTR
+from search_spaces.keys import PHASE_ATTR, supernet_records
 from search_spaces.storage import open_storage
 from search_spaces.study import create_study
 from service.testing import pid_alive
@@ -33,7 +34,7 @@ def _record(url: str, name: str) -> dict[str, Any]:
         attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
     finally:
         storage.close()
-    return dict(next(iter((attrs.get(SUPERNET_ATTR) or {"": {}}).values())))
+    return dict(next(iter((supernet_records(attrs) or {"": {}}).values())))
 
 
 def _wait_record(url: str, name: str, predicate: Callable[[dict[str, Any]], bool], run: Future,
@@ -61,7 +62,7 @@ def test_supernet_on_ray_train_resumes_after_its_worker_was_killed(tmp_path: Pat
     options = RunnerOptions(poll_s=0.2, remeasure_finalists=False)
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(run_search, "osr", url, artifact_dir=artifacts, options=options)
-        # epoch 1's checkpoint is stored: SIGKILL the Ray Train worker that wrote it (an OOM kill)
+        # epoch 1's checkpoint is stored: SIGKILL the worker (a Ray task) that wrote it (an OOM kill)
         first = _wait_record(url, "osr", lambda r: r.get("epoch", 0) >= 1, run)
         pid = first["pid"]
         assert pid != os.getpid() and b"ray::" in Path(f"/proc/{pid}/cmdline").read_bytes()
