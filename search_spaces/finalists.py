@@ -17,10 +17,11 @@ from search_spaces.keys import (
     CONFIG_ATTR,
     FINALISTS_ATTR,
     LATENCY_CI_ATTR,
+    ONESHOT_SCORE_ATTR,
     RETRAIN_OF_ATTR,
     SEEDS_ATTR,
 )
-from search_spaces.study import mnas_score, pareto_front, select_best, study_config
+from search_spaces.study import mnas_score, pareto_front, ranked_accuracy, select_best, study_config
 
 ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
 MAX_FINALISTS = 16  # re-measured together at most (the Pareto front first)
@@ -44,17 +45,19 @@ def _complete(study: StudyLike) -> list[FrozenTrial]:
 def finalist_trials(study: StudyLike, *, accuracy_tolerance: float = ACCURACY_TOLERANCE,
                     max_count: int = MAX_FINALISTS) -> list[FrozenTrial]:
     """The trials to re-measure together: the Pareto front (by latency), then the complete trials
-    whose validation accuracy is within `accuracy_tolerance` of the best (the ones `best` could
-    tie with), by accuracy; only trials with a spec; at most `max_count`."""
+    whose accuracy is within `accuracy_tolerance` of the best (the ones `best` could tie with), by
+    accuracy; only trials with a spec; at most `max_count`. Accuracy: ranked_accuracy's (a
+    one-shot candidate's oneshot_score where it has one, as the front and `best` rank it)."""
     if max_count < 1:
         raise ValueError(f"max_count must be at least 1, got {max_count}")
     complete = [t for t in _complete(study) if isinstance(t.user_attrs.get("spec"), dict)]
     if not complete:
         return []
     front = [t for t in pareto_front(study) if isinstance(t.user_attrs.get("spec"), dict)]  # type: ignore[arg-type]
-    best_acc = max(t.user_attrs["val_acc"] for t in complete)
-    near = sorted((t for t in complete if t.user_attrs["val_acc"] >= best_acc - accuracy_tolerance),
-                  key=lambda t: (-t.user_attrs["val_acc"], t.user_attrs["latency_ms"], t.number))
+    accuracy = {t.number: ranked_accuracy(t) for t in complete}
+    best_acc = max(accuracy.values())
+    near = sorted((t for t in complete if accuracy[t.number] >= best_acc - accuracy_tolerance),
+                  key=lambda t: (-accuracy[t.number], t.user_attrs["latency_ms"], t.number))
     chosen: dict[int, FrozenTrial] = {}
     for trial in [*front, *near]:
         chosen.setdefault(trial.number, trial)
@@ -276,7 +279,8 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
     if chosen.number not in {t.number for t in candidates}:
         candidates.append(chosen)
     figures = {t.number: latency_figure(t, record) for t in candidates}
-    pick, pick_acc = figures[chosen.number], float(chosen.user_attrs.get("val_acc") or 0.0)
+    # the accuracy select_best ranks by: a one-shot candidate's oneshot_score where it has one
+    pick, pick_acc = figures[chosen.number], ranked_accuracy(chosen)
     seeds = seed_record(study)
     intervals = {t.number: accuracy_interval(t, seeds) for t in candidates}
 
@@ -287,7 +291,7 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
         return (a, b) if a is not None and b is not None else None
 
     def tied(t: FrozenTrial) -> bool:
-        figure, acc = figures[t.number], float(t.user_attrs["val_acc"])
+        figure, acc = figures[t.number], ranked_accuracy(t)
         if figure is None or pick is None:
             return False
         seeded_ranges = accuracy_ranges(t, acc)
@@ -303,19 +307,21 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
         return abs(acc - pick_acc) <= accuracy_tolerance and not clearly_slower
 
     def order(t: FrozenTrial) -> tuple[float, float, int]:
-        primary = t.values[0] if kind == "score" and t.values else t.user_attrs["val_acc"]
+        primary = t.values[0] if kind == "score" and t.values else ranked_accuracy(t)
         figure = figures[t.number]
         return (-primary, figure.ms if figure is not None else math.inf, t.number)
 
     others = sorted((t for t in candidates if t.number != chosen.number and tied(t)), key=order)
-    first = "the highest score" if kind == "score" else "the highest validation accuracy"
+    scored = chosen.user_attrs.get(ONESHOT_SCORE_ATTR) is not None  # a one-shot candidate ranked by loss
+    measure = "one-shot score (exp(-validation loss))" if scored else "validation accuracy"
+    first = "the highest score" if kind == "score" else f"the highest {measure}"
     rule = (f"trial {trial_number} as asked" if trial_number is not None else
             f"{first}, then the lower first-pass latency, then the lower trial number (select_best)")
     if kind == "score":
         tie_rule = (f"score ranges overlap (accuracy ± {accuracy_tolerance:g}, or its mean ± std over "
                     "seeds where both were re-trained; latency over its confidence interval)")
     else:
-        tie_rule = (f"validation accuracy within ± {accuracy_tolerance:g} of the pick and latency not "
+        tie_rule = (f"{measure} within ± {accuracy_tolerance:g} of the pick and latency not "
                     "clearly slower (confidence intervals overlap, or faster)")
     accuracy_noise = (f"one training seed per candidate: accuracy noise is not measured here; differences "
                       f"within ± {accuracy_tolerance:g} are taken as noise (accuracy_tolerance)")

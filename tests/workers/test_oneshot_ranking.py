@@ -1,5 +1,6 @@
 """What ranks one-shot candidates: exp(-validation loss) under oneshot.estimate "loss" (the default),
-the top-1 estimate under "accuracy" - in the objective, the Pareto front, best and the finalists."""
+the top-1 estimate under "accuracy" - in the objective, the Pareto front, best, its ties, the
+finalists re-measured and those retrained."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from search_spaces.config import OneshotConfig, SearchConfig
+from search_spaces.finalists import decide_best, finalist_trials
 from search_spaces.keys import ESTIMATE_ATTR, ONESHOT_SCORE_ATTR
 from search_spaces.study import objective_values, oneshot_score, pareto_front, ranked_accuracy, select_best
 from spsa_nas.config import DataConfig
@@ -47,7 +49,7 @@ def _study(rows: list[tuple[float, float | None, float]]) -> optuna.Study:
     """Candidates (val_acc, oneshot_score or None, latency_ms), told as a runner tells them."""
     study = optuna.create_study(directions=["maximize", "minimize"])
     for i, (acc, score, latency) in enumerate(rows):
-        attrs = {"val_acc": acc, "latency_ms": latency, ESTIMATE_ATTR: True}
+        attrs = {"val_acc": acc, "latency_ms": latency, ESTIMATE_ATTR: True, "spec": {"backbone": "resnet18"}}
         if score is not None:
             attrs[ONESHOT_SCORE_ATTR] = score
         study.add_trial(create_trial(state=TrialState.COMPLETE, values=[score if score is not None else acc,
@@ -70,3 +72,20 @@ def test_front_best_and_finalists_rank_candidates_by_their_score() -> None:
     assert [t.number for t in pareto_front(plain)] == [2, 0]
     assert select_best(plain).number == 0
     assert [t.number for t in retrain_choice(plain, _cfg(estimate="accuracy", retrain_top_k=2))] == [0, 2]
+
+
+def test_the_finalists_and_the_ties_of_best_follow_the_score() -> None:
+    # trial 1 has the best score; trial 2's score is within the tolerance of it (same latency),
+    # though its top-1 estimate is far lower; trials 0 and 3 lead by top-1 estimate only
+    study = _study([(0.95, 0.30, 5.0), (0.80, 0.50, 5.0), (0.60, 0.495, 5.0), (0.945, 0.10, 5.0)])
+    assert [t.number for t in finalist_trials(study, accuracy_tolerance=0.01)] == [1, 2]
+    decision = decide_best(study, accuracy_tolerance=0.01)
+    assert decision.chosen.number == 1
+    assert [t.number for t in decision.tied] == [1, 2]
+    assert "one-shot score" in decision.rule and "one-shot score" in decision.tie_rule
+    # the top-1 estimates rank where there are no scores (oneshot.estimate "accuracy")
+    plain = _study([(0.95, None, 5.0), (0.80, None, 5.0), (0.60, None, 5.0), (0.945, None, 5.0)])
+    assert [t.number for t in finalist_trials(plain, accuracy_tolerance=0.01)] == [0, 3]
+    plain_decision = decide_best(plain, accuracy_tolerance=0.01)
+    assert [t.number for t in plain_decision.tied] == [0, 3]
+    assert "validation accuracy" in plain_decision.rule
