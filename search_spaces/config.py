@@ -65,8 +65,9 @@ class OneshotConfig(_Config):
 
     epochs: int | None = Field(None, ge=1, le=1000, description="supernet epochs; None: 2 x train.epochs")
     bn_batches: int = Field(8, ge=1, le=1000, description="training batches per BN recalibration")
-    workers: int = Field(1, ge=1, le=256, description="data-parallel workers (Ray Train DDP) of the "
-                                                      "supernet on the Ray runner; 1 on one machine")
+    workers: int = Field(1, ge=1, le=256, description="workers of each supernet on the Ray runner: 1 "
+                                                      "(one machine) trains in a Ray task, more "
+                                                      "data-parallel with Ray Train DDP")
     sampling: Literal["uniform", "fair", "sandwich"] = Field(
         "uniform", description="paths per supernet step: uniform (one, SPOS), fair (FairNAS strict "
                                "fairness: every channel-attention branch once per step) or sandwich "
