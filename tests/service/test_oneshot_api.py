@@ -106,6 +106,7 @@ ONESHOT = {
     "retrain_top_k": 1,
     "oneshot": {"epochs": 1, "bn_batches": 2},
     "trials": 4,
+    "parallelism": 2,  # the two widths' supernets train at once (one Ray task each)
 }
 
 
