@@ -254,13 +254,11 @@ def remeasure_task(storage_url: str, study_name: str, *, device: str, lock_dir: 
     """The body of the Ray task that re-measures a study's finalists on a worker (at the end of a
     run, and on demand): under the host's latency gate; a failure is recorded in the study (the
     study attr's `error`) and raised. `device` "auto": the worker's GPU when Ray gave it one."""
-    import ray
-
     from search_spaces.storage import open_storage
     from workers.latency_gate import NodeGate
+    from workers.ray_device import task_device
 
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    device = task_device(device)
     storage = open_storage(storage_url)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)

@@ -66,6 +66,7 @@ from spsa_nas.supernet import (
     train_supernet,
 )
 from spsa_nas.train import TrainReport, evaluate_loss_and_accuracy
+from workers.ray_device import task_device
 from workers.trial import run_trial
 
 PHASES = ("supernet", "candidates", "retrain", "done")
@@ -363,13 +364,8 @@ def train_supernet_ray(job: SupernetJob, *, workers: int, num_cpus: float = 1.0,
 
 def _supernet_task(job: SupernetJob, threads: int) -> None:
     """A Ray task: train (or resume) one supernet with one worker."""
-    import ray
-
     torch.set_num_threads(max(1, threads))
-    device = job.cfg.device
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
-    train_one_supernet(job, device, should_stop=_cancel_poll(job))
+    train_one_supernet(job, task_device(job.cfg.device), should_stop=_cancel_poll(job))
 
 
 def train_supernet_task(job: SupernetJob, *, num_cpus: float = 1.0, num_gpus: float = 0.0,
@@ -522,8 +518,13 @@ class OneshotPhases:
         timeout counts from its start, which is just before this phase)."""
         return None if self.cfg.timeout_s is None else time.time() + self.cfg.timeout_s
 
+    def _untrained(self, jobs: list[SupernetJob]) -> list[SupernetJob]:
+        """Those of `jobs` whose supernet is not done (the study's records, read once)."""
+        records = supernet_records(self.study.user_attrs)
+        return [job for job in jobs if not (records.get(job.key) or {}).get("done")]
+
     def supernets_done(self) -> bool:
-        return all(_record(self.study, job.key).get("done") for job in self.jobs())
+        return not self._untrained(self.jobs())
 
     def train_supernets(self, *, device: str = "cpu", should_stop: Callable[[], bool] | None = None) -> bool:
         """In this process, one worker (the local runner). Cancelled (Cancelled raised) when
@@ -558,8 +559,7 @@ class OneshotPhases:
             return True
         self.set_phase("supernet")
         cancel_attr = run_cancel_attr(run_id)
-        pending = [job for job in self.jobs(cancel_attr=cancel_attr, deadline=self.deadline())
-                   if not _record(self.study, job.key).get("done")]
+        pending = self._untrained(self.jobs(cancel_attr=cancel_attr, deadline=self.deadline()))
         slots = max(1, self.cfg.parallelism // self.cfg.oneshot.workers)
         running: list[tuple[threading.Thread, SupernetJob]] = []
         errors: dict[str, BaseException] = {}

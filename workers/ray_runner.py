@@ -48,6 +48,7 @@ from search_spaces.study import (
 )
 from workers.latency_gate import NodeGate
 from workers.lease import Heartbeat, LeaseTracker
+from workers.ray_device import task_device
 
 logger = logging.getLogger(__name__)
 
@@ -241,9 +242,7 @@ def _run_one(
     trial_id = trial._trial_id
     node_id = ray.get_runtime_context().get_node_id()
     hostname = socket.gethostname()
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    device = task_device(cfg.device)
     for key, value in {
         TASK_ATTR: token,
         "worker_pid": os.getpid(),
@@ -628,17 +627,13 @@ def _reseed_task(spec: _TaskSpec, arch: dict[str, Any], seed: int, latency: Any)
     worker, pausing while the host measures a latency (its latency gate), within the trial's memory
     limit. Returns the validation accuracy; it writes nothing (the coordinator records it), so a
     cancel may kill it at any point."""
-    import ray
-
     from spsa_nas.evaluate import EvalHooks
     from workers.finalists import retrain_seed
 
     options, cfg = spec.options, spec.cfg
     if options.nice is not None:
         _lower_priority(options.nice)
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if ray.get_gpu_ids() else "cpu"
+    device = task_device(cfg.device)
     gate = NodeGate(options.lock_dir, pause_training=options.pause_training_during_latency)
     limit = options.memory_limit(cfg.resources)
     guard = None
