@@ -50,6 +50,7 @@ from spsa_nas.attention.kernels import cpu as cpu_kernel
 from spsa_nas.attention.kernels import fused_available
 
 SHAPES = ["8x256x56x56", "8x512x28x28", "8x1024x14x14", "64x256x8x8"]
+TARGET = {"cpu": 2.5, "cuda": 1.9}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 HEAP_MMAP_THRESHOLD = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
 
@@ -67,7 +68,6 @@ def warm_heap() -> str:
     if not (libc.mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)):
         raise OSError("--warm-heap: mallopt refused M_MMAP_THRESHOLD 32 MiB / M_TRIM_THRESHOLD 1 GiB")
     return "glibc heap: mmap threshold 32 MiB, trim threshold 1 GiB (--warm-heap)"
-TARGET = {"cpu": 2.5, "cuda": 1.9}
 
 
 def _sync(device: torch.device) -> None:
