@@ -71,6 +71,32 @@ def test_nchw_chunks_and_job_layouts_equal_reference(shape: tuple[int, ...], hea
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(got, spsa_reference(x, 1.0, heads), atol=tol, rtol=tol)
 
+
+@pytest.mark.parametrize(("shape", "heads"), [((2, 14, 47, 47), 2), ((3, 37, 7, 7), 1), ((4, 24, 8, 8), 3),
+                                              ((2, 9, 3, 5), 3)])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_work_split_does_not_change_the_bits(shape: tuple[int, ...], heads: int, channels_last: bool,
+                                                 dtype: torch.dtype) -> None:
+    """One thread takes each sample's (channels_last) or group's (NCHW) key inside its job; eight
+    threads, more than there are samples or groups here, take the keys in a pass of their own
+    (several rows' sums reduced together, rows left over one by one) and split the pixels
+    further. The sums are the same in the same order either way, so the output is the same to the
+    bit; channel counts leave rows over after the blocks of rows, pixel counts leave a tail."""
+    x = _rand(shape, dtype, channels_last, seed=sum(shape))
+    before = torch.get_num_threads()
+    got = {}
+    try:
+        for threads in (1, 8):
+            torch.set_num_threads(threads)
+            got[threads] = _kernel(x, 1.0, heads)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[1], got[8])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(got[1], spsa_reference(x, 1.0, heads), atol=tol, rtol=tol)
+
+
 #: (reverse, similarity) of the three non-default variants (the ablation switches of issue 13)
 SWITCHES = [(False, "correlation"), (True, "cosine"), (False, "cosine")]
 SWITCH_IDS = ["norev-correlation", "rev-cosine", "norev-cosine"]

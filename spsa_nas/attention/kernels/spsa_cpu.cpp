@@ -16,8 +16,10 @@
 // Memory traffic: one read of x for the key, one read of x and one write of out for the rest.
 // NCHW streams each (n, g)'s channel rows in order (long sequential runs: the prefetcher follows
 // them) into per-pixel sums held in L1, for chunks of up to 2048 pixels, with the key taken in the
-// same job when there is a group per thread (its rows then come back from L1/L2, not L3);
-// channels_last works on one pixel's channel vector at a time (in L1). out may be x itself.
+// same job when there is a group per thread (its rows then come back from L1/L2, not L3); the key's
+// row sums are reduced several rows at a time (row_means). channels_last works on one pixel's
+// channel vector at a time (in L1), with each sample's key taken in the same job when there is a
+// sample per thread. out may be x itself.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -73,9 +76,11 @@ struct GroupKey {
 template <typename acc_t>
 GroupKey<acc_t> key_stats_cosine(const double* k, int64_t cg, acc_t* uc) {
   acc_t m = 0;
+#pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < cg; ++c) m = std::max(m, std::abs(static_cast<acc_t>(k[c])));
   acc_t inv = static_cast<acc_t>(1) / (m > 0 ? m : static_cast<acc_t>(1));
   acc_t norm2 = 0;
+#pragma omp simd reduction(+ : norm2)
   for (int64_t c = 0; c < cg; ++c) {
     uc[c] = static_cast<acc_t>(k[c]) * inv;
     norm2 += uc[c] * uc[c];
@@ -91,21 +96,26 @@ GroupKey<acc_t> key_stats_cosine(const double* k, int64_t cg, acc_t* uc) {
 // Per (n, g): the key statistics from the key k (Cg values, double), and uc written to `uc`.
 template <typename acc_t>
 GroupKey<acc_t> key_stats(const double* k, int64_t cg, double eps, acc_t* uc) {
+  // vectorised reductions (#pragma omp simd: lanes of partial sums, added at the end)
   double s = 0.0;
+#pragma omp simd reduction(+ : s)
   for (int64_t c = 0; c < cg; ++c) s += k[c];
   s /= static_cast<double>(cg);
   // the reference does these in the statistics' dtype; k is accurate to that dtype's rounding
   acc_t s_a = static_cast<acc_t>(s);
   acc_t m = 0;
+#pragma omp simd reduction(max : m)
   for (int64_t c = 0; c < cg; ++c) m = std::max(m, std::abs(static_cast<acc_t>(k[c]) - s_a));
   acc_t inv = static_cast<acc_t>(1) / (m > 0 ? m : static_cast<acc_t>(1));
   acc_t mean_u = 0;
+#pragma omp simd reduction(+ : mean_u)
   for (int64_t c = 0; c < cg; ++c) {
     uc[c] = (static_cast<acc_t>(k[c]) - s_a) * inv;
     mean_u += uc[c];
   }
   mean_u /= static_cast<acc_t>(cg);
   acc_t norm2 = 0, knorm2 = 0, sum_uc = 0;
+#pragma omp simd reduction(+ : norm2, knorm2, sum_uc)
   for (int64_t c = 0; c < cg; ++c) {
     uc[c] -= mean_u;
     norm2 += uc[c] * uc[c];
@@ -147,10 +157,11 @@ inline acc_t pixel_gate(acc_t sy, acc_t syu, acc_t syy, const GroupKey<acc_t>& k
   return static_cast<acc_t>(std::pow(static_cast<double>(g), alpha));
 }
 
-// The mean of one contiguous row of p values, in double: four independent vector accumulators (each
-// lane sums <= p / (4 lanes) + 1 values), then their lanes in double.
+// One contiguous row of p values summed into one vector: four independent vector accumulators (each
+// lane sums <= p / (4 lanes) + 1 values), combined pairwise; `*done` is how many values it took
+// (the rest, fewer than a vector, are added to its lane sum one by one).
 template <typename scalar_t>
-inline double row_mean(const scalar_t* src, int64_t p) {
+inline typename Vec<scalar_t>::type row_vector_sum(const scalar_t* src, int64_t p, int64_t* done) {
   using V = typename Vec<scalar_t>::type;
   constexpr int64_t lanes = Vec<scalar_t>::lanes;
   V acc[4] = {Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0), Vec<scalar_t>::splat(0)};
@@ -158,9 +169,116 @@ inline double row_mean(const scalar_t* src, int64_t p) {
   for (; i + 4 * lanes <= p; i += 4 * lanes)
     for (int a = 0; a < 4; ++a) acc[a] += Vec<scalar_t>::load(src + i + a * lanes);
   for (int a = 0; i + lanes <= p; i += lanes, ++a) acc[a] += Vec<scalar_t>::load(src + i);  // short rows: 4x4 maps
-  double total = lane_sum<scalar_t>((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  *done = i;
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// The mean of one contiguous row of p values, in double: its vector sum (row_vector_sum), the lanes
+// of that in double (lane_sum), then the leftover values.
+template <typename scalar_t>
+inline double row_mean(const scalar_t* src, int64_t p) {
+  int64_t i = 0;
+  double total = lane_sum<scalar_t>(row_vector_sum(src, p, &i));
   for (; i < p; ++i) total += static_cast<double>(src[i]);
   return total / static_cast<double>(p);
+}
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define SPSA_ROWS_TRANSPOSED 1
+// Several rows' lane sums at once, in exactly lane_sum's order. A double vector holds D lanes; D
+// rows' lane vectors are reduced together: each level of lane_sum's pairwise tree (lanes l and
+// l + w added, w halving) is, for two vectors that each hold whole rows' partial sums in groups of
+// 2w lanes, one shuffle of the groups' low halves, one of their high halves, and one add - which
+// also packs the two vectors' rows into one. After log2(D) levels one vector holds the D rows' sums.
+constexpr int64_t kDLanes = kVecBytes / static_cast<int64_t>(sizeof(double));
+typedef double DVec __attribute__((vector_size(kVecBytes)));
+
+// Lane j of a level's result takes, from the pair (X, Y) (Y's lanes numbered from D), the low
+// (`high` false) or high element of group j / w of X (j < D/2) or of Y.
+constexpr int64_t level_index(int64_t j, int64_t w, bool high) {
+  const int64_t half = kDLanes / 2;
+  const int64_t source = j < half ? 0 : kDLanes;
+  const int64_t jj = j % half;
+  return source + (jj / w) * 2 * w + jj % w + (high ? w : 0);
+}
+
+template <int64_t W, size_t... J>
+inline DVec level(DVec x, DVec y, std::index_sequence<J...>) {
+  return __builtin_shufflevector(x, y, level_index(J, W, false)...) +
+         __builtin_shufflevector(x, y, level_index(J, W, true)...);
+}
+
+// The levels from width W down: the `count` vectors v[0..count) reduced in pairs at width W (into
+// count / 2 vectors), then the next level; the last leaves one vector.
+template <int64_t W>
+inline DVec reduce_levels(DVec* v, int64_t count) {
+  for (int64_t r = 0; r < count / 2; ++r)
+    v[r] = level<W>(v[2 * r], v[2 * r + 1], std::make_index_sequence<kDLanes>{});
+  if constexpr (W > 1) {
+    return reduce_levels<W / 2>(v, count / 2);
+  } else {
+    return v[0];
+  }
+}
+
+// The first level of a row's lane vector in double: a float vector's low and high halves converted
+// and added (lanes l and l + D), or a double vector as it is (its tree starts at the next level).
+template <size_t... J>
+inline DVec float_halves(const Vec<float>::type& v, std::index_sequence<J...>) {
+  typedef float Half __attribute__((vector_size(kVecBytes / 2)));
+  const Half low = __builtin_shufflevector(v, v, static_cast<int>(J)...);
+  const Half high = __builtin_shufflevector(v, v, static_cast<int>(J + kDLanes)...);
+  return __builtin_convertvector(low, DVec) + __builtin_convertvector(high, DVec);
+}
+
+template <typename scalar_t>
+inline DVec first_level(const typename Vec<scalar_t>::type& v) {
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    return v;
+  } else {
+    return float_halves(v, std::make_index_sequence<kDLanes>{});
+  }
+}
+#endif
+
+// The means of `rows` consecutive contiguous rows of p values each, into out: the same values as
+// row_mean of each (the same sums in the same order), with kDLanes rows' lane sums taken together.
+template <typename scalar_t>
+inline void row_means(const scalar_t* src, int64_t p, int64_t rows, double* out) {
+  int64_t row = 0;
+#ifdef SPSA_ROWS_TRANSPOSED
+  constexpr bool is_float = std::is_same<scalar_t, float>::value;
+  static_assert(is_float || std::is_same<scalar_t, double>::value, "float or double rows");
+  const double count = static_cast<double>(p);
+  for (; row + kDLanes <= rows; row += kDLanes) {
+    DVec v[kDLanes];
+    int64_t done = 0;
+    for (int64_t r = 0; r < kDLanes; ++r)
+      v[r] = first_level<scalar_t>(row_vector_sum(src + (row + r) * p, p, &done));
+    const DVec totals = reduce_levels<kDLanes / 2>(v, kDLanes);
+    for (int64_t r = 0; r < kDLanes; ++r) {
+      const scalar_t* tail = src + (row + r) * p;
+      double total = totals[r];
+      for (int64_t i = done; i < p; ++i) total += static_cast<double>(tail[i]);
+      out[row + r] = total / count;
+    }
+  }
+#endif
+  for (; row < rows; ++row) out[row] = row_mean(src + row * p, p);
+}
+
+// channels_last key sums: pixels in chunks of up to 64 Ki values, each chunk's per-channel sums in
+// double (added to `acc`), the chunks' sums then added in order.
+inline int64_t cl_key_chunk(int64_t c, int64_t p) {
+  return std::max<int64_t>(1, std::min<int64_t>(p, 65536 / std::max<int64_t>(c, 1)));
+}
+
+template <typename scalar_t>
+inline void cl_chunk_sums(const scalar_t* src, int64_t c, int64_t pixels, double* acc) {
+  for (int64_t q = 0; q < pixels; ++q, src += c) {
+#pragma omp simd
+    for (int64_t ch = 0; ch < c; ++ch) acc[ch] += static_cast<double>(src[ch]);
+  }
 }
 
 // The key k (N, C) in double: mean over the pixels of each channel.
@@ -169,24 +287,19 @@ std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64
   std::vector<double> k(n * c, 0.0);
   if (!channels_last) {
     at::parallel_for(0, n * c, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) k[row] = row_mean(x + row * p, p);
+      row_means(x + begin * p, p, end - begin, k.data() + begin);
     });
     return k;
   }
   // channels_last: pixels are rows of C; split each sample's pixels into chunks, reduce after
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p, 65536 / std::max<int64_t>(c, 1)));
+  const int64_t chunk = cl_key_chunk(c, p);
   const int64_t chunks = (p + chunk - 1) / chunk;
   std::vector<double> partial(n * chunks * c, 0.0);
   at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       int64_t i = job / chunks, j = job % chunks;
-      double* acc = partial.data() + job * c;
       int64_t p0 = j * chunk, p1 = std::min(p, p0 + chunk);
-      for (int64_t q = p0; q < p1; ++q) {
-        const scalar_t* src = x + (i * p + q) * c;
-#pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) acc[ch] += static_cast<double>(src[ch]);
-      }
+      cl_chunk_sums(x + (i * p + p0) * c, c, p1 - p0, partial.data() + job * c);
     }
   });
   for (int64_t i = 0; i < n; ++i)
@@ -198,6 +311,19 @@ std::vector<double> channel_means(const scalar_t* x, int64_t n, int64_t c, int64
   return k;
 }
 
+// One channels_last sample's key, in one job: the same chunks, sums and order as channel_means.
+template <typename scalar_t>
+void cl_sample_means(const scalar_t* sample, int64_t c, int64_t p, double* k, double* partial) {
+  const int64_t chunk = cl_key_chunk(c, p);
+  std::fill(k, k + c, 0.0);
+  for (int64_t p0 = 0; p0 < p; p0 += chunk) {
+    std::fill(partial, partial + c, 0.0);
+    cl_chunk_sums(sample + p0 * c, c, std::min(p, p0 + chunk) - p0, partial);
+    for (int64_t ch = 0; ch < c; ++ch) k[ch] += partial[ch];
+  }
+  for (int64_t ch = 0; ch < c; ++ch) k[ch] /= static_cast<double>(p);
+}
+
 template <bool Cos, typename scalar_t, typename acc_t>
 void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t p, int64_t heads,
                  double alpha, double eps, bool channels_last, bool reverse) {
@@ -205,7 +331,8 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // NCHW with at least one (n, g) per thread: each job takes its group's key itself, right before
   // the statistics, so that the group's rows are still in L1/L2 for them (one trip less to L3)
-  const bool key_in_job = !channels_last && n * heads >= threads;
+  // (channels_last: with at least one sample per thread, each job takes its sample's key itself)
+  const bool key_in_job = channels_last ? n >= threads : n * heads >= threads;
   std::vector<GroupKey<acc_t>> keys(n * heads);
   std::vector<acc_t> uc(n * c);
   auto group_key = [&](int64_t ng, const double* k) {
@@ -222,11 +349,17 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
   const acc_t sign = reverse ? static_cast<acc_t>(1) : static_cast<acc_t>(-1);
 
   if (channels_last) {
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(p, 16384 / std::max<int64_t>(c, 1)));
+    // jobs: one per sample (its key, then all its pixels) or one per (sample, chunk of pixels)
+    const int64_t chunk = key_in_job ? p : std::max<int64_t>(1, std::min<int64_t>(p, 16384 / std::max<int64_t>(c, 1)));
     const int64_t chunks = (p + chunk - 1) / chunk;
     at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> k(key_in_job ? 2 * c : 0);
       for (int64_t job = begin; job < end; ++job) {
         int64_t i = job / chunks, p0 = (job % chunks) * chunk, p1 = std::min(p, p0 + chunk);
+        if (key_in_job) {
+          cl_sample_means(x + i * p * c, c, p, k.data(), k.data() + c);
+          for (int64_t g = 0; g < heads; ++g) group_key(i * heads + g, k.data() + g * cg);
+        }
         for (int64_t q = p0; q < p1; ++q) {
           const scalar_t* src = x + (i * p + q) * c;
           scalar_t* dst = out + (i * p + q) * c;
@@ -275,7 +408,7 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
       int64_t first = job, last = job + 1;
       if (key_in_job) {
         const scalar_t* group = x + job * cg * p;
-        for (int64_t ch = 0; ch < cg; ++ch) k[ch] = row_mean(group + ch * p, p);
+        row_means(group, p, cg, k.data());
         group_key(job, k.data());
         first = job * chunks;
         last = first + chunks;
