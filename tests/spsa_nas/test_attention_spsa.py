@@ -216,6 +216,26 @@ def test_offset_accuracy() -> None:
         assert naive > 50 * fast  # the test can tell a one-pass shortcut from the shifted one
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 100.0, -3e4])
+def test_the_one_node_shift_and_scale_has_the_bits_of_shift_then_scale(dtype: torch.dtype,
+                                                                      offset: float) -> None:
+    """The decomposition's x̃ is one batch norm, x·(1/m) - s·(1/m), with 1/m rounded to a power of
+    two (both products exact): the same bits as (x - s)·(1/m), the shift first, at any offset."""
+    from spsa_nas.attention.kernels.composite import _power_of_two_inverse, _shift_and_scale
+
+    gen = torch.Generator().manual_seed(11)
+    xs = (offset + torch.randn(3, 2, 16, 49, generator=gen, dtype=torch.float64)).to(dtype)
+    s = xs.mean(3, keepdim=True).mean(2, keepdim=True)
+    m = (xs.mean(3, keepdim=True) - s).abs().amax(2, keepdim=True)
+    m[0, 1] = 0.0  # a constant key: scale 1
+    inv = _power_of_two_inverse(m)
+    assert torch.equal(torch.frexp(inv).mantissa, torch.full_like(inv, 0.5))  # powers of two
+    assert (inv <= 1 / torch.where(m > 0, m, torch.ones_like(m))).all() and inv[0, 1].item() == 1.0
+    assert ((m * inv > 0.5) | (m == 0)).all()  # rounded down by less than a factor 2
+    assert torch.equal(_shift_and_scale(xs, s, inv), (xs - s) * inv)
+
+
 def test_parameter_free_and_stateless() -> None:
     module = SPSA(64, alpha=2.0, heads=4)
     assert list(module.parameters()) == [] and module.state_dict() == {}
