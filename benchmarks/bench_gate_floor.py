@@ -16,6 +16,10 @@ type of one run of each model (where the SPSA model's extra time goes).
     .venv/bin/python benchmarks/bench_gate_floor.py --rounds 40 --profile --out runs/gate_floor.json
     .venv/bin/python benchmarks/bench_gate_floor.py --runtimes compiled --rounds 5 \\
         --out runs/gate_floor_compiled.json
+
+`--save-onnx DIR` keeps the exported graphs; `--also NAME=FILE` times another graph in the same
+rounds, e.g. SPSA's graph exported by an earlier version of the code (run this script with that
+version on PYTHONPATH and --save-onnx, then again with `--also old=DIR/spsa.onnx`).
 """
 
 from __future__ import annotations
@@ -66,15 +70,15 @@ def models() -> dict[str, nn.Module]:
 
 def summarise(fns: dict[str, Any], rounds: int, warmup: int) -> dict[str, Any]:
     """Median ms per model over `rounds` rotated rounds (bench_spsa_resnet50.interleaved); ratios to
-    plain and per-round quartiles."""
+    plain and per-round quartiles (of every model but plain: spsa, minimal_gate and any --also)."""
     seconds = interleaved(fns, rounds, warmup, torch.device("cpu"))
     times = {name: [t * 1e3 for t in ts] for name, ts in seconds.items()}
     median = {name: statistics.median(t) for name, t in times.items()}
-    ratios = {name: [t / p for t, p in zip(times[name], times["plain"], strict=True)]
-              for name in ("spsa", "minimal_gate")}
+    others = [name for name in fns if name != "plain"]
+    ratios = {name: [t / p for t, p in zip(times[name], times["plain"], strict=True)] for name in others}
     return {
         "median_ms": {k: round(v, 2) for k, v in median.items()},
-        "ratio_to_plain": {k: round(median[k] / median["plain"], 3) for k in ("spsa", "minimal_gate")},
+        "ratio_to_plain": {k: round(median[k] / median["plain"], 3) for k in others},
         "per_round_ratio_quartiles": {
             k: [round(float(np.percentile(v, q)), 3) for q in (25, 50, 75)] for k, v in ratios.items()},
         "spsa_above_floor": round((median["spsa"] - median["minimal_gate"]) / median["plain"], 3),
@@ -129,8 +133,11 @@ def profile(path: Path, x: np.ndarray, runs: int, tmp: Path) -> dict[str, Any]:
 def run_onnxruntime(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        paths = {name: export_onnx(model, tmp / f"{name}.onnx", (1, 3, 224, 224))
+        saved = args.save_onnx or tmp
+        saved.mkdir(parents=True, exist_ok=True)
+        paths = {name: export_onnx(model, saved / f"{name}.onnx", (1, 3, 224, 224))
                  for name, model in models().items()}
+        paths.update(args.also)
         x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
         sessions = {name: session(path, None) for name, path in paths.items()}
         result = {"batch": 1, "loadavg_before": list(os.getloadavg())}
@@ -167,7 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also profile each onnxruntime model per operator type")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--save-onnx", type=Path, metavar="DIR",
+                        help="keep the exported graphs (plain.onnx, spsa.onnx, minimal_gate.onnx) in DIR")
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=FILE",
+                        help="onnxruntime: time this ONNX graph too, in the same rounds (e.g. spsa.onnx "
+                             "saved by --save-onnx from another version of the code); repeatable")
     args = parser.parse_args(argv)
+    also: dict[str, Path] = {}
+    for item in args.also:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            parser.error(f"--also {item!r}: expected NAME=FILE")
+        if name in also or name in ("plain", "spsa", "minimal_gate"):
+            parser.error(f"--also {item!r}: the name {name!r} is taken")
+        if not Path(file).is_file():
+            parser.error(f"--also {item!r}: no such file {file!r}")
+        also[name] = Path(file)
+    args.also = also
     runtimes = [r for r in args.runtimes.split(",") if r]
     unknown = sorted(set(runtimes) - {"onnxruntime", "compiled"})
     if unknown or not runtimes:
