@@ -60,8 +60,8 @@ from spsa_nas.config import DataConfig, TrainConfig
 from spsa_nas.data import load_data
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
-from spsa_nas.supernet import Supernet, SupernetRun, evaluate_path, train_supernet
-from spsa_nas.train import train_model
+from spsa_nas.supernet import Supernet, SupernetRun, evaluate_path, recalibrate_bn, train_supernet
+from spsa_nas.train import evaluate_loss_and_accuracy, train_model
 from workers.oneshot import sandwich_extremes, supernet_bases, uniform_sampler
 
 
@@ -83,7 +83,13 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--supernet-lr", type=float, default=None, help="the supernet's peak LR (default --lr)")
+    p.add_argument("--supernet-label-smoothing", type=float, default=None,
+                   help="the supernet's label smoothing (default: the trial's, 0.1)")
     p.add_argument("--bn-batches", type=int, default=8, help="BN recalibration batches (default 8)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="before its evaluation, train each extracted path this many SGD steps (the "
+                        "trial's recipe, --finetune-lr; then BN recalibrated); default 0: none")
+    p.add_argument("--finetune-lr", type=float, default=None, help="the fine-tuning's peak LR (default --lr)")
     p.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
                    help="supernet paths per step: uniform (one, SPOS), fair (FairNAS: every branch once) "
                         "or sandwich (BigNAS: largest, smallest and --sandwich-paths random)")
@@ -189,7 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for k in range(args.supernets):
         seed = args.seed + k
         s_train = TrainConfig(epochs=s_epochs, max_steps_per_epoch=s_per_epoch, batch_size=args.batch_size,
-                              lr=args.supernet_lr or args.lr, seed=seed)
+                              lr=args.supernet_lr or args.lr, seed=seed,
+                              **({} if args.supernet_label_smoothing is None
+                                 else {"label_smoothing": args.supernet_label_smoothing}))
         torch.manual_seed(seed)
         supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
         start = time.perf_counter()
@@ -205,8 +213,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         accs, losses = [], []
         for spec in archs:
             start = time.perf_counter()
-            _, acc, loss = evaluate_path(supernet, spec, splits.train, splits.val, "cpu",
-                                         bn_batches=args.bn_batches, batch_size=args.batch_size, seed=seed)
+            if args.finetune_steps:
+                model = supernet.extract(spec)
+                train_model(model, splits.train, splits.val,
+                            TrainConfig(epochs=1, max_steps_per_epoch=args.finetune_steps,
+                                        batch_size=args.batch_size, lr=args.finetune_lr or args.lr,
+                                        seed=seed), "cpu")
+                recalibrate_bn(model, splits.train, "cpu", batches=args.bn_batches,
+                               batch_size=args.batch_size, seed=seed)
+                acc, loss = evaluate_loss_and_accuracy(model, splits.val, "cpu",
+                                                       batch_size=max(args.batch_size, 256))
+            else:
+                _, acc, loss = evaluate_path(supernet, spec, splits.train, splits.val, "cpu",
+                                             bn_batches=args.bn_batches, batch_size=args.batch_size,
+                                             seed=seed)
             eval_s.append(time.perf_counter() - start)
             accs.append(acc)
             losses.append(loss)
@@ -243,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "budget": {"supernet_steps": s_epochs * s_per_epoch, "paths_per_step": passes,
                    "supernet_epochs": s_epochs * s_per_epoch / loader_steps,
                    "bn_batches": args.bn_batches, "sampling": args.sampling,
-                   "lr": args.supernet_lr or args.lr,
+                   "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr or args.lr,
+                   "lr": args.supernet_lr or args.lr, "label_smoothing": s_train.label_smoothing,
                    "sandwich_paths": args.sandwich_paths if args.sampling == "sandwich" else None},
         "standalone_reused_from": str(args.reuse) if args.reuse else None,
         "archs": len(archs),
