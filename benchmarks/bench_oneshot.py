@@ -108,7 +108,21 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reuse", type=Path, default=None,
                    help="take the standalone accuracies from this earlier output when its task, "
                         "standalone budget and architectures are this run's (one-shot part only)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.archs < 2:
+        p.error(f"--archs must be at least 2 (a ranking needs two), got {args.archs}")
+    for name in ("seeds", "steps", "supernet_steps", "batch_size", "bn_batches", "supernets",
+                 "bootstrap", "cost_candidates"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("finetune_steps", "retrain"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    for name in ("lr", "supernet_lr", "finetune_lr"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    return args
 
 
 def _budget(steps: int, loader_steps: int) -> tuple[int, int]:
@@ -251,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = args.cost_candidates
     passes = {"fair": max(len(c) for c in supernet.choices),  # paths a step
               "sandwich": 2 + args.sandwich_paths}.get(args.sampling, 1)
+    # every candidate is evaluated on every supernet (as the wall time below counts it), each
+    # evaluation fine-tuning its path --finetune-steps steps first
     one_epochs = (args.supernets * passes * s_epochs * s_per_epoch / loader_steps
+                  + n * args.supernets * args.finetune_steps / loader_steps
                   + args.retrain * epochs * per_epoch / loader_steps)
     alone_epochs = n * epochs * per_epoch / loader_steps
     mean_alone_s = statistics.fmean(standalone_s)

@@ -1,9 +1,11 @@
-"""bench_oneshot.py's statistics on degenerate input: an undefined tau is null, never a crash or NaN."""
+"""bench_oneshot.py: its statistics on degenerate input (an undefined tau is null, never a crash or NaN),
+its argument checks, and the cost of fine-tuning counted in a tiny real run."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -26,3 +28,38 @@ def test_output_has_no_nan(bench: ModuleType) -> None:
     cleaned = bench.json_safe({"tau": math.nan, "ci": [math.nan, 0.5], "pairs": [{"x": (1.0, math.nan)}]})
     assert cleaned == {"tau": None, "ci": [None, 0.5], "pairs": [{"x": [1.0, None]}]}
     json.loads(json.dumps(cleaned, allow_nan=False))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--archs", "1"], "--archs must be at least 2"),
+    (["--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["--finetune-steps", "-3"], "--finetune-steps must be 0 or more, got -3"),
+    (["--finetune-lr", "0"], "--finetune-lr must be a positive number, got 0.0"),
+    (["--supernet-lr", "nan"], "--supernet-lr must be a positive number, got nan"),
+])
+def test_bad_arguments_are_usage_errors(bench: ModuleType, capsys: pytest.CaptureFixture[str],
+                                        argv: list[str], message: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fine_tuning_counts_in_the_cost(bench: ModuleType, tmp_path: Path) -> None:
+    # a tiny real run (3 architectures, a few steps), then the same one-shot part with each path
+    # fine-tuned 5 steps: its training epochs grow by candidates x supernets x 5 steps
+    tiny = ["--archs", "3", "--seeds", "2", "--steps", "4", "--supernet-steps", "4", "--samples", "400",
+            "--bn-batches", "1", "--bootstrap", "20", "--cost-candidates", "10", "--retrain", "1"]
+    first = bench.main([*tiny, "--out", str(tmp_path / "plain.json")])
+    tuned = bench.main([*tiny, "--supernets", "2", "--finetune-steps", "5",
+                        "--reuse", str(tmp_path / "plain.json")])
+    assert tuned["standalone_reused_from"] == str(tmp_path / "plain.json")
+    assert tuned["budget"]["finetune_steps"] == 5
+    loader_steps = first["task"]["train_images"] // 32
+    one_training = first["cost"]["standalone_train_epochs"] / 10  # the retrained finalist's epochs
+    supernet = first["cost"]["oneshot_train_epochs"] - one_training
+    expected = 2 * supernet + 10 * 2 * 5 / loader_steps + one_training
+    assert tuned["cost"]["oneshot_train_epochs"] == pytest.approx(expected)
+    for result in (first, tuned):
+        assert len(result["pairs"]) == 3
+        assert all(0.0 <= p["oneshot"] <= 1.0 and p["oneshot_loss"] > 0 for p in result["pairs"])
