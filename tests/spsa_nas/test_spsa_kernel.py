@@ -292,3 +292,25 @@ def test_fallback_without_the_kernel(tmp_path: Path, case: str) -> None:
     else:
         assert "no C++ compiler" in result["status"] and "no-such-compiler" in result["status"]
         assert "falls back to its plain-torch decomposition" in run.stderr  # logged once, with the reason
+
+
+def test_each_checkout_and_environment_builds_in_its_own_directory(tmp_path: Path) -> None:
+    # torch's build file names the source's and the headers' paths: two checkouts (or two
+    # environments) sharing one build directory rebuilt the kernel whenever the other had built it
+    first, second = tmp_path / "a" / "spsa_cpu.cpp", tmp_path / "b" / "spsa_cpu.cpp"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(cpu.SOURCE.read_bytes())
+    torch_dir = Path(torch.__file__).parent
+    key = cpu.build_key(first, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2")
+    assert key == cpu.build_key(first, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2")
+    assert len({key,
+                cpu.build_key(second, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2"),
+                cpu.build_key(first, tmp_path, "/usr/include/python3.11", "c++", "flags: avx2"),
+                cpu.build_key(first, torch_dir, "/opt/include/python3.11", "c++", "flags: avx2"),
+                cpu.build_key(first, torch_dir, "/usr/include/python3.11", "clang++", "flags: avx2"),
+                cpu.build_key(first, torch_dir, "/usr/include/python3.11", "c++", "flags: avx512f"),
+                }) == 6
+    before = cpu.build_key(second, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2")
+    second.write_bytes(b"// changed\n" + cpu.SOURCE.read_bytes())  # the same path, another source
+    assert cpu.build_key(second, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2") != before

@@ -2,10 +2,13 @@
 
 The kernel (`spsa_cpu.cpp`) is compiled with torch.utils.cpp_extension.load (ninja and a C++
 compiler with OpenMP, e.g. g++) for the CPU it runs on (-march=native), into a cache directory
-keyed by the source, torch's version and the CPU's flags:
-`$SPSA_NAS_KERNEL_CACHE` or `~/.cache/spsa_nas/kernels`. The first build takes ~30-60 s; later
-processes load the cached library. `SPSA_NAS_NO_CPU_KERNEL=1` disables it (SPSA then runs its
-plain-torch decomposition). A failed build is logged once, with the reason, and SPSA falls back.
+keyed by the source and where it lies, torch's version and where it is installed, Python's
+headers, the compiler and the CPU's flags: `$SPSA_NAS_KERNEL_CACHE` or `~/.cache/spsa_nas/kernels`.
+The first build takes ~30-60 s; later processes load the cached library. (Two checkouts or two
+virtual environments get two build directories: torch's build file names the source's and the
+headers' paths, so sharing one made each rebuild the kernel whenever the other had built it.)
+`SPSA_NAS_NO_CPU_KERNEL=1` disables it (SPSA then runs its plain-torch decomposition). A failed
+build is logged once, with the reason, and SPSA falls back.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import sysconfig
 import threading
 from functools import cache
 from pathlib import Path
@@ -39,12 +43,21 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def build_key(source: Path, torch_dir: Path, python_include: str, compiler: str, cpu_flags: str) -> str:
+    """16 hex digits naming one build: everything torch's build file for it depends on - the
+    source's bytes and resolved path, torch's version and install directory (its headers and
+    libraries), Python's headers, the compiler - and the CPU's flags (-march=native)."""
+    parts = [source.read_bytes(), str(source.resolve()).encode(), torch.__version__.encode(),
+             str(torch_dir.resolve()).encode(), python_include.encode(), compiler.encode(),
+             cpu_flags.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 @cache
 def _cache_dir() -> Path:
     root = Path(os.environ.get("SPSA_NAS_KERNEL_CACHE") or Path.home() / ".cache" / "spsa_nas" / "kernels")
-    digest = hashlib.sha256(
-        SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
-    ).hexdigest()[:16]
+    digest = build_key(SOURCE, Path(torch.__file__).parent, sysconfig.get_paths()["include"],
+                       os.environ.get("CXX", "c++"), _cpu_flags())
     return root / f"spsa_cpu_{digest}"
 
 
