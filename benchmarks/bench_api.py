@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from cli_args import positive
 
 from service.testing import Server, add_user
 
@@ -119,12 +120,12 @@ async def measure(
         return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--seconds", type=positive, default=10.0, help="per measurement")
     parser.add_argument("--concurrency", default="1,4,16", help="closed-loop client counts")
-    parser.add_argument("--rate", type=float, default=100.0, help="open-loop requests per second")
-    args = parser.parse_args()
+    parser.add_argument("--rate", type=positive, default=100.0, help="open-loop requests per second")
+    args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         data_dir = Path(tmp) / "data"

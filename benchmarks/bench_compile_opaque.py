@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from cli_args import count
 
 import spsa_nas.attention.spsa as spsa_module
 from spsa_nas import build_model
@@ -29,11 +30,11 @@ def _model(spsa: bool) -> torch.nn.Module:
                                         input_size=224, num_classes=1000, in_channels=3)).eval()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=6)
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=count(), default=8)
+    parser.add_argument("--rounds", type=count(), default=6)
+    args = parser.parse_args(argv)
     if args.batch < 1 or args.rounds < 2:
         parser.error("--batch must be >= 1 and --rounds >= 2")
     x = torch.randn(args.batch, 3, 224, 224)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_args import count, positive
 from torch import nn
 
 from spsa_nas.config import LatencyConfig
@@ -85,19 +86,19 @@ def _onnx_ms(models: dict[str, nn.Module], size: int, threads: int, seconds: flo
             "ratio": medians["spsa"] / medians["none"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--width", type=float, default=0.25)
-    parser.add_argument("--input-size", type=int, default=96)
-    parser.add_argument("--fpn-channels", type=int, default=32)
+    parser.add_argument("--width", type=positive, default=0.25)
+    parser.add_argument("--input-size", type=count(), default=96)
+    parser.add_argument("--fpn-channels", type=count(), default=32)
     parser.add_argument("--detectors", default="fasterrcnn,retinanet,maskrcnn")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--max-time-s", type=float, default=10.0)
+    parser.add_argument("--threads", type=count(), default=1)
+    parser.add_argument("--max-time-s", type=positive, default=10.0)
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     detectors = ["fasterrcnn"] if args.quick else args.detectors.split(",")
     seconds = 2.0 if args.quick else args.max_time_s
     device = resolve_device(args.device)

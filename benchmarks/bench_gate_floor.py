@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_spsa_resnet50 import interleaved, make_model  # the same directory (sys.path[0])
+from cli_args import count
 from torch import nn
 
 from spsa_nas.attention.spsa import SPSA
@@ -194,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runtimes", default="onnxruntime",
                         help="comma-separated: onnxruntime, compiled (default onnxruntime)")
-    parser.add_argument("--rounds", type=int, default=40, help="timed interleaved rounds (default 40)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compiled-batch", type=int, default=8)
+    parser.add_argument("--rounds", type=count(3), default=40, help="timed interleaved rounds (default 40)")
+    parser.add_argument("--warmup", type=count(0), default=3)
+    parser.add_argument("--compiled-batch", type=count(), default=8)
     parser.add_argument("--profile", action="store_true",
                         help="also profile each onnxruntime model per operator type")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -222,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(runtimes) - {"onnxruntime", "compiled"})
     if unknown or not runtimes:
         parser.error(f"--runtimes: unknown {unknown or 'empty'}; choose from onnxruntime, compiled")
-    if args.rounds < 3 or args.warmup < 0 or args.compiled_batch < 1:
-        parser.error("--rounds must be >= 3, --warmup >= 0 and --compiled-batch >= 1")
     torch.set_num_threads(1)
     result: dict[str, Any] = {"benchmark": "gate_floor", "threads": 1, "torch": torch.__version__}
     for runtime in runtimes:

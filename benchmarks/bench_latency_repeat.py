@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli_args import count
+
 # The eight architectures: (name, width, per-stage spsa, channel attention).
 ARCHS: list[tuple[str, float, bool, str]] = [
     ("w0.25 plain", 0.25, False, "none"),
@@ -175,9 +177,9 @@ def run_protocol(protocol: str, runs: int, lock_dir: str | None, overrides: str)
     return summarise(results)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=4, help="fresh processes per protocol")
+    parser.add_argument("--runs", type=count(2), default=4, help="fresh processes per protocol")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated subset")
     parser.add_argument("--under-training", nargs="?", const="after,after_together", default="",
                         help="also measure these protocols (default: after,after_together) while another "
@@ -186,15 +188,14 @@ def main() -> int:
                         help="JSON of LatencyConfig fields for the after protocols (default: the defaults)")
     parser.add_argument("--child", choices=PROTOCOLS, help=argparse.SUPPRESS)
     parser.add_argument("--lock-dir", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.lock_dir, json.loads(args.after_config))))
         return 0
     protocols = [p for p in args.protocols.split(",") if p]
     unknown = sorted((set(protocols) | set(filter(None, args.under_training.split(",")))) - set(PROTOCOLS))
-    if unknown or args.runs < 2:
-        parser.error(f"--protocols: unknown {unknown}; valid {list(PROTOCOLS)}" if unknown
-                     else "--runs must be at least 2")
+    if unknown:
+        parser.error(f"--protocols: unknown {unknown}; valid {list(PROTOCOLS)}")
     from spsa_nas.config import LatencyConfig
 
     after = LatencyConfig(**json.loads(args.after_config)).model_dump(mode="json")  # refused here if wrong

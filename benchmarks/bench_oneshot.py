@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cli_args import count, fraction, non_negative, positive
 from scipy.stats import kendalltau
 
 from search_spaces.config import OneshotConfig, SearchConfig
@@ -68,61 +69,48 @@ from workers.oneshot import sandwich_extremes, supernet_bases, uniform_sampler
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--space", default="quick", help="built-in space or YAML (default quick)")
-    p.add_argument("--width", type=float, default=0.25, help="the one width (default 0.25)")
+    p.add_argument("--width", type=positive, default=0.25, help="the one width (default 0.25)")
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits"])
-    p.add_argument("--samples", type=int, default=4000, help="synthetic: images in all (default 4000)")
-    p.add_argument("--classes", type=int, default=32, help="synthetic: classes (default 32)")
-    p.add_argument("--train-subset", type=float, default=None, help="training samples (fraction or count)")
-    p.add_argument("--val-fraction", type=float, default=0.3,
+    p.add_argument("--samples", type=count(), default=4000, help="synthetic: images in all (default 4000)")
+    p.add_argument("--classes", type=count(2), default=32, help="synthetic: classes (default 32)")
+    p.add_argument("--train-subset", type=positive, default=None, help="training samples (fraction or count)")
+    p.add_argument("--val-fraction", type=fraction, default=0.3,
                    help="validation share (default 0.3: a large validation set keeps its binomial noise low)")
-    p.add_argument("--archs", type=int, default=20, help="distinct architectures (default 20)")
-    p.add_argument("--seeds", type=int, default=2, help="standalone seeds per architecture (default 2)")
-    p.add_argument("--steps", type=int, default=140, help="standalone SGD steps (default 140)")
-    p.add_argument("--supernet-steps", type=int, default=280,
+    p.add_argument("--archs", type=count(2), default=20, help="distinct architectures (default 20)")
+    p.add_argument("--seeds", type=count(), default=2, help="standalone seeds per architecture (default 2)")
+    p.add_argument("--steps", type=count(), default=140, help="standalone SGD steps (default 140)")
+    p.add_argument("--supernet-steps", type=count(), default=280,
                    help="supernet SGD steps (default 280: twice the standalone's, as oneshot.epochs)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--supernet-lr", type=float, default=None, help="the supernet's peak LR (default --lr)")
-    p.add_argument("--supernet-label-smoothing", type=float, default=None,
+    p.add_argument("--batch-size", type=count(), default=32)
+    p.add_argument("--lr", type=positive, default=0.05)
+    p.add_argument("--supernet-lr", type=positive, default=None, help="the supernet's peak LR (default --lr)")
+    p.add_argument("--supernet-label-smoothing", type=non_negative, default=None,
                    help="the supernet's label smoothing (default: the trial's, 0.1)")
-    p.add_argument("--bn-batches", type=int, default=8, help="BN recalibration batches (default 8)")
-    p.add_argument("--finetune-steps", type=int, default=0,
+    p.add_argument("--bn-batches", type=count(), default=8, help="BN recalibration batches (default 8)")
+    p.add_argument("--finetune-steps", type=count(0), default=0,
                    help="before its evaluation, train each extracted path this many SGD steps (the "
                         "trial's recipe, --finetune-lr; then BN recalibrated); default 0: none")
-    p.add_argument("--finetune-lr", type=float, default=None, help="the fine-tuning's peak LR (default --lr)")
+    p.add_argument("--finetune-lr", type=positive, default=None,
+                   help="the fine-tuning's peak LR (default --lr)")
     p.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
                    help="supernet paths per step: uniform (one, SPOS), fair (FairNAS: every branch once) "
                         "or sandwich (BigNAS: largest, smallest and --sandwich-paths random)")
-    p.add_argument("--sandwich-paths", type=int, default=2,
+    p.add_argument("--sandwich-paths", type=count(0), default=2,
                    help="sandwich: random paths per step (default 2)")
-    p.add_argument("--supernets", type=int, default=1,
+    p.add_argument("--supernets", type=count(), default=1,
                    help="supernets trained with seeds --seed, --seed+1, ...: an architecture's estimate "
                         "is the mean over them (default 1; each one's own tau and the tau between "
                         "them are reported too)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--cost-candidates", type=int, default=100)
-    p.add_argument("--retrain", type=int, default=3, help="retrained finalists in the cost (default 3)")
+    p.add_argument("--bootstrap", type=count(), default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--cost-candidates", type=count(), default=100)
+    p.add_argument("--retrain", type=count(0), default=3, help="retrained finalists in the cost (default 3)")
     p.add_argument("--seed", type=int, default=0, help="draws the architectures and the supernet's paths")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=count(), default=1, help="torch threads (default 1)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--reuse", type=Path, default=None,
                    help="take the standalone accuracies from this earlier output when its task, "
                         "standalone budget and architectures are this run's (one-shot part only)")
-    args = p.parse_args(argv)
-    if args.archs < 2:
-        p.error(f"--archs must be at least 2 (a ranking needs two), got {args.archs}")
-    for name in ("seeds", "steps", "supernet_steps", "batch_size", "bn_batches", "supernets",
-                 "bootstrap", "cost_candidates"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("finetune_steps", "retrain"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
-    for name in ("lr", "supernet_lr", "finetune_lr"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-    return args
+    return p.parse_args(argv)
 
 
 def _budget(steps: int, loader_steps: int) -> tuple[int, int]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 import torch
+from cli_args import count, non_negative, positive
 from safetensors.torch import load
 
 from service.testing import Server, add_user
@@ -49,24 +50,25 @@ TERMINAL = ("completed", "failed", "cancelled", "timeout")
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=100, help="oneshot candidates (default 100)")
-    p.add_argument("--standalone", type=int, default=5, help="standalone trials timed (default 5)")
-    p.add_argument("--retrain", type=int, default=3, help="oneshot retrain_top_k (default 3)")
-    p.add_argument("--epochs", type=int, default=2, help="train.epochs of a standalone trial (default 2)")
-    p.add_argument("--oneshot-epochs", type=int, default=None,
+    p.add_argument("--trials", type=count(), default=100, help="oneshot candidates (default 100)")
+    p.add_argument("--standalone", type=count(), default=5, help="standalone trials timed (default 5)")
+    p.add_argument("--retrain", type=count(0), default=3, help="oneshot retrain_top_k (default 3)")
+    p.add_argument("--epochs", type=count(), default=2, help="train.epochs of a standalone trial (default 2)")
+    p.add_argument("--oneshot-epochs", type=count(), default=None,
                    help="oneshot.epochs per supernet (default: the strategy's, 2 x --epochs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--parallelism", type=int, default=2, help="trials in flight (default 2: 2 cores)")
-    p.add_argument("--latency-repeats", type=int, default=3, help="latency.repeats (default 3)")
-    p.add_argument("--latency-warmup", type=int, default=1, help="latency.warmup (default 1)")
-    p.add_argument("--latency-max-time", type=float, default=1.0,
+    p.add_argument("--batch-size", type=count(), default=64)
+    p.add_argument("--parallelism", type=count(), default=2, help="trials in flight (default 2: 2 cores)")
+    p.add_argument("--latency-repeats", type=count(), default=3, help="latency.repeats (default 3)")
+    p.add_argument("--latency-warmup", type=count(0), default=1, help="latency.warmup (default 1)")
+    p.add_argument("--latency-max-time", type=positive, default=1.0,
                    help="latency.max_time_s of every trial (default 1 s; the config's default, 15 s, "
                         "with its warm-up and reference model, makes a candidate's latency ~30 s here)")
-    p.add_argument("--latency-blocks", type=int, default=4, help="latency.blocks (default 4)")
-    p.add_argument("--latency-max-warmup", type=float, default=0.5, help="latency.max_warmup_s (default 0.5)")
+    p.add_argument("--latency-blocks", type=count(), default=4, help="latency.blocks (default 4)")
+    p.add_argument("--latency-max-warmup", type=non_negative, default=0.5,
+                   help="latency.max_warmup_s (default 0.5)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the server's data directory (default: a temporary one, removed after)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for each search")
+    p.add_argument("--timeout", type=positive, default=3600, help="seconds to wait for each search")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args(argv)
 

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli_args import count, positive
+
 from search_spaces.config import Resources, SearchConfig
 from search_spaces.study import create_study
 from workers.ray_runner import RunnerOptions, run_search
@@ -42,14 +44,14 @@ def _run(name: str, url: str, tmp: Path, *, trials: int, parallelism: int, train
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trivial-trials", type=int, default=40, help="trials of the dispatch test")
-    parser.add_argument("--trials", type=int, default=24, help="trials of each throughput test")
-    parser.add_argument("--trial-s", type=float, default=0.5, help="length of a throughput-test trial")
+    parser.add_argument("--trivial-trials", type=count(), default=40, help="trials of the dispatch test")
+    parser.add_argument("--trials", type=count(), default=24, help="trials of each throughput test")
+    parser.add_argument("--trial-s", type=positive, default=0.5, help="length of a throughput-test trial")
     parser.add_argument("--storage", default=None, help="database URL (default: a fresh SQLite file)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import ray
 

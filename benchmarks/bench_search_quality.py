@@ -58,6 +58,7 @@ from typing import Any
 
 import optuna
 import torch
+from cli_args import count, fraction, non_negative, positive
 
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
@@ -312,23 +313,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="digits",
                         help="digits (default), synthetic (the gratings task of bench_oneshot.py with "
                              "--samples/--classes), or any dataset name DataConfig accepts")
-    parser.add_argument("--samples", type=int, default=4000, help="synthetic: images in all (default 4000)")
-    parser.add_argument("--classes", type=int, default=32, help="synthetic: classes (default 32)")
-    parser.add_argument("--val-fraction", type=float, default=None,
+    parser.add_argument("--samples", type=count(), default=4000,
+                        help="synthetic: images in all (default 4000)")
+    parser.add_argument("--classes", type=count(2), default=32, help="synthetic: classes (default 32)")
+    parser.add_argument("--val-fraction", type=fraction, default=None,
                         help="validation share (default DataConfig's, 0.15)")
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--trials", type=count(), default=20)
+    parser.add_argument("--seeds", type=count(), default=3)
     parser.add_argument("--samplers", default="auto,random", help="comma-separated; the last is the "
                         "baseline the others are compared with")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--train-subset", type=float, default=400)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--latency-repeats", type=int, default=20)
-    parser.add_argument("--latency-blocks", type=int, default=None,
+    parser.add_argument("--epochs", type=count(), default=1)
+    parser.add_argument("--train-subset", type=positive, default=400)
+    parser.add_argument("--batch-size", type=count(), default=32)
+    parser.add_argument("--latency-repeats", type=count(), default=20)
+    parser.add_argument("--latency-blocks", type=count(), default=None,
                         help="interleaved: timed blocks per model (default LatencyConfig's, 12)")
-    parser.add_argument("--latency-max-time-s", type=float, default=None,
+    parser.add_argument("--latency-max-time-s", type=positive, default=None,
                         help="interleaved: time budget of the timed blocks (default LatencyConfig's)")
-    parser.add_argument("--latency-max-warmup-s", type=float, default=None,
+    parser.add_argument("--latency-max-warmup-s", type=non_negative, default=None,
                         help="interleaved: warm-up budget per model (default LatencyConfig's, 5 s)")
     parser.add_argument("--latency-figure", choices=["ratio", "median"], default=None,
                         help="what the latency objective is: the interleaved ratio to the reference "
@@ -337,16 +339,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-protocol", choices=["interleaved", "simple"], default="interleaved",
                         help="LatencyConfig.protocol (default interleaved, a trial's; simple: "
                              "--latency-repeats timed calls after 3 warm-up calls, much cheaper)")
-    parser.add_argument("--ref-latency-ms", type=float, default=None,
+    parser.add_argument("--ref-latency-ms", type=positive, default=None,
                         help="reference latency of the hypervolume (default: median of the run)")
     parser.add_argument("--eval-cache", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (latency and training)")
+    parser.add_argument("--threads", type=count(), default=1, help="torch threads (latency and training)")
     parser.add_argument("--oracle", choices=["standalone", "oneshot"], default="standalone",
                         help="an architecture's accuracy: trained standalone (default) or its one-shot "
                              "estimate on supernets trained once per run")
-    parser.add_argument("--supernet-epochs", type=int, default=None,
+    parser.add_argument("--supernet-epochs", type=count(), default=None,
                         help="oneshot: supernet epochs (default 2 x --epochs, as the strategy's)")
-    parser.add_argument("--bn-batches", type=int, default=8, help="oneshot: BN recalibration batches")
+    parser.add_argument("--bn-batches", type=count(), default=8, help="oneshot: BN recalibration batches")
     parser.add_argument("--sampling", choices=["uniform", "fair", "sandwich"], default="uniform",
                         help="oneshot: supernet paths per step (default uniform, the strategy's)")
     parser.add_argument("--estimate", choices=["loss", "accuracy"], default="loss",
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                              "strategy's oneshot.estimate) or the top-1 estimate")
     parser.add_argument("--supernet-cache", type=Path, default=None,
                         help="oneshot: keep the trained supernets' weights in this file")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (over seeds)")
+    parser.add_argument("--bootstrap", type=count(), default=2000, help="bootstrap resamples (over seeds)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from cli_args import count
 
 from spsa_nas.attention import SPSA
 from spsa_nas.attention.kernels import cpu as cpu_kernel
@@ -150,9 +151,9 @@ def measure(shape: tuple[int, ...], channels_last: bool, args: argparse.Namespac
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=count(), default=30)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated NxCxHxW")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=count(), default=None)
     parser.add_argument("--quick", action="store_true", help="smoke run: one small shape, 3 repeats")
     parser.add_argument("--switches", action="store_true",
                         help="also time the fused op with reverse=False and/or similarity='cosine'")

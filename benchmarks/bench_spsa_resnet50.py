@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from cli_args import count, positive
 from torch import nn
 
 from spsa_nas.counting import saved_for_backward_bytes
@@ -301,10 +302,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile-variants", default="plain,spsa_fast",
                         help="variants to compile (comma-separated; default plain,spsa_fast: compiling "
                              "ResNet-50 takes ~25 s per variant and shape on a CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10, quick 3)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2, quick 1)")
-    parser.add_argument("--train-repeats", type=int, default=None, help="timed training rounds (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--repeats", type=count(), default=None, help="timed rounds (default 10, quick 3)")
+    parser.add_argument("--warmup", type=count(0), default=None, help="untimed rounds (default 2, quick 1)")
+    parser.add_argument("--train-repeats", type=count(), default=None,
+                        help="timed training rounds (default 5)")
+    parser.add_argument("--threads", type=count(), default=None, help="torch threads (default: torch's)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated subset of the configs (b1x224, b8x224, b64x32; quick: b2x32)")
     parser.add_argument("--no-train", action="store_true", help="skip the training measurements")
@@ -312,7 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trial-runtimes", default="eager,compiled,onnxruntime",
                         help="batch-1 configs: SPSA / plain also through spsa_nas.latency (the trial's "
                              "measurement) in these runtimes (comma-separated; 'none' to skip)")
-    parser.add_argument("--trial-max-time-s", type=float, default=15.0,
+    parser.add_argument("--trial-max-time-s", type=positive, default=15.0,
                         help="the trial measurement's time budget per model (LatencyConfig.max_time_s)")
     parser.add_argument("--trial-latency-only", action="store_true",
                         help="only the trial measurement (skips the benchmark's own timing and training)")
@@ -328,8 +330,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.trial_runtimes = [] if args.trial_runtimes == "none" else args.trial_runtimes.split(",")
     if set(args.trial_runtimes) - {"eager", "compiled", "onnxruntime"}:
         parser.error("--trial-runtimes: comma-separated eager, compiled, onnxruntime, or none")
-    if args.repeats < 1 or args.train_repeats < 1 or args.warmup < 0:
-        parser.error("--repeats and --train-repeats must be >= 1, --warmup >= 0")
     return args
 
 

@@ -19,14 +19,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cli_args import count
+
 STEPS = ("run_trial", "_export_onnx", "evaluate_spec", "measure_latency", "recalibrate_bn",
          "train_one_supernet")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8, help="candidates (default 8)")
-    args = parser.parse_args()
+    parser.add_argument("--trials", type=count(), default=8, help="candidates (default 8)")
+    args = parser.parse_args(argv)
     from service.cli import main as cli
 
     with tempfile.TemporaryDirectory(prefix="spsa-prof-") as tmp:
