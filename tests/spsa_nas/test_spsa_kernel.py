@@ -31,7 +31,7 @@ def _kernel(x: torch.Tensor, alpha: float, heads: int) -> torch.Tensor:
     return cpu.load().forward(x, alpha, heads, 1e-5)  # type: ignore[union-attr]
 
 
-#: shapes that exercise the NCHW path's full SIMD blocks and scalar tails and the channels_last
+#: shapes that exercise the NCHW path's full SIMD blocks and partial last vectors and the channels_last
 #: path's groups: pixels 1, 35, 64, 130, 196; channels per group 2 to 300
 SHAPES = [((3, 16, 5, 7), 1), ((2, 32, 8, 8), 4), ((2, 300, 13, 10), 1), ((1, 8, 1, 1), 2),
           ((2, 64, 14, 14), 2), ((4, 6, 1, 35), 3)]
@@ -314,3 +314,31 @@ def test_each_checkout_and_environment_builds_in_its_own_directory(tmp_path: Pat
     before = cpu.build_key(second, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2")
     second.write_bytes(b"// changed\n" + cpu.SOURCE.read_bytes())  # the same path, another source
     assert cpu.build_key(second, torch_dir, "/usr/include/python3.11", "c++", "flags: avx2") != before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "sse"])
+def test_the_narrower_vector_paths_equal_reference(tmp_path: Path, isa: str) -> None:
+    """The kernel's other vector paths, built here by turning instruction sets off after
+    -march=native: 32-byte vectors with AVX's masked tails (-mno-avx512f) and 16-byte ones with
+    lane-by-lane tails (-mno-avx); the build in use takes only this CPU's widest. Rows whose pixel
+    count leaves a partial last vector (1 to 15 pixels), allocating and in place."""
+    from torch.utils import cpp_extension
+
+    flags = {"avx2": ["-mno-avx512f"], "sse": ["-mno-avx"]}[isa]
+    module = cpp_extension.load(
+        name=f"spsa_test_{isa}", sources=[str(cpu.SOURCE)], build_directory=str(tmp_path),
+        extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-math-errno", *flags],
+        extra_ldflags=["-fopenmp"], verbose=False,
+    )
+    for index, (shape, heads) in enumerate([((2, 16, 7, 9), 2), ((1, 12, 14, 14), 1), ((2, 32, 3, 5), 4),
+                                            ((3, 8, 1, 17), 1), ((1, 20, 7, 7), 2)]):
+        for dtype in (torch.float32, torch.float64):
+            for channels_last in (False, True):
+                x = _rand(shape, dtype, channels_last, seed=index, offset=3.0)
+                tol = 1e-12 if dtype == torch.float64 else 2e-5
+                expected = spsa_reference(x, 2.0, heads)
+                torch.testing.assert_close(module.forward(x, 2.0, heads, 1e-5), expected, atol=tol, rtol=tol)
+                y = x.clone(memory_format=torch.preserve_format)
+                module.forward_out(y, y, 2.0, heads, 1e-5)
+                torch.testing.assert_close(y, expected, atol=tol, rtol=tol)
