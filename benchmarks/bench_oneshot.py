@@ -119,13 +119,21 @@ def _budget(steps: int, loader_steps: int) -> tuple[int, int]:
     return max(1, round(steps / per_epoch)), per_epoch
 
 
+def _tau(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau of paired lists; None where it is undefined (fewer than two pairs, or either
+    side constant), so that no NaN and no scipy warning reaches the output."""
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(kendalltau(x, y).statistic)
+
+
 def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple[float | None, float | None]:
     rng = random.Random(seed)
     n, taus = len(x), []
     for _ in range(reps):
         idx = [rng.randrange(n) for _ in range(n)]
-        tau = kendalltau([x[i] for i in idx], [y[i] for i in idx]).statistic
-        if tau == tau:  # NaN when a resample is constant
+        tau = _tau([x[i] for i in idx], [y[i] for i in idx])
+        if tau is not None:  # undefined when a resample is constant
             taus.append(tau)
     if not taus:  # every resample constant (e.g. all standalone accuracies 1.0): tau is undefined
         return None, None
@@ -238,17 +246,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     oneshot_loss = [statistics.fmean(col) for col in zip(*per_supernet_loss, strict=True)]
 
     means = [statistics.fmean(a) for a in standalone]
-    tau = kendalltau(oneshot, means).statistic
+    tau = _tau(oneshot, means)
     neg_loss = [-v for v in oneshot_loss]
-    tau_loss = kendalltau(neg_loss, means).statistic
+    tau_loss = _tau(neg_loss, means)
     loss_low, loss_high = _tau_interval(neg_loss, means, args.bootstrap, args.seed)
     low, high = _tau_interval(oneshot, means, args.bootstrap, args.seed)
     order = sorted(range(len(archs)), key=lambda i: -means[i])
     top = order[: len(archs) // 2]
-    tau_top = kendalltau([oneshot[i] for i in top], [means[i] for i in top]).statistic
+    tau_top = _tau([oneshot[i] for i in top], [means[i] for i in top])
     winner = max(range(len(archs)), key=lambda i: oneshot[i])
     noise = (statistics.fmean(statistics.variance(a) for a in standalone) ** 0.5) if args.seeds > 1 else None
-    seed_tau = kendalltau([a[0] for a in standalone], [a[1] for a in standalone]).statistic \
+    seed_tau = _tau([a[0] for a in standalone], [a[1] for a in standalone]) \
         if args.seeds > 1 else None
     n = args.cost_candidates
     passes = {"fair": max(len(c) for c in supernet.choices),  # paths a step
@@ -278,15 +286,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kendall_tau_top_half": tau_top,
         "oneshot_winner_in_standalone_top3": winner in order[:3],
         "supernets": args.supernets,
-        "kendall_tau_per_supernet": [kendalltau(e, means).statistic for e in per_supernet],
-        "tau_between_supernets": [kendalltau(per_supernet[i], per_supernet[j]).statistic
+        "kendall_tau_per_supernet": [_tau(e, means) for e in per_supernet],
+        "tau_between_supernets": [_tau(per_supernet[i], per_supernet[j])
                                   for i in range(args.supernets) for j in range(i + 1, args.supernets)],
         "kendall_tau_loss": tau_loss,
-        "kendall_tau_loss_per_supernet": [kendalltau([-v for v in e], means).statistic
+        "kendall_tau_loss_per_supernet": [_tau([-v for v in e], means)
                                           for e in per_supernet_loss],
         "kendall_tau_loss_ci95": [loss_low, loss_high],
-        "kendall_tau_loss_top_half": kendalltau([neg_loss[i] for i in top],
-                                                [means[i] for i in top]).statistic,
+        "kendall_tau_loss_top_half": _tau([neg_loss[i] for i in top],
+                                                [means[i] for i in top]),
         "oneshot_loss_winner_in_standalone_top3": max(range(len(archs)), key=lambda i: neg_loss[i])
         in order[:3],
         "standalone_spread_sd": statistics.stdev(means),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -22,6 +23,16 @@ def test_tau_interval_of_constant_accuracies_is_undefined(bench: ModuleType) -> 
     assert bench._tau_interval([0.1, 0.2, 0.3], [1.0, 1.0, 1.0], 200, 0) == (None, None)
     low, high = bench._tau_interval([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], 200, 0)
     assert low == high == pytest.approx(1.0)
+
+
+def test_an_undefined_tau_is_none_without_a_warning(bench: ModuleType) -> None:
+    # one pair (a top half of one architecture in a tiny run), a constant side: scipy warns and
+    # gives NaN; the benchmark says None and warns nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bench._tau([0.5], [0.7]) is None
+        assert bench._tau([0.1, 0.2, 0.3], [1.0, 1.0, 1.0]) is None
+        assert bench._tau([0.1, 0.2, 0.3], [0.3, 0.2, 0.1]) == pytest.approx(-1.0)
 
 
 def test_output_has_no_nan(bench: ModuleType) -> None:
