@@ -293,8 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kendall_tau_loss_per_supernet": [_tau([-v for v in e], means)
                                           for e in per_supernet_loss],
         "kendall_tau_loss_ci95": [loss_low, loss_high],
-        "kendall_tau_loss_top_half": _tau([neg_loss[i] for i in top],
-                                                [means[i] for i in top]),
+        "kendall_tau_loss_top_half": _tau([neg_loss[i] for i in top], [means[i] for i in top]),
         "oneshot_loss_winner_in_standalone_top3": max(range(len(archs)), key=lambda i: neg_loss[i])
         in order[:3],
         "standalone_spread_sd": statistics.stdev(means),

@@ -328,7 +328,7 @@ def test_the_narrower_vector_paths_equal_reference(tmp_path: Path, isa: str) -> 
     flags = {"avx2": ["-mno-avx512f"], "sse": ["-mno-avx"]}[isa]
     module = cpp_extension.load(
         name=f"spsa_test_{isa}", sources=[str(cpu.SOURCE)], build_directory=str(tmp_path),
-        extra_cflags=["-O3", "-fopenmp", "-march=native", "-fno-math-errno", *flags],
+        extra_cflags=[*cpu.CFLAGS, *flags],
         extra_ldflags=["-fopenmp"], verbose=False,
     )
     for index, (shape, heads) in enumerate([((2, 16, 7, 9), 2), ((1, 12, 14, 14), 1), ((2, 32, 3, 5), 4),

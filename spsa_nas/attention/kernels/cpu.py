@@ -29,6 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("spsa_cpu.cpp")
+#: the kernel's compiler flags: optimised for the CPU it runs on, with OpenMP
+CFLAGS = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
 _LOCK = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -71,10 +73,9 @@ def _build() -> ModuleType:
         raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH; install g++ or set CXX)")
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-fopenmp", "-march=native", "-fno-math-errno"]
     return cpp_extension.load(
         name=f"spsa_nas_cpu_{build_dir.name[-16:]}", sources=[str(SOURCE)], build_directory=str(build_dir),
-        extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False,
+        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
     )
 
 

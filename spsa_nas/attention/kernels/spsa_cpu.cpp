@@ -497,35 +497,25 @@ void spsa_kernel(const scalar_t* x, scalar_t* out, int64_t n, int64_t c, int64_t
           const scalar_t* r3 = r2 + p;
           const V u0 = Vec<scalar_t>::splat(u[ch]), u1 = Vec<scalar_t>::splat(u[ch + 1]);
           const V u2 = Vec<scalar_t>::splat(u[ch + 2]), u3 = Vec<scalar_t>::splat(u[ch + 3]);
-          for (int64_t q = 0; q < vec_end; q += lanes) {
+          // the four rows' terms of the per-pixel sums at pixels [q, q + lanes), each row read by `load`
+          auto add_rows = [&](int64_t q, auto load) {
             V a = Vec<scalar_t>::load(sy + q), b = Vec<scalar_t>::load(syu + q), c2 = Vec<scalar_t>::load(syy + q);
-            V y = Vec<scalar_t>::load(r0 + q) * vinv - vs_inv;
+            V y = load(r0 + q) * vinv - vs_inv;
             a += y; b += y * u0; c2 += y * y;
-            y = Vec<scalar_t>::load(r1 + q) * vinv - vs_inv;
+            y = load(r1 + q) * vinv - vs_inv;
             a += y; b += y * u1; c2 += y * y;
-            y = Vec<scalar_t>::load(r2 + q) * vinv - vs_inv;
+            y = load(r2 + q) * vinv - vs_inv;
             a += y; b += y * u2; c2 += y * y;
-            y = Vec<scalar_t>::load(r3 + q) * vinv - vs_inv;
+            y = load(r3 + q) * vinv - vs_inv;
             a += y; b += y * u3; c2 += y * y;
             Vec<scalar_t>::store(sy + q, a);
             Vec<scalar_t>::store(syu + q, b);
             Vec<scalar_t>::store(syy + q, c2);
-          }
-          if (rest > 0) {  // the same sums for the last, partial vector of pixels
-            const int64_t q = vec_end;
-            V a = Vec<scalar_t>::load(sy + q), b = Vec<scalar_t>::load(syu + q), c2 = Vec<scalar_t>::load(syy + q);
-            V y = load_first(r0 + q, rest) * vinv - vs_inv;
-            a += y; b += y * u0; c2 += y * y;
-            y = load_first(r1 + q, rest) * vinv - vs_inv;
-            a += y; b += y * u1; c2 += y * y;
-            y = load_first(r2 + q, rest) * vinv - vs_inv;
-            a += y; b += y * u2; c2 += y * y;
-            y = load_first(r3 + q, rest) * vinv - vs_inv;
-            a += y; b += y * u3; c2 += y * y;
-            Vec<scalar_t>::store(sy + q, a);
-            Vec<scalar_t>::store(syu + q, b);
-            Vec<scalar_t>::store(syy + q, c2);
-          }
+          };
+          for (int64_t q = 0; q < vec_end; q += lanes)
+            add_rows(q, [](const scalar_t* row) { return Vec<scalar_t>::load(row); });
+          if (rest > 0)  // the last, partial vector of pixels
+            add_rows(vec_end, [rest](const scalar_t* row) { return load_first(row, rest); });
         }
         for (; ch < cg; ++ch) {
           const scalar_t* row = base + ch * p;
