@@ -14,6 +14,11 @@ recalibrated, validation accuracy). Reported as JSON:
   ranks by under `oneshot.estimate: loss`, the default);
 - with `--supernets K`, each supernet's tau (accuracy and loss) and the tau between supernets;
   the estimates are then the mean over the K supernets;
+- with `--split-stage I` (few-shot NAS, Zhao et al. 2021): each trained supernet is copied into
+  one sub-supernet per channel-attention choice of stage I, each trained `--split-steps` more
+  steps on the paths with that choice only (uniform among them); an architecture is evaluated on
+  the sub-supernet of its choice there (less weight sharing between the paths that differ in
+  stage I), and the cost counts the sub-supernets' steps;
 - the task's spread (SD across architectures of the standalone mean) against its seed noise
   (pooled SD between seeds of the same architecture) and the seed-to-seed tau (the ranking's own
   reproducibility: a ceiling for any estimator's tau);
@@ -41,6 +46,7 @@ supernet part then takes minutes with --reuse):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -61,7 +67,14 @@ from spsa_nas.config import DataConfig, TrainConfig
 from spsa_nas.data import load_data
 from spsa_nas.models import build_model
 from spsa_nas.spec import ArchSpec
-from spsa_nas.supernet import Supernet, SupernetRun, evaluate_path, recalibrate_bn, train_supernet
+from spsa_nas.supernet import (
+    PathSampler,
+    Supernet,
+    SupernetRun,
+    evaluate_path,
+    recalibrate_bn,
+    train_supernet,
+)
 from spsa_nas.train import evaluate_loss_and_accuracy, train_model
 from workers.oneshot import sandwich_extremes, supernet_bases, uniform_sampler
 
@@ -101,6 +114,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="supernets trained with seeds --seed, --seed+1, ...: an architecture's estimate "
                         "is the mean over them (default 1; each one's own tau and the tau between "
                         "them are reported too)")
+    p.add_argument("--split-stage", type=count(0), default=None,
+                   help="few-shot: one sub-supernet per channel-attention choice of this stage (0-based)")
+    p.add_argument("--split-steps", type=count(), default=None,
+                   help="few-shot: SGD steps of each sub-supernet after the copy "
+                        "(default --supernet-steps / 2)")
     p.add_argument("--bootstrap", type=count(), default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--cost-candidates", type=count(), default=100)
     p.add_argument("--retrain", type=count(0), default=3, help="retrained finalists in the cost (default 3)")
@@ -117,6 +135,17 @@ def _budget(steps: int, loader_steps: int) -> tuple[int, int]:
     """(epochs, max_steps_per_epoch) giving about `steps` steps with epochs of whole loaders."""
     per_epoch = min(steps, loader_steps)
     return max(1, round(steps / per_epoch)), per_epoch
+
+
+def _restricted(sample: PathSampler, stage: int, attn: str) -> PathSampler:
+    """`sample` conditioned on stage `stage` having channel attention `attn`: rejection sampling,
+    so the paths are uniform among those with that choice."""
+    def draw(rng: random.Random) -> ArchSpec:
+        while True:
+            spec = sample(rng)
+            if spec.stages[stage].channel_attn == attn:
+                return spec
+    return draw
 
 
 def _tau(x: list[float], y: list[float]) -> float | None:
@@ -197,6 +226,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         standalone.append(accs)
         print(f"standalone {i + 1}/{len(archs)}: {[round(a, 4) for a in accs]}", file=sys.stderr)
 
+    stage_choices = [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)]
+    split_choices: list[str] = []
+    if args.split_stage is not None:
+        if args.split_stage >= len(stage_choices):
+            raise SystemExit(f"--split-stage {args.split_stage}: the space has {len(stage_choices)} stages "
+                             f"(0 to {len(stage_choices) - 1})")
+        split_choices = stage_choices[args.split_stage]
+    c_epochs, c_per_epoch = _budget(args.split_steps or max(1, args.supernet_steps // 2), loader_steps)
     supernet_s = 0.0
     per_supernet: list[list[float]] = []  # [supernet][arch] accuracy estimates
     per_supernet_loss: list[list[float]] = []  # [supernet][arch] validation cross-entropy
@@ -209,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               **({} if args.supernet_label_smoothing is None
                                  else {"label_smoothing": args.supernet_label_smoothing}))
         torch.manual_seed(seed)
-        supernet = Supernet(base, [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)])
+        supernet = Supernet(base, stage_choices)
         start = time.perf_counter()
         curve = train_supernet(supernet, sample, splits.train, splits.val,
                                SupernetRun(train=s_train, epochs=s_epochs, bn_batches=args.bn_batches,
@@ -220,11 +257,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         supernet_s += time.perf_counter() - start
         curves.append(curve)
         print(f"supernet {k}: curve {[round(r.val_acc, 3) for r in curve]}", file=sys.stderr)
+        children: dict[str, Supernet] = {}
+        for j, attn in enumerate(split_choices):
+            child = copy.deepcopy(supernet)
+            c_train = TrainConfig(epochs=c_epochs, max_steps_per_epoch=c_per_epoch,
+                                  batch_size=args.batch_size, lr=s_train.lr, seed=1000 * (seed + 1) + j,
+                                  label_smoothing=s_train.label_smoothing)
+            start = time.perf_counter()
+            c_run = SupernetRun(train=c_train, epochs=c_epochs, bn_batches=args.bn_batches, probe_paths=1)
+            c_curve = train_supernet(child, _restricted(sample, args.split_stage, attn), splits.train,
+                                     splits.val, c_run, "cpu")
+            supernet_s += time.perf_counter() - start
+            children[attn] = child
+            print(f"supernet {k}, stage {args.split_stage} {attn}: curve "
+                  f"{[round(r.val_acc, 3) for r in c_curve]}", file=sys.stderr)
         accs, losses = [], []
         for spec in archs:
+            net = children.get(spec.stages[args.split_stage].channel_attn, supernet) \
+                if args.split_stage is not None else supernet
             start = time.perf_counter()
             if args.finetune_steps:
-                model = supernet.extract(spec)
+                model = net.extract(spec)
                 train_model(model, splits.train, splits.val,
                             TrainConfig(epochs=1, max_steps_per_epoch=args.finetune_steps,
                                         batch_size=args.batch_size, lr=args.finetune_lr or args.lr,
@@ -234,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 acc, loss = evaluate_loss_and_accuracy(model, splits.val, "cpu",
                                                        batch_size=max(args.batch_size, 256))
             else:
-                _, acc, loss = evaluate_path(supernet, spec, splits.train, splits.val, "cpu",
+                _, acc, loss = evaluate_path(net, spec, splits.train, splits.val, "cpu",
                                              bn_batches=args.bn_batches, batch_size=args.batch_size,
                                              seed=seed)
             eval_s.append(time.perf_counter() - start)
@@ -264,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # every candidate is evaluated on every supernet (as the wall time below counts it), each
     # evaluation fine-tuning its path --finetune-steps steps first
     one_epochs = (args.supernets * passes * s_epochs * s_per_epoch / loader_steps
+                  + args.supernets * len(split_choices) * c_epochs * c_per_epoch / loader_steps
                   + n * args.supernets * args.finetune_steps / loader_steps
                   + args.retrain * epochs * per_epoch / loader_steps)
     alone_epochs = n * epochs * per_epoch / loader_steps
@@ -278,7 +332,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "bn_batches": args.bn_batches, "sampling": args.sampling,
                    "finetune_steps": args.finetune_steps, "finetune_lr": args.finetune_lr or args.lr,
                    "lr": args.supernet_lr or args.lr, "label_smoothing": s_train.label_smoothing,
-                   "sandwich_paths": args.sandwich_paths if args.sampling == "sandwich" else None},
+                   "sandwich_paths": args.sandwich_paths if args.sampling == "sandwich" else None,
+                   "split_stage": args.split_stage,
+                   "split_choices": split_choices or None,
+                   "split_steps": c_epochs * c_per_epoch if split_choices else None},
         "standalone_reused_from": str(args.reuse) if args.reuse else None,
         "archs": len(archs),
         "kendall_tau": tau,
