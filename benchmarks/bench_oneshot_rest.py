@@ -58,6 +58,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="oneshot.epochs per supernet (default: the strategy's, 2 x --epochs)")
     p.add_argument("--batch-size", type=count(), default=64)
     p.add_argument("--parallelism", type=count(), default=2, help="trials in flight (default 2: 2 cores)")
+    p.add_argument("--latency-protocol", choices=["interleaved", "simple"], default="interleaved",
+                   help="latency.protocol of every trial (default interleaved, the config's default; simple: "
+                        "warm-up and --latency-repeats single calls, no reference, no time budget)")
     p.add_argument("--latency-repeats", type=count(), default=3, help="latency.repeats (default 3)")
     p.add_argument("--latency-warmup", type=count(0), default=1, help="latency.warmup (default 1)")
     p.add_argument("--latency-max-time", type=positive, default=1.0,
@@ -74,7 +77,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _latency(args: argparse.Namespace) -> dict[str, Any]:
-    return {"repeats": args.latency_repeats, "warmup": args.latency_warmup,
+    return {"protocol": args.latency_protocol, "repeats": args.latency_repeats, "warmup": args.latency_warmup,
             "max_time_s": args.latency_max_time, "blocks": args.latency_blocks,
             "max_warmup_s": args.latency_max_warmup}
 
