@@ -1,0 +1,134 @@
+"""Ranking quality over several draws: bench_oneshot.py outputs (one per draw of architectures) in one JSON.
+
+Each `bench_oneshot.py --seed S` run draws its own architectures and trains its own supernets; a
+single draw's tau moves with which 20 architectures it drew (measured: 0.57 to 0.83 for the same
+settings). This reads several such outputs and reports, for the ranking by loss (what a oneshot
+search ranks by): each draw's tau with its interval, per-supernet taus, spread and seed noise; the
+mean tau over the draws with a 95 % interval from a two-level bootstrap (draws resampled, then
+architectures within each resampled draw, tau recomputed from the stored pairs); and how many
+draws and single supernets reach `--target`. The runs must share task, standalone budget and
+one-shot budget (refused otherwise: a mean over different settings means nothing).
+
+    .venv/bin/python benchmarks/summarise_oneshot.py runs/oneshot_draw_seed*.json --out runs/draws.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from cli_args import count, positive
+from scipy.stats import kendalltau
+
+SHARED = ("task", "standalone_budget", "budget", "supernets")
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="bench_oneshot.py JSON outputs, one per draw")
+    p.add_argument("--target", type=positive, default=0.7, help="the tau to reach (default 0.7)")
+    p.add_argument("--bootstrap", type=count(), default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def _tau(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(kendalltau(x, y).statistic)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(run, dict) or run.get("benchmark") != "oneshot" or "pairs" not in run:
+        raise SystemExit(f"{path}: not an output of bench_oneshot.py")
+    return run
+
+
+def _setting(run: dict[str, Any], key: str) -> Any:
+    """A shared setting, without the keys a run leaves None (an older run of the benchmark wrote no
+    key for a setting it did not have; a newer one writes None)."""
+    value = run.get(key)
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
+def _pairs(run: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(-one-shot loss, standalone mean accuracy) per architecture."""
+    return ([-p["oneshot_loss"] for p in run["pairs"]],
+            [statistics.fmean(p["standalone"]) for p in run["pairs"]])
+
+
+def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, reps: int,
+              seed: int) -> dict[str, Any]:
+    first = runs[0]
+    for run, name in zip(runs[1:], names[1:], strict=True):
+        for key in SHARED:
+            if _setting(run, key) != _setting(first, key):
+                raise SystemExit(f"{name}: its {key} differs from {names[0]}'s: the draws must share "
+                                 "task, standalone budget and one-shot budget")
+    draws = []
+    for run, name in zip(runs, names, strict=True):
+        draws.append({"run": name, "archs": run["archs"], "kendall_tau_loss": run["kendall_tau_loss"],
+                      "kendall_tau_loss_ci95": run["kendall_tau_loss_ci95"],
+                      "kendall_tau_loss_per_supernet": run["kendall_tau_loss_per_supernet"],
+                      "oneshot_loss_winner_in_standalone_top3": run["oneshot_loss_winner_in_standalone_top3"],
+                      "spread_over_noise": run["spread_over_noise"],
+                      "seed_to_seed_tau": run["seed_to_seed_tau"]})
+    taus = [d["kendall_tau_loss"] for d in draws]
+    defined = [t for t in taus if t is not None]
+    singles = [t for d in draws for t in d["kendall_tau_loss_per_supernet"] if t is not None]
+    pairs = [_pairs(run) for run in runs]
+    rng = random.Random(seed)
+    means = []
+    for _ in range(reps):
+        resampled = []
+        for _ in pairs:
+            x, y = pairs[rng.randrange(len(pairs))]
+            idx = [rng.randrange(len(x)) for _ in x]
+            tau = _tau([x[i] for i in idx], [y[i] for i in idx])
+            if tau is not None:
+                resampled.append(tau)
+        if resampled:
+            means.append(statistics.fmean(resampled))
+    means.sort()
+    interval = [means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1]] if means else [None, None]
+    return {
+        "summary": "oneshot ranking over draws",
+        "target": target,
+        "draws": draws,
+        "mean_kendall_tau_loss": statistics.fmean(defined) if defined else None,
+        "mean_kendall_tau_loss_ci95": interval,
+        "range_kendall_tau_loss": [min(defined), max(defined)] if defined else None,
+        "draws_at_target": sum(t >= target for t in defined),
+        "single_supernets_at_target": sum(t >= target for t in singles),
+        "single_supernets": len(singles),
+        "mean_single_supernet_tau": statistics.fmean(singles) if singles else None,
+        "winner_in_top3": sum(bool(d["oneshot_loss_winner_in_standalone_top3"]) for d in draws),
+        "settings": {key: _setting(first, key) for key in SHARED},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _args(argv)
+    runs = [_load(p) for p in args.runs]
+    result = summarise(runs, [str(p) for p in args.runs], target=args.target, reps=args.bootstrap,
+                       seed=args.seed)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
