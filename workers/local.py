@@ -93,7 +93,7 @@ def run_local(study_name: str, storage_url: str, *, artifact_dir: str | Path,
     stopped by `stop_event`; a failure there is logged and recorded too. ValueError (naming the
     field) for overrides out of ReseedConfig's bounds.
     """
-    study = load_study(study_name, open_storage(storage_url))
+    study = load_study(study_name, open_storage(storage_url, cache_trials=True))
     cfg, space = study_config(study), study_space(study)
     reseed = _reseed_config(cfg.reseed, reseed_top_k, reseed_seeds)
     Path(artifact_dir).mkdir(parents=True, exist_ok=True)

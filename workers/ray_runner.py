@@ -223,7 +223,7 @@ def _trial_task(spec: _TaskSpec, token: str, seed_offset: int) -> dict[str, Any]
     task_start = time.perf_counter()
     if spec.options.nice is not None:
         _lower_priority(spec.options.nice)
-    storage = open_storage(spec.storage_url)
+    storage = open_storage(spec.storage_url, cache_trials=True)
     try:
         return _run_one(storage, spec, token, seed_offset, task_start)
     finally:
@@ -466,7 +466,7 @@ def run_search(
     options = options or RunnerOptions()
     artifact_dir = str(Path(artifact_dir).resolve())
     start = time.monotonic()
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, cache_trials=True)
     try:
         study = load_study(study_name, storage)
         cfg, space = study_config(study), study_space(study)
