@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 from cli_args import count, fraction, non_negative, positive
-from scipy.stats import kendalltau
+from ranking import kendall_tau as _tau
 
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
@@ -146,14 +146,6 @@ def _restricted(sample: PathSampler, stage: int, attn: str) -> PathSampler:
             if spec.stages[stage].channel_attn == attn:
                 return spec
     return draw
-
-
-def _tau(x: list[float], y: list[float]) -> float | None:
-    """Kendall's tau of paired lists; None where it is undefined (fewer than two pairs, or either
-    side constant), so that no NaN and no scipy warning reaches the output."""
-    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None
-    return float(kendalltau(x, y).statistic)
 
 
 def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple[float | None, float | None]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import count, positive
-from scipy.stats import kendalltau
+from ranking import kendall_tau as _tau
 
 SHARED = ("task", "standalone_budget", "budget", "supernets")
 
@@ -36,12 +36,6 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args(argv)
-
-
-def _tau(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
-        return None
-    return float(kendalltau(x, y).statistic)
 
 
 def _load(path: Path) -> dict[str, Any]:
