@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from cli_args import count, fraction, non_negative, positive
+from cli_args import count, emit_json, fraction, non_negative, positive
 from ranking import kendall_tau as _tau
 
 from search_spaces.config import OneshotConfig, SearchConfig
@@ -368,11 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "loadavg_after": os.getloadavg(),
         "torch_threads": args.threads,
     }
-    text = json.dumps(json_safe(result), indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_json(json_safe(result), args.out)
     return result
 
 

@@ -25,7 +25,6 @@ the machine is shared, wall times move with its load.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 import httpx
 import torch
-from cli_args import count, non_negative, positive
+from cli_args import count, emit_json, non_negative, positive
 from safetensors.torch import load
 
 from service.testing import Server, add_user
@@ -229,11 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "loadavg_before": load_before, "loadavg_between": load_middle, "loadavg_after": os.getloadavg(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_json(result, args.out)
     return result
 
 

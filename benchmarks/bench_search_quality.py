@@ -58,7 +58,7 @@ from typing import Any
 
 import optuna
 import torch
-from cli_args import count, fraction, non_negative, positive
+from cli_args import count, emit_json, fraction, non_negative, positive
 
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
@@ -463,11 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": os.getloadavg(),
         "torch": torch.__version__,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_json(report, args.out)
     return 0
 
 

@@ -1,10 +1,14 @@
-"""argparse types for the benchmarks' counts, sizes and times: a bad value is a usage error naming it."""
+"""argparse types for the benchmarks' counts, sizes and times (a bad value is a usage error naming it), and
+the one way a benchmark prints its JSON result and writes it to `--out`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 
 def count(minimum: int = 1) -> Callable[[str], int]:
@@ -55,3 +59,12 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value:g}")
     return value
+
+
+def emit_json(result: Any, out: Path | None) -> None:
+    """Print `result` as indented JSON, and also write it to `out` (its folder made) when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)

@@ -18,11 +18,10 @@ import argparse
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from cli_args import count, positive
+from cli_args import count, emit_json, positive
 from ranking import kendall_tau as _tau
 
 SHARED = ("task", "standalone_budget", "budget", "supernets")
@@ -116,13 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [_load(p) for p in args.runs]
     result = summarise(runs, [str(p) for p in args.runs], target=args.target, reps=args.bootstrap,
                        seed=args.seed)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_json(result, args.out)
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()
