@@ -173,6 +173,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = SearchConfig(space=args.space, dataset=data, strategy="oneshot",
                        oneshot=OneshotConfig(bn_batches=args.bn_batches))
     (base,) = supernet_bases(cfg, space)
+    stage_choices = [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)]
+    split_choices: list[str] = []
+    if args.split_stage is not None:  # checked before anything is trained
+        if args.split_stage >= len(stage_choices):
+            raise SystemExit(f"--split-stage {args.split_stage}: the space has {len(stage_choices)} stages "
+                             f"(0 to {len(stage_choices) - 1})")
+        split_choices = stage_choices[args.split_stage]
     splits = load_data(data, base.input_size, base.in_channels)
     loader_steps = len(splits.train) // args.batch_size  # type: ignore[arg-type]
     epochs, per_epoch = _budget(args.steps, loader_steps)
@@ -218,13 +225,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         standalone.append(accs)
         print(f"standalone {i + 1}/{len(archs)}: {[round(a, 4) for a in accs]}", file=sys.stderr)
 
-    stage_choices = [list(s.choices.channel_attn) for s in space.stage_choices(base.backbone)]
-    split_choices: list[str] = []
-    if args.split_stage is not None:
-        if args.split_stage >= len(stage_choices):
-            raise SystemExit(f"--split-stage {args.split_stage}: the space has {len(stage_choices)} stages "
-                             f"(0 to {len(stage_choices) - 1})")
-        split_choices = stage_choices[args.split_stage]
     c_epochs, c_per_epoch = _budget(args.split_steps or max(1, args.supernet_steps // 2), loader_steps)
     supernet_s = 0.0
     per_supernet: list[list[float]] = []  # [supernet][arch] accuracy estimates
@@ -265,8 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{[round(r.val_acc, 3) for r in c_curve]}", file=sys.stderr)
         accs, losses = [], []
         for spec in archs:
-            net = children.get(spec.stages[args.split_stage].channel_attn, supernet) \
-                if args.split_stage is not None else supernet
+            net = children[spec.stages[args.split_stage].channel_attn] if children else supernet
             start = time.perf_counter()
             if args.finetune_steps:
                 model = net.extract(spec)
