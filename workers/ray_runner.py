@@ -323,6 +323,17 @@ def _run_one(
     }
 
 
+def _ready(ray: Any, refs: list[Any], timeout_s: float) -> list[Any]:
+    """The tasks of `refs` that have finished: as soon as one has (or after `timeout_s` with none),
+    with every other one finished by then. Waiting for all of them instead would hold a freed slot
+    idle until the slowest task of the batch ends or the timeout passes."""
+    ready, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)
+    if ready and rest:
+        more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+        ready += more
+    return list(ready)
+
+
 RayMode = Literal["local", "cluster", "caller"]
 
 
@@ -555,8 +566,7 @@ def run_search(
                     break
                 time.sleep(options.poll_s)  # foreign trials (an earlier coordinator's) still running
                 continue
-            ready, _ = ray.wait(list(run.in_flight), num_returns=len(run.in_flight), timeout=options.poll_s)
-            for ref in ready:
+            for ref in _ready(ray, list(run.in_flight), options.poll_s):
                 _collect(run, ref, ray, cancelled=cancel_since is not None)
         if cancel_since is not None:
             for trial in run.trials(TrialState.RUNNING):
@@ -718,8 +728,7 @@ def _reseed(run: _Run, ray: Any, spec: Any, should_cancel: Callable[[], bool] | 
                 trial, seed = jobs.pop(0)
                 ref = task.remote(spec, trial.user_attrs["spec"], seed, TrialLatency.of(trial))
                 in_flight[ref] = (trial, seed)
-            ready, _ = ray.wait(list(in_flight), num_returns=len(in_flight), timeout=run.options.poll_s)
-            for ref in ready:
+            for ref in _ready(ray, list(in_flight), run.options.poll_s):
                 trial, seed = in_flight.pop(ref)
                 try:
                     by_trial[trial.number][seed] = float(ray.get(ref))

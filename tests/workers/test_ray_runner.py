@@ -289,6 +289,32 @@ def test_latency_measurements_have_the_host_to_themselves(ray_local: None, sqlit
                     f"trial {other.number} trained during trial {trial.number}'s measurement")
 
 
+def test_a_freed_slot_takes_the_next_trial_while_a_long_one_runs(ray_local: None, sqlite_url: str,
+                                                                 tmp_path: Path) -> None:
+    """Parallelism 2 with trial 0 held: the other slot runs trials 1-4 one after another. The
+    coordinator polls rarely here (poll_s 600): a finished task must wake it, not the poll."""
+    release = tmp_path / "release"
+    trial_fn = functools.partial(synthetic_trial, hold_numbers=(0,), hold_file=str(release))
+    options = RunnerOptions(heartbeat_s=0.5, lease_s=60.0, poll_s=600.0, cancel_grace_s=5.0)
+    name = _study(sqlite_url, "slot", trials=5)
+    thread, out = _in_thread(lambda: run_search(name, sqlite_url, artifact_dir=tmp_path / "artifacts",
+                                                trial_fn=trial_fn, options=options))
+    try:
+        deadline = time.monotonic() + 120
+        complete: list[FrozenTrial] = []
+        while len(complete) < 4 and time.monotonic() < deadline and not out:
+            time.sleep(0.2)
+            complete = [t for t in _trials(sqlite_url, name) if t.state == TrialState.COMPLETE]
+        held = [t for t in _trials(sqlite_url, name) if t.user_attrs.get("held")]
+    finally:
+        release.touch()
+    summary = _finish(thread, out)
+    assert [t.number for t in held] == [0] and held[0].state == TrialState.RUNNING
+    assert sorted(t.number for t in complete) == [1, 2, 3, 4], \
+        f"while trial 0 ran, only {sorted(t.number for t in complete)} finished"
+    assert summary.outcome == "done" and summary.finished == 5
+
+
 def test_time_budget_stops_new_trials_and_lets_running_ones_finish(ray_local: None, sqlite_url: str,
                                                                     tmp_path: Path) -> None:
     trial_fn = functools.partial(synthetic_trial, train_s=0.5, steps=5)
