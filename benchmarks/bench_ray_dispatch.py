@@ -20,10 +20,10 @@ from workers.synthetic import synthetic_trial
 
 
 def _run(name: str, url: str, tmp: Path, *, trials: int, parallelism: int, train_s: float,
-         options: RunnerOptions) -> dict[str, Any]:
+         options: RunnerOptions, train_s_cycle: tuple[float, ...] = ()) -> dict[str, Any]:
     cfg = SearchConfig(study_name=name, sampler="random", trials=trials, parallelism=parallelism,
                        resources=Resources(num_cpus=1))
-    trial_fn = functools.partial(synthetic_trial, train_s=train_s)
+    trial_fn = functools.partial(synthetic_trial, train_s=train_s, train_s_cycle=train_s_cycle)
     create_study(cfg, url)
     report = run_search(name, url, artifact_dir=tmp / "artifacts", trial_fn=trial_fn, options=options)
     if report.finished != trials or report.trial_s is None or report.task_s is None:
@@ -32,7 +32,7 @@ def _run(name: str, url: str, tmp: Path, *, trials: int, parallelism: int, train
     return {
         "trials": trials,
         "parallelism": parallelism,
-        "trial_s": train_s,
+        "trial_s": list(train_s_cycle) if train_s_cycle else train_s,
         "wall_s": round(wall, 3),
         "trials_per_s": round(trials / wall, 3),
         "wall_per_trial_ms": round(1000 * wall / trials, 1),
@@ -49,13 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trivial-trials", type=count(), default=40, help="trials of the dispatch test")
     parser.add_argument("--trials", type=count(), default=24, help="trials of each throughput test")
     parser.add_argument("--trial-s", type=positive, default=0.5, help="length of a throughput-test trial")
+    parser.add_argument("--poll-s", type=positive, default=RunnerOptions().poll_s,
+                        help="the coordinator's poll interval (default: the runner's and the service's, "
+                             f"{RunnerOptions().poll_s:g} s)")
     parser.add_argument("--storage", default=None, help="database URL (default: a fresh SQLite file)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
     import ray
 
-    options = RunnerOptions(heartbeat_s=5.0, lease_s=60.0, poll_s=0.05)
+    options = RunnerOptions(heartbeat_s=5.0, lease_s=60.0, poll_s=args.poll_s)
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp_dir:
         tmp = Path(tmp_dir)
         url = args.storage or f"sqlite:///{tmp / 'bench.db'}"
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> None:
                                       train_s=args.trial_s, options=options),
                 "throughput_p2": _run("sleep-p2", url, tmp, trials=args.trials, parallelism=2,
                                       train_s=args.trial_s, options=options),
+                # trials of unequal length (as real ones are): a slot freed early must not idle
+                "throughput_p2_unequal": _run("sleep-p2-unequal", url, tmp, trials=args.trials,
+                                              parallelism=2, train_s=args.trial_s, options=options,
+                                              train_s_cycle=(args.trial_s / 2, 3 * args.trial_s / 2)),
             }
         finally:
             ray.shutdown()
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"cpus": cpus, "python": platform.python_version(), "ray": ray.__version__},
         "storage": "sqlite" if args.storage is None else args.storage.split(":", 1)[0],
         "ray_init_s": round(ray_init_s, 2),
+        "poll_s": args.poll_s,
         "note": "trials sleep (no CPU); overhead = worker-slot time outside the trial function per trial",
         **results,
         "speedup_p2_over_p1": round(results["throughput_p2"]["trials_per_s"]

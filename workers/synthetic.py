@@ -16,6 +16,7 @@ def synthetic_trial(
     ctx: TrialContext,
     *,
     train_s: float = 0.0,
+    train_s_cycle: tuple[float, ...] = (),
     steps: int = 1,
     measure_s: float = 0.0,
     fail_numbers: tuple[int, ...] = (),
@@ -28,6 +29,8 @@ def synthetic_trial(
     """Suggest x in [-1, 1], 'measure' for `measure_s` under the latency lock, 'train' for `train_s`
     in `steps` steps (polling `ctx.should_stop` before each), then tell.
 
+    train_s_cycle: trial n 'trains' train_s_cycle[n % len] seconds instead of train_s (trials of
+    unequal length, as real ones are).
     fail_numbers: trial numbers that raise RuntimeError (a trial that crashes).
     ignore_stop: never poll should_stop (a trial that must be stopped by force).
     record_windows: store the measurement window and the training-step windows (unix seconds) as
@@ -53,6 +56,8 @@ def synthetic_trial(
             end = time.time()
         if record_windows:
             trial.set_user_attr("measure_window", [start, end])
+    if train_s_cycle:
+        train_s = train_s_cycle[trial.number % len(train_s_cycle)]
     windows: list[list[float]] = []
     for _ in range(max(1, steps)):
         if not ignore_stop and ctx.should_stop():

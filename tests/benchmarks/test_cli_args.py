@@ -30,6 +30,7 @@ CASES = [
     ("bench_compile_opaque", ["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
     ("bench_detection", ["--input-size", "0"], "argument --input-size: must be at least 1, got 0"),
     ("bench_ray_dispatch", ["--trial-s", "x"], "argument --trial-s: expected a number, got 'x'"),
+    ("bench_ray_dispatch", ["--poll-s", "0"], "argument --poll-s: must be above 0, got 0"),
     ("profile_oneshot_candidates", ["--trials", "0"], "argument --trials: must be at least 1, got 0"),
     ("summarise_oneshot", ["x.json", "--bootstrap", "0"], "argument --bootstrap: must be at least 1, got 0"),
     ("summarise_oneshot", ["x.json", "--target", "-1"], "argument --target: must be above 0, got -1"),
