@@ -6,8 +6,13 @@ settings). This reads several such outputs and reports, for the ranking by loss 
 search ranks by): each draw's tau with its interval, per-supernet taus, spread and seed noise; the
 mean tau over the draws with a 95 % interval from a two-level bootstrap (draws resampled, then
 architectures within each resampled draw, tau recomputed from the stored pairs); and how many
-draws and single supernets reach `--target`. The runs must share task, standalone budget and
-one-shot budget (refused otherwise: a mean over different settings means nothing).
+draws and single supernets reach `--target`. With 4 or more standalone seeds it also sets the
+tau beside what a repeat of the standalone trainings gives: the seeds split in two halves (even,
+odd), the tau between the halves' means (two independent standalone rankings) beside the one-shot
+ranking's tau against each half's mean (their average): where the second reaches the first, the
+supernet ranks as well as a repeat of half the standalone trainings would. The runs must share
+task, standalone budget and one-shot budget (refused otherwise: a mean over different settings
+means nothing).
 
     .venv/bin/python benchmarks/summarise_oneshot.py runs/oneshot_draw_seed*.json --out runs/draws.json
 """
@@ -60,6 +65,19 @@ def _pairs(run: dict[str, Any]) -> tuple[list[float], list[float]]:
             [statistics.fmean(p["standalone"]) for p in run["pairs"]])
 
 
+def _split_half(run: dict[str, Any]) -> dict[str, float | None] | None:
+    """A repeat's tau on one draw (None under 4 seeds): the tau between the mean accuracies of the
+    even and the odd seeds, and the one-shot loss ranking's mean tau against either half."""
+    seeds = [p["standalone"] for p in run["pairs"]]
+    if min(len(s) for s in seeds) < 4:
+        return None
+    halves = [[statistics.fmean(s[parity::2]) for s in seeds] for parity in (0, 1)]
+    oneshot = [-p["oneshot_loss"] for p in run["pairs"]]
+    against = [_tau(oneshot, half) for half in halves]
+    return {"tau_between_halves": _tau(halves[0], halves[1]),
+            "loss_tau_vs_halves": statistics.fmean(against) if None not in against else None}
+
+
 def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, reps: int,
               seed: int) -> dict[str, Any]:
     first = runs[0]
@@ -75,7 +93,8 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
                       "kendall_tau_loss_per_supernet": run["kendall_tau_loss_per_supernet"],
                       "oneshot_loss_winner_in_standalone_top3": run["oneshot_loss_winner_in_standalone_top3"],
                       "spread_over_noise": run["spread_over_noise"],
-                      "seed_to_seed_tau": run["seed_to_seed_tau"]})
+                      "seed_to_seed_tau": run["seed_to_seed_tau"],
+                      "split_half": _split_half(run)})
     taus = [d["kendall_tau_loss"] for d in draws]
     defined = [t for t in taus if t is not None]
     singles = [t for d in draws for t in d["kendall_tau_loss_per_supernet"] if t is not None]
@@ -106,6 +125,10 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
         "single_supernets": len(singles),
         "mean_single_supernet_tau": statistics.fmean(singles) if singles else None,
         "winner_in_top3": sum(bool(d["oneshot_loss_winner_in_standalone_top3"]) for d in draws),
+        # draws whose one-shot ranking matches a repeat of half the standalone seeds (4+ seeds)
+        "draws_matching_a_repeat": sum(
+            c["loss_tau_vs_halves"] >= c["tau_between_halves"] for d in draws
+            if (c := d["split_half"]) and None not in c.values()),
         "settings": {key: _setting(first, key) for key in SHARED},
     }
 

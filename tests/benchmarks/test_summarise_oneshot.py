@@ -54,6 +54,25 @@ def test_the_mean_over_draws(summ: ModuleType, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "s.json").read_text()) == out
 
 
+def test_the_split_half_sets_the_ranking_beside_a_repeat(summ: ModuleType, tmp_path: Path) -> None:
+    # 4 seeds: the even seeds (0, 2) rank the architectures 0 < 1 < 2 < 3; the odd seeds (1, 3)
+    # swap the last two. The one-shot loss ranks as the even seeds do.
+    run = _run([4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.9])
+    even = [0.1, 0.2, 0.3, 0.4]
+    odd = [0.1, 0.2, 0.4, 0.3]
+    for pair, e, o in zip(run["pairs"], even, odd, strict=True):
+        pair["standalone"] = [e, o, e, o]
+    a = _write(tmp_path, "a.json", run)
+    b = _write(tmp_path, "b.json", _run([3.0, 2.0, 1.0, 0.0], even, [0.9]))  # 2 seeds: none
+    out = summ.main([a, b, "--bootstrap", "10"])
+    between = float(kendalltau(even, odd).statistic)  # 4/6
+    against = (1.0 + between) / 2
+    assert out["draws"][0]["split_half"] == pytest.approx(
+        {"tau_between_halves": between, "loss_tau_vs_halves": against})
+    assert out["draws"][1]["split_half"] is None
+    assert out["draws_matching_a_repeat"] == 1  # 5/6 >= 4/6 on the one draw that has 4 seeds
+
+
 def test_draws_of_other_settings_are_refused(summ: ModuleType, tmp_path: Path) -> None:
     accs = [0.1, 0.2, 0.3]
     a = _write(tmp_path, "a.json", _run([3.0, 2.0, 1.0], accs, [0.5]))
