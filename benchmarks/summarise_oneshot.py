@@ -38,6 +38,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", type=positive, default=0.7, help="the tau to reach (default 0.7)")
     p.add_argument("--bootstrap", type=count(), default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+    p.add_argument("--first-seeds", type=count(), default=None,
+                   help="take each architecture's standalone truth from its first N seeds only (the runs' "
+                        "own figures are then recomputed from the pairs, which hold no per-supernet loss)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -65,6 +68,38 @@ def _pairs(run: dict[str, Any]) -> tuple[list[float], list[float]]:
             [statistics.fmean(p["standalone"]) for p in run["pairs"]])
 
 
+def _ci95(values: list[float]) -> list[float | None]:
+    """The 95 % interval of bootstrap values (None, None without any)."""
+    values = sorted(values)
+    if not values:
+        return [None, None]
+    return [values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]]
+
+
+def _first_seeds(run: dict[str, Any], name: str, n: int, reps: int, rng: random.Random) -> dict[str, Any]:
+    """`run` with each architecture's standalone accuracies cut to its first `n` seeds and the
+    per-draw figures recomputed from the pairs: tau by loss with a bootstrap interval (architectures
+    resampled), the winner in the top 3, spread over noise. Per-supernet taus are left out: the
+    pairs hold only the loss averaged over the supernets."""
+    fewest = min(len(p["standalone"]) for p in run["pairs"])
+    if fewest < n:
+        raise SystemExit(f"{name}: --first-seeds {n}, but an architecture there has only {fewest} seeds")
+    pairs = [{**p, "standalone": p["standalone"][:n]} for p in run["pairs"]]
+    neg, means = _pairs({"pairs": pairs})
+    taus = []
+    for _ in range(reps):
+        idx = [rng.randrange(len(neg)) for _ in neg]
+        tau = _tau([neg[i] for i in idx], [means[i] for i in idx])
+        if tau is not None:
+            taus.append(tau)
+    top3 = sorted(range(len(means)), key=lambda i: -means[i])[:3]
+    noise = statistics.fmean(statistics.variance(p["standalone"]) for p in pairs) ** 0.5 if n > 1 else 0.0
+    return {**run, "pairs": pairs, "kendall_tau_loss": _tau(neg, means), "kendall_tau_loss_ci95": _ci95(taus),
+            "kendall_tau_loss_per_supernet": [],
+            "oneshot_loss_winner_in_standalone_top3": max(range(len(neg)), key=neg.__getitem__) in top3,
+            "spread_over_noise": statistics.stdev(means) / noise if noise else None}
+
+
 def _split_half(run: dict[str, Any]) -> dict[str, float | None] | None:
     """A repeat's tau on one draw (None under 4 seeds): the tau between the mean accuracies of the
     even and the odd seeds, and the one-shot loss ranking's mean tau against either half."""
@@ -79,13 +114,17 @@ def _split_half(run: dict[str, Any]) -> dict[str, float | None] | None:
 
 
 def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, reps: int,
-              seed: int) -> dict[str, Any]:
+              seed: int, first_seeds: int | None = None) -> dict[str, Any]:
     first = runs[0]
     for run, name in zip(runs[1:], names[1:], strict=True):
         for key in SHARED:
             if _setting(run, key) != _setting(first, key):
                 raise SystemExit(f"{name}: its {key} differs from {names[0]}'s: the draws must share "
                                  "task, standalone budget and one-shot budget")
+    rng = random.Random(seed)
+    if first_seeds is not None:
+        runs = [_first_seeds(run, name, first_seeds, reps, rng)
+                for run, name in zip(runs, names, strict=True)]
     draws = []
     for run, name in zip(runs, names, strict=True):
         draws.append({"run": name, "archs": run["archs"], "kendall_tau_loss": run["kendall_tau_loss"],
@@ -99,7 +138,6 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
     defined = [t for t in taus if t is not None]
     singles = [t for d in draws for t in d["kendall_tau_loss_per_supernet"] if t is not None]
     pairs = [_pairs(run) for run in runs]
-    rng = random.Random(seed)
     means = []
     for _ in range(reps):
         resampled = []
@@ -111,14 +149,12 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
                 resampled.append(tau)
         if resampled:
             means.append(statistics.fmean(resampled))
-    means.sort()
-    interval = [means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1]] if means else [None, None]
     return {
         "summary": "oneshot ranking over draws",
         "target": target,
         "draws": draws,
         "mean_kendall_tau_loss": statistics.fmean(defined) if defined else None,
-        "mean_kendall_tau_loss_ci95": interval,
+        "mean_kendall_tau_loss_ci95": _ci95(means),
         "range_kendall_tau_loss": [min(defined), max(defined)] if defined else None,
         "draws_at_target": sum(t >= target for t in defined),
         "single_supernets_at_target": sum(t >= target for t in singles),
@@ -130,6 +166,7 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
             c["loss_tau_vs_halves"] >= c["tau_between_halves"] for d in draws
             if (c := d["split_half"]) and None not in c.values()),
         "settings": {key: _setting(first, key) for key in SHARED},
+        "standalone_seeds_used": first_seeds or "all",
     }
 
 
@@ -137,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
     runs = [_load(p) for p in args.runs]
     result = summarise(runs, [str(p) for p in args.runs], target=args.target, reps=args.bootstrap,
-                       seed=args.seed)
+                       seed=args.seed, first_seeds=args.first_seeds)
     emit_json(result, args.out)
     return result
 

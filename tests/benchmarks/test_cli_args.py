@@ -34,6 +34,8 @@ CASES = [
     ("profile_oneshot_candidates", ["--trials", "0"], "argument --trials: must be at least 1, got 0"),
     ("summarise_oneshot", ["x.json", "--bootstrap", "0"], "argument --bootstrap: must be at least 1, got 0"),
     ("summarise_oneshot", ["x.json", "--target", "-1"], "argument --target: must be above 0, got -1"),
+    ("summarise_oneshot", ["x.json", "--first-seeds", "0"],
+     "argument --first-seeds: must be at least 1, got 0"),
 ]
 
 

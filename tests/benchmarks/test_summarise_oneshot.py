@@ -73,6 +73,24 @@ def test_the_split_half_sets_the_ranking_beside_a_repeat(summ: ModuleType, tmp_p
     assert out["draws_matching_a_repeat"] == 1  # 5/6 >= 4/6 on the one draw that has 4 seeds
 
 
+def test_the_first_seeds_only(summ: ModuleType, tmp_path: Path) -> None:
+    # seeds 0-1 rank the architectures as the loss does; seeds 2-3 reverse them, so that all 4
+    # together tie every architecture (no tau) and the first 2 give tau 1
+    run = _run([3.0, 2.0, 1.0], [0.0, 0.0, 0.0], [0.9])
+    for pair, a in zip(run["pairs"], [0.1, 0.2, 0.3], strict=True):
+        pair["standalone"] = [a, a, 0.4 - a, 0.4 - a]
+    a = _write(tmp_path, "a.json", run)
+    out = summ.main([a, "--bootstrap", "50", "--first-seeds", "2"])
+    draw = out["draws"][0]
+    assert draw["kendall_tau_loss"] == pytest.approx(1.0)
+    assert out["mean_kendall_tau_loss"] == pytest.approx(1.0)
+    assert draw["kendall_tau_loss_per_supernet"] == [] and out["single_supernets"] == 0
+    assert draw["oneshot_loss_winner_in_standalone_top3"] and out["standalone_seeds_used"] == 2
+    assert draw["split_half"] is None  # 2 seeds: no halves to set it beside
+    with pytest.raises(SystemExit, match=r"a\.json: --first-seeds 5, but an architecture there has only 4"):
+        summ.main([a, "--first-seeds", "5"])
+
+
 def test_draws_of_other_settings_are_refused(summ: ModuleType, tmp_path: Path) -> None:
     accs = [0.1, 0.2, 0.3]
     a = _write(tmp_path, "a.json", _run([3.0, 2.0, 1.0], accs, [0.5]))
