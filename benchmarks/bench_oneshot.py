@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from cli_args import count, emit_json, fraction, non_negative, positive
 from ranking import kendall_tau as _tau
+from ranking import seed_noise_sd, tau_interval
 
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.loading import load_space
@@ -146,20 +147,6 @@ def _restricted(sample: PathSampler, stage: int, attn: str) -> PathSampler:
             if spec.stages[stage].channel_attn == attn:
                 return spec
     return draw
-
-
-def _tau_interval(x: list[float], y: list[float], reps: int, seed: int) -> tuple[float | None, float | None]:
-    rng = random.Random(seed)
-    n, taus = len(x), []
-    for _ in range(reps):
-        idx = [rng.randrange(n) for _ in range(n)]
-        tau = _tau([x[i] for i in idx], [y[i] for i in idx])
-        if tau is not None:  # undefined when a resample is constant
-            taus.append(tau)
-    if not taus:  # every resample constant (e.g. all standalone accuracies 1.0): tau is undefined
-        return None, None
-    taus.sort()
-    return taus[int(0.025 * len(taus))], taus[int(0.975 * len(taus)) - 1]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -293,13 +280,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tau = _tau(oneshot, means)
     neg_loss = [-v for v in oneshot_loss]
     tau_loss = _tau(neg_loss, means)
-    loss_low, loss_high = _tau_interval(neg_loss, means, args.bootstrap, args.seed)
-    low, high = _tau_interval(oneshot, means, args.bootstrap, args.seed)
+    loss_low, loss_high = tau_interval(neg_loss, means, args.bootstrap, args.seed)
+    low, high = tau_interval(oneshot, means, args.bootstrap, args.seed)
     order = sorted(range(len(archs)), key=lambda i: -means[i])
     top = order[: len(archs) // 2]
     tau_top = _tau([oneshot[i] for i in top], [means[i] for i in top])
     winner = max(range(len(archs)), key=lambda i: oneshot[i])
-    noise = (statistics.fmean(statistics.variance(a) for a in standalone) ** 0.5) if args.seeds > 1 else None
+    noise = seed_noise_sd(standalone)
     seed_tau = _tau([a[0] for a in standalone], [a[1] for a in standalone]) \
         if args.seeds > 1 else None
     n = args.cost_candidates

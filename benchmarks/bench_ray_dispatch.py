@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trivial-trials", type=count(), default=40, help="trials of the dispatch test")
     parser.add_argument("--trials", type=count(), default=24, help="trials of each throughput test")
     parser.add_argument("--trial-s", type=positive, default=0.5, help="length of a throughput-test trial")
-    parser.add_argument("--poll-s", type=positive, default=RunnerOptions().poll_s,
+    default_poll_s = RunnerOptions().poll_s
+    parser.add_argument("--poll-s", type=positive, default=default_poll_s,
                         help="the coordinator's poll interval (default: the runner's and the service's, "
-                             f"{RunnerOptions().poll_s:g} s)")
+                             f"{default_poll_s:g} s)")
     parser.add_argument("--storage", default=None, help="database URL (default: a fresh SQLite file)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)

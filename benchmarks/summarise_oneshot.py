@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cli_args import count, emit_json, positive
+from ranking import ci95, seed_noise_sd, tau_interval
 from ranking import kendall_tau as _tau
 
 SHARED = ("task", "standalone_budget", "budget", "supernets")
@@ -68,15 +69,7 @@ def _pairs(run: dict[str, Any]) -> tuple[list[float], list[float]]:
             [statistics.fmean(p["standalone"]) for p in run["pairs"]])
 
 
-def _ci95(values: list[float]) -> list[float | None]:
-    """The 95 % interval of bootstrap values (None, None without any)."""
-    values = sorted(values)
-    if not values:
-        return [None, None]
-    return [values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]]
-
-
-def _first_seeds(run: dict[str, Any], name: str, n: int, reps: int, rng: random.Random) -> dict[str, Any]:
+def _first_seeds(run: dict[str, Any], name: str, n: int, reps: int, seed: int) -> dict[str, Any]:
     """`run` with each architecture's standalone accuracies cut to its first `n` seeds and the
     per-draw figures recomputed from the pairs: tau by loss with a bootstrap interval (architectures
     resampled), the winner in the top 3, spread over noise. Per-supernet taus are left out: the
@@ -86,15 +79,10 @@ def _first_seeds(run: dict[str, Any], name: str, n: int, reps: int, rng: random.
         raise SystemExit(f"{name}: --first-seeds {n}, but an architecture there has only {fewest} seeds")
     pairs = [{**p, "standalone": p["standalone"][:n]} for p in run["pairs"]]
     neg, means = _pairs({"pairs": pairs})
-    taus = []
-    for _ in range(reps):
-        idx = [rng.randrange(len(neg)) for _ in neg]
-        tau = _tau([neg[i] for i in idx], [means[i] for i in idx])
-        if tau is not None:
-            taus.append(tau)
     top3 = sorted(range(len(means)), key=lambda i: -means[i])[:3]
-    noise = statistics.fmean(statistics.variance(p["standalone"]) for p in pairs) ** 0.5 if n > 1 else 0.0
-    return {**run, "pairs": pairs, "kendall_tau_loss": _tau(neg, means), "kendall_tau_loss_ci95": _ci95(taus),
+    noise = seed_noise_sd([p["standalone"] for p in pairs])
+    return {**run, "pairs": pairs, "kendall_tau_loss": _tau(neg, means),
+            "kendall_tau_loss_ci95": list(tau_interval(neg, means, reps, seed)),
             "kendall_tau_loss_per_supernet": [],
             "oneshot_loss_winner_in_standalone_top3": max(range(len(neg)), key=neg.__getitem__) in top3,
             "spread_over_noise": statistics.stdev(means) / noise if noise else None}
@@ -121,9 +109,8 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
             if _setting(run, key) != _setting(first, key):
                 raise SystemExit(f"{name}: its {key} differs from {names[0]}'s: the draws must share "
                                  "task, standalone budget and one-shot budget")
-    rng = random.Random(seed)
-    if first_seeds is not None:
-        runs = [_first_seeds(run, name, first_seeds, reps, rng)
+    if first_seeds is not None:  # each draw's interval from the same seed, as bench_oneshot's
+        runs = [_first_seeds(run, name, first_seeds, reps, seed)
                 for run, name in zip(runs, names, strict=True)]
     draws = []
     for run, name in zip(runs, names, strict=True):
@@ -138,6 +125,7 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
     defined = [t for t in taus if t is not None]
     singles = [t for d in draws for t in d["kendall_tau_loss_per_supernet"] if t is not None]
     pairs = [_pairs(run) for run in runs]
+    rng = random.Random(seed)
     means = []
     for _ in range(reps):
         resampled = []
@@ -154,7 +142,7 @@ def summarise(runs: list[dict[str, Any]], names: list[str], *, target: float, re
         "target": target,
         "draws": draws,
         "mean_kendall_tau_loss": statistics.fmean(defined) if defined else None,
-        "mean_kendall_tau_loss_ci95": _ci95(means),
+        "mean_kendall_tau_loss_ci95": list(ci95(means)),
         "range_kendall_tau_loss": [min(defined), max(defined)] if defined else None,
         "draws_at_target": sum(t >= target for t in defined),
         "single_supernets_at_target": sum(t >= target for t in singles),

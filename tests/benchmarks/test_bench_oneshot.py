@@ -21,8 +21,8 @@ def bench() -> ModuleType:
 
 def test_tau_interval_of_constant_accuracies_is_undefined(bench: ModuleType) -> None:
     # every standalone accuracy 1.0 (a saturated budget): no resample has a tau
-    assert bench._tau_interval([0.1, 0.2, 0.3], [1.0, 1.0, 1.0], 200, 0) == (None, None)
-    low, high = bench._tau_interval([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], 200, 0)
+    assert bench.tau_interval([0.1, 0.2, 0.3], [1.0, 1.0, 1.0], 200, 0) == (None, None)
+    low, high = bench.tau_interval([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8], 200, 0)
     assert low == high == pytest.approx(1.0)
 
 
