@@ -296,8 +296,11 @@ ESTIMATED_METRICS = ("val_acc", "top1", "top5", "val_curve", "val_loss", ONESHOT
 
 
 def estimated_metrics(attrs: dict[str, Any]) -> list[str]:
-    """Which of a trial's metrics are one-shot estimates (none for standalone or retrained trials)."""
-    return list(ESTIMATED_METRICS) if attrs.get(ESTIMATE_ATTR) else []
+    """Which of a trial's metrics are one-shot estimates (none for standalone or retrained trials);
+    only those it has (a candidate has no top1/top5 since it skips the test split)."""
+    if not attrs.get(ESTIMATE_ATTR):
+        return []
+    return [name for name in ESTIMATED_METRICS if attrs.get(name) is not None]
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:

@@ -195,6 +195,7 @@ def evaluate_spec(
     latency_budget_ms: float | None = None,
     hooks: EvalHooks | None = None,
     fit: Fit | None = None,
+    test: bool = True,
 ) -> TrialResult:
     """Run one trial of `spec`: measure, then (when within the latency budget) train and test.
 
@@ -209,6 +210,8 @@ def evaluate_spec(
     `hooks.on_epoch`, whose exceptions propagate; `hooks.should_stop` polled each step → `Cancelled`)
     and test top-1/top-5 on the held-out split. The returned model is in eval mode on the CPU.
     `fit`: replaces the training (default train_model); everything else is the same.
+    `test` False: the held-out split is not evaluated and top1/top5 stay None (a one-shot candidate:
+    nothing ranks by an estimate's test accuracy, and it was a third of its evaluation).
     """
     hooks = hooks or EvalHooks()
     dev = resolve_device(device)
@@ -236,8 +239,10 @@ def evaluate_spec(
                              should_stop=hooks.should_stop)
     else:
         report = fit(model, splits, dev, hooks)
-    accuracy = evaluate_accuracy(model, splits.test, dev, topk=(1, 5),
-                                 batch_size=max(train.batch_size, 256), num_workers=train.num_workers)
+    accuracy: dict[int, float | None] = {1: None, 5: None}
+    if test:
+        accuracy.update(evaluate_accuracy(model, splits.test, dev, topk=(1, 5), num_workers=train.num_workers,
+                                          batch_size=max(train.batch_size, 256)))
     model.to("cpu").eval()
     result.val_curve = report.val_curve
     result.val_acc = report.val_curve[-1] if report.val_curve else None

@@ -440,7 +440,9 @@ def run_oneshot_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfi
                       artifact_dir: str, device: str | None = None,
                       extra_hooks: EvalHooks | None = None) -> FrozenTrial:
     """One trial of a oneshot search: a retraining (user attr `retrain_of`) trains standalone from
-    scratch; any other trial is a candidate evaluated on the supernet's weights."""
+    scratch; any other trial is a candidate evaluated on the supernet's weights, on the validation
+    split only (the test split is for the retrained finalists: nothing ranks by an estimate's test
+    accuracy, and it took a third of a candidate's evaluation)."""
     store = FileSystemArtifactStore(artifact_dir)
     if RETRAIN_OF_ATTR in trial.user_attrs:
         trial.set_user_attr(ESTIMATE_ATTR, False)
@@ -448,7 +450,7 @@ def run_oneshot_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfi
                          extra_hooks=extra_hooks)
     trial.set_user_attr(ESTIMATE_ATTR, True)
     return run_trial(study, trial, cfg, space, artifact_store=store, device=device, extra_hooks=extra_hooks,
-                     fit=supernet_fit(study, cfg, artifact_dir), skip_onnx=CANDIDATE_NO_ONNX)
+                     fit=supernet_fit(study, cfg, artifact_dir), skip_onnx=CANDIDATE_NO_ONNX, test=False)
 
 
 def oneshot_trial_fn(study: optuna.Study, trial: optuna.Trial, ctx: Any) -> None:
@@ -617,8 +619,9 @@ class OneshotPhases:
             chosen = retrain_choice(self.study, self.cfg)
             for trial in chosen:  # the retrained trial carries the estimate it is compared with
                 attrs = {RETRAIN_OF_ATTR: trial.number, "oneshot_val_acc": trial.user_attrs.get("val_acc"),
-                         "oneshot_top1": trial.user_attrs.get("top1"),
                          "oneshot_val_loss": trial.user_attrs.get("val_loss")}
+                if trial.user_attrs.get("top1") is not None:  # a candidate of a study from before it skipped
+                    attrs["oneshot_top1"] = trial.user_attrs["top1"]  # the test split
                 self.study.enqueue_trial(trial.params, user_attrs=attrs, skip_if_exists=False)
             self.study.set_user_attr(RETRAIN_ATTR, [t.number for t in chosen])
             if chosen:

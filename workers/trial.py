@@ -138,7 +138,7 @@ def _export_onnx(trial: optuna.Trial, model: Any, artifact_store: Any, latency: 
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space: SearchSpace, *,
               artifact_store: Any, device: str | None = None,
               extra_hooks: EvalHooks | None = None, fit: Fit | None = None,
-              skip_onnx: str | None = None) -> FrozenTrial:
+              skip_onnx: str | None = None, test: bool = True) -> FrozenTrial:
     """Suggest, evaluate and tell one trial; never raises for a failed trial (it is told FAIL).
 
     `artifact_store`: an Optuna artifact store (e.g. FileSystemArtifactStore) for the weights.
@@ -153,7 +153,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
     on_measured/on_epoch are called after this runner's own. `fit`: evaluate_spec's (how the
     model gets its weights; default: trained from scratch). `skip_onnx`: no ONNX export, this reason
     recorded as `onnx_skipped` instead (a one-shot candidate: exporting cost ~70 % of its evaluation;
-    it is exported when it is retrained).
+    it is exported when it is retrained). `test` False: the test split is not evaluated (top1/top5
+    are None; a one-shot candidate: see evaluate_spec).
     """
     extra = extra_hooks or EvalHooks()
     state: dict[str, float] = {}
@@ -197,7 +198,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfig, space
         result = evaluate(spec, data=cfg.dataset, train=cfg.train, latency=cfg.latency,
                           device=device or cfg.device,
                           latency_budget_ms=cfg.objective.latency_budget_ms, hooks=hooks,
-                          fit=fit)
+                          fit=fit, test=test)
         metrics = {**result.metrics(), "latency_ms": state["latency_ms"]}  # the figure on_measured chose
         if not result.feasible:
             for key in ("params", "flops", "latency", "latency_ms", "feasible", "device"):

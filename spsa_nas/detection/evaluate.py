@@ -86,7 +86,8 @@ def reference_detector(spec: ArchSpec, cfg: LatencyConfig) -> tuple[nn.Module, s
 
 def evaluate_detection_spec(spec: ArchSpec, *, data: DataConfig, train: TrainConfig, latency: LatencyConfig,
                             device: str = "auto", latency_budget_ms: float | None = None,
-                            hooks: EvalHooks | None = None, fit: Fit | None = None) -> DetectionResult:
+                            hooks: EvalHooks | None = None, fit: Fit | None = None,
+                            test: bool = True) -> DetectionResult:
     """Run one detection trial of `spec`, in the order and with the hooks of spsa_nas.evaluate_spec.
 
     Latency: the whole detector (transform, backbone, FPN, heads, post-processing) in eval mode
@@ -94,7 +95,7 @@ def evaluate_detection_spec(spec: ArchSpec, *, data: DataConfig, train: TrainCon
     width. Training: train_detector on the train part, box AP on the validation part each epoch
     (the search's accuracy objective); the reported COCO metrics are the test part's.
     """
-    if fit is not None:
+    if fit is not None or not test:  # both are a one-shot candidate's
         raise ValueError("the oneshot strategy trains classifier supernets; search detectors with "
                          "strategy: standalone")
     hooks = hooks or EvalHooks()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from search_spaces.config import OneshotConfig, SearchConfig
 from search_spaces.keys import ESTIMATE_ATTR, PHASE_ATTR, RETRAIN_ATTR, RETRAIN_OF_ATTR, supernet_records
 from search_spaces.loading import load_space
-from search_spaces.study import create_study, select_best
+from search_spaces.study import create_study, estimated_metrics, select_best
 from spsa_nas.config import DataConfig, LatencyConfig, TrainConfig
 from spsa_nas.spec import ArchSpec
 from spsa_nas.supernet import Supernet
@@ -150,6 +150,11 @@ def _check_oneshot_study(study: optuna.Study, artifacts: Path, cfg: SearchConfig
     assert all("onnx_artifact" not in t.user_attrs and "retrained" in t.user_attrs["onnx_skipped"]
                for t in candidates)
     assert "onnx_artifact" in retrain.user_attrs and "onnx_skipped" not in retrain.user_attrs
+    # candidates skip the test split (nothing ranks by it); the retrained one is tested
+    assert all(t.user_attrs["top1"] is None and t.user_attrs["top5"] is None for t in candidates)
+    assert 0 <= retrain.user_attrs["top1"] <= 1 and "oneshot_top1" not in retrain.user_attrs
+    estimated = ["val_acc", "val_curve", "val_loss", "oneshot_score"]
+    assert estimated_metrics(candidates[0].user_attrs) == estimated
     # the best is the retrained one, even when an estimate is higher
     assert select_best(study).number == retrain.number
     # weight sharing through the engine: a candidate's stored convolutions are the supernet's

@@ -170,8 +170,11 @@ def run_best(args: argparse.Namespace) -> int:
     if labels.get("estimated"):
         ranked = (f"; ranked by its validation loss {fmt(a.get('val_loss'), '.4f')}"
                   if a.get("oneshot_score") is not None else "")
-        out.print("one-shot estimate: val acc and top1 come from the supernet's weights (no candidate "
-                  f"was retrained){ranked}", markup=False, highlight=False)
+        figures = ("val acc and top1 come from the supernet's weights" if a.get("top1") is not None
+                   else "val acc comes from the supernet's weights, and no test top1: a candidate is tested "
+                        "once retrained")
+        out.print(f"one-shot estimate: {figures} (no candidate was retrained){ranked}", markup=False,
+                  highlight=False)
     elif "retrain_of" in labels:
         out.print(f"retrained from scratch from one-shot candidate {labels['retrain_of']} (its estimate: "
                   f"val acc {fmt(labels.get('oneshot_val_acc'))})", markup=False, highlight=False)
