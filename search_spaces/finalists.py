@@ -47,13 +47,17 @@ def finalist_trials(study: StudyLike, *, accuracy_tolerance: float = ACCURACY_TO
     """The trials to re-measure together: the Pareto front (by latency), then the complete trials
     whose accuracy is within `accuracy_tolerance` of the best (the ones `best` could tie with), by
     accuracy; only trials with a spec; at most `max_count`. Accuracy: ranked_accuracy's (a
-    one-shot candidate's oneshot_score where it has one, as the front and `best` rank it)."""
+    one-shot candidate's oneshot_score where it has one, as the front and `best` rank it). A oneshot
+    study with retrained trials: among those only, as `best` and its ties (decide_best) choose."""
     if max_count < 1:
         raise ValueError(f"max_count must be at least 1, got {max_count}")
     complete = [t for t in _complete(study) if isinstance(t.user_attrs.get("spec"), dict)]
     if not complete:
         return []
-    front = [t for t in pareto_front(study) if isinstance(t.user_attrs.get("spec"), dict)]  # type: ignore[arg-type]
+    retrained = [t for t in complete if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
+    if retrained:  # the candidates' supernet estimates are never picked: re-measuring them is waste
+        complete = retrained
+    front = pareto_front(study, complete)  # type: ignore[arg-type]
     accuracy = {t.number: ranked_accuracy(t) for t in complete}
     best_acc = max(accuracy.values())
     near = sorted((t for t in complete if accuracy[t.number] >= best_acc - accuracy_tolerance),

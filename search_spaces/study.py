@@ -234,10 +234,12 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
             if t.user_attrs.get("val_acc") is not None and t.user_attrs.get("latency_ms") is not None]
 
 
-def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials not dominated in (validation accuracy up, median latency down), by latency.
-    The accuracy is ranked_accuracy's (a one-shot candidate's oneshot_score where it has one)."""
-    points = [(t, ranked_accuracy(t), float(t.user_attrs["latency_ms"])) for t in _complete(study)]
+def pareto_front(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """Complete trials (or those of `trials`) not dominated in (validation accuracy up, median latency
+    down), by latency. The accuracy is ranked_accuracy's (a one-shot candidate's oneshot_score where it
+    has one)."""
+    chosen = _complete(study) if trials is None else trials
+    points = [(t, ranked_accuracy(t), float(t.user_attrs["latency_ms"])) for t in chosen]
     front = [(t, acc, lat) for t, acc, lat in points
              if not any(a >= acc and la <= lat and (a > acc or la < lat) for _, a, la in points)]
     return [t for t, _, _ in sorted(front, key=lambda p: (p[2], -p[1], p[0].number))]

@@ -140,6 +140,19 @@ def test_the_anchor_is_the_first_measurement_and_figures_are_ratio_times_anchor(
     assert anchor_ms(study, plain) is None and normalized(plain, None) == (4.0, [3.9, 4.1])
 
 
+def test_finalists_are_among_retrained_trials_when_there_are_some(study: optuna.Study) -> None:
+    """A one-shot study's best and its ties are among its retrained trials, so only they are
+    re-measured: the candidates' estimates, on the front or near the best, are not."""
+    estimate = _add(study, 0.95, 1.0, [0.9, 1.1])  # the best estimate and the fastest: the front's
+    near = _add(study, 0.945, 4.0, [3.9, 4.1])
+    a = _add(study, 0.90, 3.0, [2.9, 3.1], retrain_of=estimate)
+    b = _add(study, 0.85, 2.0, [1.9, 2.1], retrain_of=near)  # faster: on the retrained trials' front
+    c = _add(study, 0.80, 3.5, [3.4, 3.6], retrain_of=7)  # dominated by a, and far from it
+    assert [t.number for t in finalist_trials(study)] == [b, a]
+    # near the best retrained accuracy (within the tolerance) counts among them, as before
+    assert [t.number for t in finalist_trials(study, accuracy_tolerance=0.1)] == [b, a, c]
+
+
 def test_ties_are_among_retrained_trials_when_there_are_some(study: optuna.Study) -> None:
     """A one-shot study picks among its retrained trials (measured accuracies); a supernet estimate
     close to the pick is no tie."""
