@@ -14,7 +14,20 @@ from pathlib import Path
 
 import httpx
 
-SPSA_NAS = [sys.executable, "-c", "import sys; from service.cli import main; sys.exit(main())"]
+#: The checkout this module was imported from. A child (the server, the CLI, and the Ray workers the
+#: server starts) imports the same code: ROOT goes first on its PYTHONPATH, and `-P` keeps its
+#: working directory off its path (`-c` would put it first). A benchmark run against another
+#: checkout through PYTHONPATH from this one's directory then times that checkout's server, not this
+#: one's.
+ROOT = Path(__file__).resolve().parents[1]
+SPSA_NAS = [sys.executable, "-P", "-c", "import sys; from service.cli import main; sys.exit(main())"]
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ with `env` over it, and ROOT first on PYTHONPATH."""
+    merged = {**os.environ, **(env or {})}
+    merged["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [merged.get("PYTHONPATH")])])
+    return merged
 
 
 def free_port() -> int:
@@ -25,7 +38,7 @@ def free_port() -> int:
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*SPSA_NAS, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [*SPSA_NAS, *args], capture_output=True, text=True, timeout=timeout, env=child_env(env)
     )
 
 
@@ -69,7 +82,7 @@ class Server:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+        self.env = child_env({"RAY_AUTH_MODE": "disabled", **(env or {})})
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
