@@ -14,11 +14,11 @@ from pathlib import Path
 
 import httpx
 
-#: The checkout this module was imported from. A child (the server, the CLI, and the Ray workers the
-#: server starts) imports the same code: ROOT goes first on its PYTHONPATH, and `-P` keeps its
-#: working directory off its path (`-c` would put it first). A benchmark run against another
-#: checkout through PYTHONPATH from this one's directory then times that checkout's server, not this
-#: one's.
+#: The checkout this module was imported from. A child imports the same code: ROOT goes first on its
+#: PYTHONPATH, and `-P` keeps its working directory off its path (`-c` would put it first); the
+#: server also runs in ROOT, since Ray puts a driver's working directory first on its workers' path.
+#: A benchmark run against another checkout through PYTHONPATH from this one's directory then times
+#: that checkout's server and workers, not this one's.
 ROOT = Path(__file__).resolve().parents[1]
 SPSA_NAS = [sys.executable, "-P", "-c", "import sys; from service.cli import main; sys.exit(main())"]
 
@@ -79,11 +79,11 @@ class Server:
     (`coordinator_pid()`)."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
+        self.data_dir = Path(data_dir).resolve()  # the server runs in ROOT
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = child_env({"RAY_AUTH_MODE": "disabled", **(env or {})})
-        self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        self.log_path = self.data_dir.parent / f"serve-{self.port}.log"
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 180) -> Server:
@@ -94,6 +94,7 @@ class Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            cwd=ROOT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
