@@ -211,7 +211,7 @@ def evaluate_spec(
     and test top-1/top-5 on the held-out split. The returned model is in eval mode on the CPU.
     `fit`: replaces the training (default train_model); everything else is the same.
     `test` False: the held-out split is not evaluated and top1/top5 stay None (a one-shot candidate:
-    nothing ranks by an estimate's test accuracy, about a sixth of its time on digits).
+    nothing ranks by an estimate's test accuracy; testing was ~1/6 of its time on digits).
     """
     hooks = hooks or EvalHooks()
     dev = resolve_device(device)

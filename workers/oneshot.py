@@ -442,7 +442,7 @@ def run_oneshot_trial(study: optuna.Study, trial: optuna.Trial, cfg: SearchConfi
     """One trial of a oneshot search: a retraining (user attr `retrain_of`) trains standalone from
     scratch; any other trial is a candidate evaluated on the supernet's weights, on the validation
     split only (the test split is for the retrained finalists: nothing ranks by an estimate's test
-    accuracy, about a sixth of a candidate's time on digits)."""
+    accuracy; testing was ~1/6 of a candidate's time on digits)."""
     store = FileSystemArtifactStore(artifact_dir)
     if RETRAIN_OF_ATTR in trial.user_attrs:
         trial.set_user_attr(ESTIMATE_ATTR, False)
