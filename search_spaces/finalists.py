@@ -18,10 +18,16 @@ from search_spaces.keys import (
     FINALISTS_ATTR,
     LATENCY_CI_ATTR,
     ONESHOT_SCORE_ATTR,
-    RETRAIN_OF_ATTR,
     SEEDS_ATTR,
 )
-from search_spaces.study import mnas_score, pareto_front, ranked_accuracy, select_best, study_config
+from search_spaces.study import (
+    choosable,
+    mnas_score,
+    pareto_front,
+    ranked_accuracy,
+    select_best,
+    study_config,
+)
 
 ACCURACY_TOLERANCE = 0.01  # validation-accuracy differences within this are noise (one seed each)
 MAX_FINALISTS = 16  # re-measured together at most (the Pareto front first)
@@ -54,9 +60,7 @@ def finalist_trials(study: StudyLike, *, accuracy_tolerance: float = ACCURACY_TO
     complete = [t for t in _complete(study) if isinstance(t.user_attrs.get("spec"), dict)]
     if not complete:
         return []
-    retrained = [t for t in complete if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
-    if retrained:  # the candidates' supernet estimates are never picked: re-measuring them is waste
-        complete = retrained
+    complete = choosable(complete)  # a oneshot study's supernet estimates are never picked
     front = pareto_front(study, complete)  # type: ignore[arg-type]
     accuracy = {t.number: ranked_accuracy(t) for t in complete}
     best_acc = max(accuracy.values())
@@ -277,9 +281,7 @@ def decide_best(study: StudyLike, *, latency_budget_ms: float | None = None, tri
         objective.latency_budget_ms if objective is not None else None)
     record = remeasurement(study)
     candidates = [t for t in _complete(study) if budget is None or t.user_attrs["latency_ms"] <= budget]
-    retrained = [t for t in candidates if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
-    if retrained:  # oneshot: select_best chooses among the retrained (measured) accuracies; so do ties
-        candidates = retrained
+    candidates = choosable(candidates)  # oneshot: select_best chooses among the retrained; so do ties
     if chosen.number not in {t.number for t in candidates}:
         candidates.append(chosen)
     figures = {t.number: latency_figure(t, record) for t in candidates}

@@ -245,6 +245,13 @@ def pareto_front(study: optuna.Study, trials: list[FrozenTrial] | None = None) -
     return [t for t, _, _ in sorted(front, key=lambda p: (p[2], -p[1], p[0].number))]
 
 
+def choosable(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials `best` chooses among: a oneshot study's retrained candidates (user attr `retrain_of`)
+    when any is there (their accuracies are measured, the others' are supernet estimates), else all."""
+    retrained = [t for t in trials if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
+    return retrained or trials
+
+
 def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
                 trial_number: int | None = None) -> FrozenTrial:
     """The one architecture to hand out: the rule the CLI and the service share.
@@ -276,9 +283,7 @@ def select_best(study: optuna.Study, *, latency_budget_ms: float | None = None,
     trials = _complete(study)
     if budget is not None:
         trials = [t for t in trials if t.user_attrs["latency_ms"] <= budget]
-    retrained = [t for t in trials if t.user_attrs.get(RETRAIN_OF_ATTR) is not None]
-    if retrained:  # oneshot: real accuracies of retrained finalists before supernet estimates
-        trials = retrained
+    trials = choosable(trials)  # oneshot: real accuracies of retrained finalists before supernet estimates
     if not trials:
         within = f" within {budget:g} ms" if budget is not None else ""
         counts = trial_counts(study)
@@ -341,6 +346,7 @@ def finished(counts: dict[str, int]) -> int:
 __all__ = [
     "ESTIMATED_METRICS",
     "METRIC_NAMES",
+    "choosable",
     "create_study",
     "describe_spec",
     "directions",
