@@ -3,6 +3,9 @@
 A real `spsa-nas serve` (a free port, a temporary data directory with its SQLite database, Ray
 started by its coordinator) gets, one after the other:
 
+0. an untimed warm-up: a standalone search of `--warmup-trials` (default 2) 1-epoch trials, so that
+   the timed searches both find the coordinator's Ray and its worker processes started (without it
+   the first timed search alone waited for the coordinator's `ray.init` and its workers' imports);
 1. a `oneshot` search on the `quick` space with digits and `--trials` candidates (default 100),
    `retrain_top_k` `--retrain` (default 3); polled until it ends, recording when each phase
    (supernet, candidates, retrain, done) was first seen; then its best architecture is downloaded
@@ -70,6 +73,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="latency.max_warmup_s (default 0.5)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the server's data directory (default: a temporary one, removed after)")
+    p.add_argument("--warmup-trials", type=count(0), default=2,
+                   help="an untimed standalone search of this many 1-epoch trials first (default 2), so "
+                        "that both timed searches find the coordinator's Ray and its worker processes "
+                        "started, as on a server that has run a search before; 0: none (then the first "
+                        "timed search, the oneshot one, pays the start alone)")
     p.add_argument("--timeout", type=positive, default=3600, help="seconds to wait for each search")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -169,6 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server = Server(data_dir).start()
     try:
         client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+        warmup = None
+        if args.warmup_trials:
+            body = _body(args, "standalone", args.warmup_trials)
+            body["train"]["epochs"] = 1
+            warmup = _run(client, server, body, args.timeout)
         oneshot = _run(client, server, _body(args, "oneshot", args.trials), args.timeout)
         best = _rebuild_best(client, oneshot["url"], args.batch_size)
         load_middle = os.getloadavg()
@@ -197,6 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "space": "quick", "dataset": "digits", "candidates": args.trials, "retrain_top_k": args.retrain,
         "train_epochs": args.epochs, "batch_size": args.batch_size, "parallelism": args.parallelism,
         "latency": _latency(args),
+        "warmup": None if warmup is None else {
+            "trials": args.warmup_trials, "wall_s": warmup["wall_s"],
+            "note": "an untimed 1-epoch standalone search run first, so that neither timed search pays "
+                    "the coordinator's Ray start or its workers' first imports"},
         "oneshot": {
             "wall_s": oneshot["wall_s"], "server_wall_s": _server_wall(answer),
             "phases_s": phase_s, "phases_seen_at_s": seen,

@@ -215,6 +215,59 @@ class _TaskSpec:
     options: RunnerOptions
 
 
+#: What identifies one study in a database across its deletion: SQLite hands a deleted study's id,
+#: and its trials' ids, to the next ones created, so the id alone does not tell a study from one
+#: recreated under the same name; its trial 0's id and start time do.
+StudyFingerprint = tuple[int, int | None, Any]
+
+#: Trial tasks' storages, kept between the tasks of one worker process (at most TASK_STORAGES_KEPT):
+#: (url, study name) -> (storage, fingerprint). Optuna's trial cache then reads each finished trial
+#: of a study once per worker process instead of once per task: `ask` reads the whole study, whose
+#: finished trials, by then hundreds with their ~35 user attrs each, no process can change.
+_task_storages: dict[tuple[str, str], tuple[RetryingStorage, StudyFingerprint]] = {}
+TASK_STORAGES_KEPT = 4
+
+
+def _fingerprint(storage: RetryingStorage, study_name: str) -> StudyFingerprint:
+    """The study's id, its trial 0's id and start (None before it has one); read uncached. KeyError
+    when no study has that name."""
+    backend = storage.backend
+    study_id = storage.policy.call(backend.get_study_id_from_name, study_name)
+    try:
+        first = storage.policy.call(backend.get_trial_id_from_study_id_trial_number, study_id, 0)
+    except KeyError:
+        return (study_id, None, None)
+    return (study_id, first, storage.policy.call(backend.get_trial, first).datetime_start)
+
+
+def task_storage(url: str, study_name: str) -> RetryingStorage:
+    """The storage a trial task of study `study_name` at `url` uses: this worker process's from an
+    earlier task of the same study when the study is still that one (same id, same first trial),
+    else a new one (cache_trials). The caller gives its connections back at the task's end
+    (`close()`, which keeps the object and its trial cache; the next task reconnects)."""
+    key = (url, study_name)
+    kept = _task_storages.pop(key, None)
+    if kept is not None:
+        storage, fingerprint = kept
+        try:
+            if _fingerprint(storage, study_name) == fingerprint:
+                _task_storages[key] = kept  # the most recently used last
+                return storage
+        except Exception:  # gone, or unreachable: a new storage decides (and raises what it meets)
+            pass
+        storage.close()
+    storage = open_storage(url, cache_trials=True)
+    try:
+        fingerprint = _fingerprint(storage, study_name)
+    except KeyError:  # no such study (load_study says so): nothing worth keeping
+        return storage
+    _task_storages[key] = (storage, fingerprint)
+    while len(_task_storages) > TASK_STORAGES_KEPT:
+        oldest = next(iter(_task_storages))
+        _task_storages.pop(oldest)[0].close()
+    return storage
+
+
 def _trial_task(spec: _TaskSpec, token: str, seed_offset: int) -> dict[str, Any]:
     """One Ray task: ask (or take an enqueued retry), run the trial, make sure it is told.
 
@@ -223,15 +276,17 @@ def _trial_task(spec: _TaskSpec, token: str, seed_offset: int) -> dict[str, Any]
     task_start = time.perf_counter()
     if spec.options.nice is not None:
         _lower_priority(spec.options.nice)
-    storage = open_storage(spec.storage_url, cache_trials=True)
+    storage = task_storage(spec.storage_url, spec.study_name)
+    retries = storage.policy.retries
     try:
-        return _run_one(storage, spec, token, seed_offset, task_start)
+        return _run_one(storage, spec, token, seed_offset, task_start, retries)
     finally:
         storage.close()
 
 
 def _run_one(
-    storage: RetryingStorage, spec: _TaskSpec, token: str, seed_offset: int, task_start: float
+    storage: RetryingStorage, spec: _TaskSpec, token: str, seed_offset: int, task_start: float,
+    retries_before: int = 0,
 ) -> dict[str, Any]:
     import ray
 
@@ -317,7 +372,7 @@ def _run_one(
         "node_id": node_id,
         "trial_s": trial_s,
         "task_s": time.perf_counter() - task_start,
-        "db_retries": storage.policy.retries,
+        "db_retries": storage.policy.retries - retries_before,
         "stop_reason": heartbeat.stop_reason,
         "error": error_text,
     }
