@@ -1,14 +1,24 @@
 """argparse types for the benchmarks' counts, sizes and times (a bad value is a usage error naming it), and
-the one way a benchmark prints its JSON result and writes it to `--out`."""
+the one way a benchmark prints its JSON result and writes it to `--out`; importing it puts the checkout
+it is in first on the import path (every benchmark imports it before the project's packages)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+#: The checkout this file belongs to. A benchmark run as `python benchmarks/x.py` has benchmarks/ on
+#: its path, not the checkout: the project's packages then come from the editable install, i.e. from
+#: the checkout the virtual environment was installed from. A before/after run from a worktree of an
+#: older commit would so time the newer code on both sides. First on the path, this checkout's win.
+CHECKOUT = Path(__file__).resolve().parent.parent
+if sys.path[:1] != [str(CHECKOUT)]:
+    sys.path.insert(0, str(CHECKOUT))
 
 
 def count(minimum: int = 1) -> Callable[[str], int]:

@@ -139,8 +139,9 @@ def test_task_storages_kept_are_bounded(db_url: str) -> None:
     assert len(ray_runner._task_storages) == ray_runner.TASK_STORAGES_KEPT
     assert (db_url, names[0]) not in ray_runner._task_storages  # the least recently used went
     assert ray_runner.task_storage(db_url, names[0]) is not storages[0]
+    missing = ray_runner.task_storage(db_url, "no such study")
     with pytest.raises(KeyError):
-        optuna.load_study(study_name="no such study", storage=ray_runner.task_storage(db_url, "no such study"))
+        optuna.load_study(study_name="no such study", storage=missing)
     assert (db_url, "no such study") not in ray_runner._task_storages
     for storage in ray_runner._task_storages.values():
         storage[0].close()
