@@ -15,7 +15,9 @@ started by its coordinator) gets, one after the other:
    trials (default 5), through the same path.
 
 Printed as JSON: each search's wall time (submit to completed, client side; and the server's
-started..finished), the one-shot phases' times, the total training epochs of each (supernet epochs
+started..finished), the CPU seconds the server's processes used meanwhile by kind (API, coordinator,
+Ray's task workers, Ray's own processes; from /proc) and how busy that kept the cores, the one-shot
+phases' times, the total training epochs of each (supernet epochs
 + retrained trials' epochs, against the standalone trials' epochs), and the ratios. The cost of
 100 standalone trainings is EXTRAPOLATED from the measured per-trial mean of the `--standalone`
 trials (wall: the standalone search's wall time / its trials x `--trials`; epochs: exact, each
@@ -103,9 +105,62 @@ def _body(args: argparse.Namespace, strategy: str, trials: int) -> dict[str, Any
     return body
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_snapshot(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of `root` and every process below it, by pid, with its kind:
+    `api` (root), `coordinator`, `ray_workers` (the processes that run tasks: `ray::...`) or
+    `ray_system` (gcs, raylet, dashboard and the other processes of the coordinator's Ray)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    below = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in below and pid not in below:
+                below.add(pid)
+                grew = True
+    out: dict[int, tuple[str, float]] = {}
+    for pid in below & times.keys():
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        kind = ("api" if pid == root else "ray_workers" if cmdline.startswith("ray::")
+                else "coordinator" if "coordinator" in cmdline else "ray_system")
+        out[pid] = (kind, times[pid])
+    return out
+
+
+def _cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              wall_s: float) -> dict[str, Any]:
+    """CPU seconds each kind of the server's processes used between two snapshots (a process
+    started in between counts from 0; one that ended in between is missed), and how busy that kept
+    the machine's cores."""
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.items():
+        used[kind] = used.get(kind, 0.0) + seconds - (before.get(pid) or (kind, 0.0))[1]
+    cores = os.cpu_count() or 1
+    return {"cpu_s": {k: round(v, 1) for k, v in sorted(used.items())}, "cores": cores,
+            "busy_fraction": round(sum(used.values()) / (wall_s * cores), 3)}
+
+
 def _run(client: httpx.Client, server: Server, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Submit, poll until the search ends; the last answer, the client's wall time and when each
-    phase was first seen (seconds since the submit)."""
+    """Submit, poll until the search ends; the last answer, the client's wall time, when each
+    phase was first seen (seconds since the submit) and the CPU time the server's processes used."""
+    cpu_before = _cpu_snapshot(server.api_pid)
     start = time.monotonic()
     created = client.post("/api/v1/searches", json=body)
     if created.status_code != 201:
@@ -126,6 +181,7 @@ def _run(client: httpx.Client, server: Server, body: dict[str, Any], timeout_s: 
         raise SystemExit(f"the {body['strategy']} search did not end within {timeout_s} s; last "
                          f"answer {answer}\n{server.log()}")
     wall = time.monotonic() - start
+    cpu = _cpu_used(cpu_before, _cpu_snapshot(server.api_pid), wall)
     if answer["status"] != "completed":
         raise SystemExit(f"the {body['strategy']} search ended {answer['status']}: {answer.get('error')}"
                          f"\n{server.log()}")
@@ -135,7 +191,8 @@ def _run(client: httpx.Client, server: Server, body: dict[str, Any], timeout_s: 
         if not page["data"]:
             break
         trials += page["data"]
-    return {"url": url, "answer": answer, "wall_s": wall, "phases_seen_at_s": phases, "trials": trials}
+    return {"url": url, "answer": answer, "wall_s": wall, "phases_seen_at_s": phases, "trials": trials,
+            "cpu": cpu}
 
 
 def _server_wall(answer: dict[str, Any]) -> float | None:
@@ -216,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "the coordinator's Ray start or its workers' first imports"},
         "oneshot": {
             "wall_s": oneshot["wall_s"], "server_wall_s": _server_wall(answer),
-            "phases_s": phase_s, "phases_seen_at_s": seen,
+            "phases_s": phase_s, "phases_seen_at_s": seen, "cpu": oneshot["cpu"],
             "supernets": {k: {"epochs": r.get("epoch"), "done": r.get("done"),
                               "curve_val_acc": [c.get("val_acc") for c in r.get("curve") or []],
                               "train_s": sum(c.get("seconds") or 0 for c in r.get("curve") or [])}
@@ -229,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "best_rebuilt": best,
         "standalone": {
-            "trials": args.standalone, "wall_s": alone["wall_s"],
+            "trials": args.standalone, "wall_s": alone["wall_s"], "cpu": alone["cpu"],
             "server_wall_s": _server_wall(alone["answer"]),
             "wall_s_per_trial": per_trial_s, "train_epochs": alone_epochs,
             "mean_trial_s": alone["answer"]["progress"].get("mean_trial_s"),
