@@ -43,7 +43,7 @@ import torch
 from cli_args import count, emit_json, non_negative, positive
 from safetensors.torch import load
 
-from service.testing import Server, add_user
+from service.testing import Server, add_user, child_pids
 from spsa_nas import ArchSpec, build_model
 from spsa_nas.config import DataConfig
 from spsa_nas.data import load_data
@@ -108,39 +108,26 @@ def _body(args: argparse.Namespace, strategy: str, trials: int) -> dict[str, Any
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_snapshot(root: int) -> dict[int, tuple[str, float]]:
-    """CPU seconds (user + system) of `root` and every process below it, by pid, with its kind:
-    `api` (root), `coordinator`, `ray_workers` (the processes that run tasks: `ray::...`) or
-    `ray_system` (gcs, raylet, dashboard and the other processes of the coordinator's Ray)."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-    below = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in below and pid not in below:
-                below.add(pid)
-                grew = True
+def _cpu_snapshot(server: Server) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of the server's API process and every process below it, by
+    pid, with its kind: `api`, `coordinator`, `ray_workers` (the processes that run tasks:
+    `ray::...`) or `ray_system` (gcs, raylet, dashboard and the other processes of the
+    coordinator's Ray). A process that ends while it is read is left out."""
+    coordinator = server.coordinator_pid()
+    tree, frontier = [server.api_pid], [server.api_pid]
+    while frontier:
+        frontier = [child for pid in frontier for child in child_pids(pid)]
+        tree += frontier
     out: dict[int, tuple[str, float]] = {}
-    for pid in below & times.keys():
+    for pid in tree:
         try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        kind = ("api" if pid == root else "ray_workers" if cmdline.startswith("ray::")
-                else "coordinator" if "coordinator" in cmdline else "ray_system")
-        out[pid] = (kind, times[pid])
+        kind = ("api" if pid == server.api_pid else "coordinator" if pid == coordinator
+                else "ray_workers" if cmdline.startswith("ray::") else "ray_system")
+        out[pid] = (kind, (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)  # utime + stime
     return out
 
 
@@ -160,7 +147,7 @@ def _cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
 def _run(client: httpx.Client, server: Server, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """Submit, poll until the search ends; the last answer, the client's wall time, when each
     phase was first seen (seconds since the submit) and the CPU time the server's processes used."""
-    cpu_before = _cpu_snapshot(server.api_pid)
+    cpu_before = _cpu_snapshot(server)
     start = time.monotonic()
     created = client.post("/api/v1/searches", json=body)
     if created.status_code != 201:
@@ -181,7 +168,7 @@ def _run(client: httpx.Client, server: Server, body: dict[str, Any], timeout_s: 
         raise SystemExit(f"the {body['strategy']} search did not end within {timeout_s} s; last "
                          f"answer {answer}\n{server.log()}")
     wall = time.monotonic() - start
-    cpu = _cpu_used(cpu_before, _cpu_snapshot(server.api_pid), wall)
+    cpu = _cpu_used(cpu_before, _cpu_snapshot(server), wall)
     if answer["status"] != "completed":
         raise SystemExit(f"the {body['strategy']} search ended {answer['status']}: {answer.get('error')}"
                          f"\n{server.log()}")
